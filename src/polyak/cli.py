@@ -1,0 +1,50 @@
+"""The ``polyak`` command. Each subcommand lives in its own module, imported only when it runs.
+
+A subcommand module provides ``configure(parser: argparse.ArgumentParser) -> None`` and
+``run(args: argparse.Namespace) -> int``; register it in ``COMMANDS`` with a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+# name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polyak",
+        description="Averaged copies of a model's weights (EMA, SWA, ...): tools that work on checkpoints.",
+        epilog="Run `polyak COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"polyak {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in COMMANDS:
+        parser = _parser()
+        parser.parse_args(args)  # prints help/version or an error and exits
+        parser.print_help()
+        return 2
+    name, rest = args[0], args[1:]
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"polyak {name}", description=summary)
+    module.configure(parser)
+    return int(module.run(parser.parse_args(rest)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

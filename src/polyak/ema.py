@@ -1,0 +1,231 @@
+"""Front ends: EMA and SWA, each a rule plus a shadow plus a step counter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
+from .shadow import Policy, Shadow
+
+__all__ = ["EMA", "SWA", "Averager"]
+
+_FORMAT = "polyak.averager/1"
+
+
+class Averager:
+    """Keeps an average of a model's weights, updated after optimizer steps by a :class:`~polyak.rules.Rule`.
+
+    Call :meth:`update` once after every optimizer step (or :meth:`attach` the optimizer). Time is counted
+    in optimizer steps: with ``update_every=k`` the work happens on every k-th call and the rule's weight
+    covers all k steps, so the horizon in steps does not change. Nothing happens during the first
+    ``start_step`` calls; the first update after that copies the model.
+
+    Args:
+        model: the model being trained (DDP / ``torch.compile`` wrappers are fine).
+        rule: the weight schedule.
+        update_every: optimizer steps between updates (>= 1).
+        start_step: optimizer steps to wait before averaging begins (>= 0).
+        buffers, frozen, exclude, include_nonpersistent, dtype, device: what is averaged and how it is
+            stored; see :class:`~polyak.shadow.Shadow`. By default the average is float32 or wider.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rule: Rule,
+        *,
+        update_every: int = 1,
+        start_step: int = 0,
+        buffers: Policy = "average",
+        frozen: Policy = "copy",
+        exclude: Iterable[str] = (),
+        include_nonpersistent: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a polyak.rules.Rule, got {type(rule).__name__}")
+        if not (isinstance(update_every, int) and update_every >= 1):
+            raise ValueError(
+                f"update_every must be an int >= 1 (optimizer steps between updates), got {update_every!r}"
+            )
+        if not (isinstance(start_step, int) and start_step >= 0):
+            raise ValueError(f"start_step must be an int >= 0 (optimizer steps), got {start_step!r}")
+        self.model = model
+        self.rule = rule
+        self.update_every = update_every
+        self.start_step = start_step
+        self.shadow = Shadow(
+            model,
+            buffers=buffers,
+            frozen=frozen,
+            exclude=exclude,
+            include_nonpersistent=include_nonpersistent,
+            dtype=dtype,
+            device=device,
+        )
+        self.step = 0  # optimizer steps seen (calls to update)
+        self.num_updates = 0  # updates folded into the average
+        self.last_update_step = 0  # averaging time (step - start_step) of the last update
+        self._swapped = False
+
+    # ------------------------------------------------------------------ updating
+
+    def _model(self, model: nn.Module | None) -> nn.Module:
+        return self.model if model is None else model
+
+    def _check_not_swapped(self, action: str) -> None:
+        if self._swapped:
+            raise RuntimeError(
+                f"cannot {action} while the averaged weights are swapped into the model; "
+                "leave the `with averager.swapped(model):` block first"
+            )
+
+    def update(self, model: nn.Module | None = None) -> None:
+        """Count one optimizer step; on every ``update_every``-th step, fold ``model`` into the average."""
+        self._check_not_swapped("update")
+        self.step += 1
+        t = self.step - self.start_step
+        if t < 1 or t % self.update_every:
+            return
+        weight = self.rule.weight(t, t - self.last_update_step)
+        self.shadow.update(self._model(model), weight)
+        self.last_update_step = t
+        self.num_updates += 1
+
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
+        """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle.
+
+        Steps that do not run (e.g. skipped by ``GradScaler`` for inf/NaN gradients) are not counted.
+        """
+        return optimizer.register_step_post_hook(lambda *_: self.update(model))
+
+    # ------------------------------------------------------------------ using the average
+
+    def _check_ready(self, action: str) -> None:
+        self._check_not_swapped(action)
+        if self.num_updates == 0:
+            raise RuntimeError(
+                f"cannot {action} before the first update: the average holds no training step yet "
+                f"(step={self.step}, start_step={self.start_step}, update_every={self.update_every}); "
+                "check `averager.num_updates > 0` first"
+            )
+
+    @contextmanager
+    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
+        """Within the block the model holds the averaged weights; its own come back on exit, even on error."""
+        self._check_ready("swap")
+        self._swapped = True
+        try:
+            with self.shadow.swapped(self._model(model)) as swapped_model:
+                yield swapped_model
+        finally:
+            self._swapped = False
+
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Write the averaged weights into the model, permanently."""
+        self._check_ready("copy the average")
+        self.shadow.copy_to(self._model(model))
+
+    def averaged_model(self) -> nn.Module:
+        """A new module (a deep copy of the model) holding the averaged weights, for evaluation or export."""
+        self._check_ready("build the averaged model")
+        return self.shadow.clone_module(self.model)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "kind": type(self).__name__,
+            "rule": self.rule.config(),
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+            "policy": self.shadow.policy(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: counters, configuration (checked on load), tensors."""
+        self._check_not_swapped("save the average")
+        return {
+            "format": _FORMAT,
+            **self._config(),
+            "step": self.step,
+            "num_updates": self.num_updates,
+            "last_update_step": self.last_update_step,
+            "shadow": self.shadow.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; raises before changing anything if it does not fit."""
+        self._check_not_swapped("load a state")
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a polyak averager state (format {found!r}, expected {_FORMAT!r})")
+        mine = self._config()
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"saved averager has {key}={state.get(key)!r} but this one has {key}={value!r}; "
+                    "build the averager with the same settings before loading"
+                )
+        self.shadow.load_state_dict(state["shadow"])
+        self.step = int(state["step"])
+        self.num_updates = int(state["num_updates"])
+        self.last_update_step = int(state["last_update_step"])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(rule={self.rule!r}, update_every={self.update_every}, "
+            f"start_step={self.start_step}, step={self.step}, num_updates={self.num_updates}, "
+            f"tensors={len(self.shadow.names)})"
+        )
+
+
+class EMA(Averager):
+    """Exponential moving average of a model's weights.
+
+    Give exactly one of ``decay`` (per optimizer step, e.g. 0.999: a horizon of ~1000 steps),
+    ``half_life`` (in optimizer steps) or ``rule`` (any :mod:`polyak.rules` schedule, e.g. a warm-up).
+    Other keyword arguments: see :class:`Averager`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float | None = None,
+        *,
+        half_life: float | None = None,
+        rule: Rule | None = None,
+        **options: Any,
+    ) -> None:
+        given = [
+            name for name, value in (("decay", decay), ("half_life", half_life), ("rule", rule)) if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                f"EMA takes exactly one of decay, half_life or rule, got {given or 'none'}; "
+                "e.g. EMA(model, decay=0.999)"
+            )
+        if rule is None:
+            rule = ConstantDecay(decay) if decay is not None else HalfLife(half_life)  # type: ignore[arg-type]
+        super().__init__(model, rule, **options)
+
+
+class SWA(Averager):
+    """Stochastic weight averaging: the uniform average of the iterates (Izmailov et al. 2018).
+
+    Typically with ``start_step`` (where the SWA phase begins) and ``update_every`` (e.g. one epoch of
+    steps). Recompute BatchNorm statistics afterwards with :func:`polyak.swa_utils.update_bn`.
+    Keyword arguments: see :class:`Averager`.
+    """
+
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        super().__init__(model, EqualWeights(), **options)

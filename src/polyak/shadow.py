@@ -1,0 +1,473 @@
+"""The shadow: storage of the averaged tensors and the update kernels.
+
+This is the only place in polyak where tensors are averaged. A :class:`Shadow` selects which tensors of a
+module take part, stores them (never below float32 unless asked), and applies
+
+    shadow <- shadow + w * (theta - shadow)
+
+with one kernel per group of tensors that share a device and dtype. It pairs tensors by qualified name,
+not by position, and knows nothing about which rule produced ``w``.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from itertools import pairwise
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Policy", "Shadow", "canonical_name", "unwrap"]
+
+Policy = Literal["average", "copy", "skip"]
+_POLICIES = ("average", "copy", "skip")
+
+# Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+# A cast/offload update stages the model in chunks of this many elements (4 MiB in float32).
+_CHUNK = 1 << 20
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(module, "module", None)
+        if not isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with wrapper segments (``_orig_mod``, ``_fsdp_wrapped_module``, ...) removed."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+@dataclass
+class _Found:
+    """One tensor of a module, where it lives, and what it is."""
+
+    name: str
+    owner: dict[str, Any]  # the module's _parameters or _buffers dict
+    key: str
+    tensor: Tensor
+    is_param: bool
+    persistent: bool
+
+
+def _walk(root: nn.Module) -> tuple[list[_Found], list[tuple[dict[str, Any], str, nn.Module]]]:
+    """Every distinct tensor of ``root`` (tied tensors once, first name wins), and the module links.
+
+    The links ``(parent._modules, name, child)`` let a cached plan notice a replaced submodule.
+    """
+    found: list[_Found] = []
+    links: list[tuple[dict[str, Any], str, nn.Module]] = []
+    seen_tensors: set[int] = set()
+    seen_modules: set[int] = set()
+    stack: list[tuple[nn.Module, str]] = [(unwrap(root), "")]
+    while stack:
+        module, prefix = stack.pop()
+        if id(module) in seen_modules:
+            continue
+        seen_modules.add(id(module))
+        for owner, is_param in ((module._parameters, True), (module._buffers, False)):
+            for key, tensor in owner.items():
+                if tensor is None or id(tensor) in seen_tensors:
+                    continue
+                seen_tensors.add(id(tensor))
+                persistent = is_param or key not in module._non_persistent_buffers_set
+                found.append(_Found(canonical_name(prefix + key), owner, key, tensor, is_param, persistent))
+        children = [(key, child) for key, child in module._modules.items() if child is not None]
+        for key, child in children:
+            links.append((module._modules, key, child))
+        stack.extend((child, prefix + key + ".") for key, child in reversed(children))
+    return found, links
+
+
+@dataclass
+class _Slot:
+    """One stored tensor of the shadow."""
+
+    name: str
+    mode: Policy  # "average" or "copy"
+    tensor: Tensor  # the shadow's copy (a view into a flat buffer)
+    model_dtype: torch.dtype
+
+
+@dataclass
+class _Plan:
+    """Model tensors paired with the shadow's, grouped into kernels; valid while the module is unchanged."""
+
+    root: nn.Module
+    owners: list[dict[str, Any]]
+    keys: list[str]
+    live: list[Tensor]  # model tensors, in the shadow's storage order
+    links: list[tuple[dict[str, Any], str, nn.Module]]
+    lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
+    casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
+    copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
+
+    def is_current(self) -> bool:
+        """True when every model tensor and submodule is still the object the plan was built from."""
+        getitem, is_ = operator.getitem, operator.is_
+        if not all(map(is_, map(getitem, self.owners, self.keys), self.live)):
+            return False
+        dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
+        return all(map(is_, map(getitem, dicts, names), children))
+
+
+def _batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Pack tensors of the given sizes, in order, into batches of at most ``capacity`` elements.
+
+    Yields lists of ``(tensor index, start, stop)``; a tensor larger than ``capacity`` is split into pieces.
+    """
+    batch: list[tuple[int, int, int]] = []
+    used = 0
+    for index, n in enumerate(sizes):
+        for a in range(0, n, capacity):
+            b = min(n, a + capacity)
+            if batch and used + b - a > capacity:
+                yield batch
+                batch, used = [], 0
+            batch.append((index, a, b))
+            used += b - a
+    if batch:
+        yield batch
+
+
+class _CastLerp:
+    """Lerp of shadows from model tensors of another dtype or device, staged through a small buffer.
+
+    Reads the model once and the shadow once, with no full-size temporary: batches of whole tensors (or
+    pieces of large ones) are copied into a reusable buffer of at most ``_CHUNK`` elements, then each batch
+    is one lerp over the contiguous range of the shadow's flat buffer that it covers.
+    """
+
+    def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor]) -> None:
+        self.models = list(models)
+        sizes = [s.numel() for s in shadows]
+        self.scratch = torch.empty(min(sum(sizes), _CHUNK), dtype=shadows[0].dtype, device=shadows[0].device)
+        contiguous = all(a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows))
+        flat = shadows[0]._base if shadows[0]._base is not None else shadows[0]
+        # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
+        # tensor, and the model pieces (tensor index, start, stop, whole tensor?).
+        self.batches: list[tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]]]] = []
+        for batch in _batches(sizes, max(self.scratch.numel(), 1)):
+            views: list[Tensor] = []
+            targets: list[Tensor] = []
+            pieces: list[tuple[int, int, int, bool]] = []
+            offset = 0
+            for i, a, b in batch:
+                whole = (a, b) == (0, sizes[i])
+                view = self.scratch[offset : offset + b - a]
+                views.append(view.view(shadows[i].shape) if whole else view)
+                targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
+                pieces.append((i, a, b, whole))
+                offset += b - a
+            if contiguous:
+                start = shadows[batch[0][0]].storage_offset() + batch[0][1]
+                target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
+            else:
+                target = targets
+            self.batches.append((target, self.scratch[:offset], views, pieces))
+
+    def run(self, weight: float | Tensor) -> None:
+        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage)."""
+        models = self.models
+        copy = isinstance(weight, float) and weight == 1.0
+        for target, staged, views, pieces in self.batches:
+            torch._foreach_copy_(
+                views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+            )
+            if isinstance(target, Tensor):
+                target.copy_(staged) if copy else target.lerp_(staged, weight)
+            elif copy:
+                torch._foreach_copy_(target, views)
+            else:
+                torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]  # 0-d tensors work
+
+
+class Shadow:
+    """Averaged copies of a module's tensors, paired by qualified name.
+
+    Args:
+        module: the model; wrappers (DDP, DataParallel, ``torch.compile``) are looked through.
+        buffers: floating buffers are ``"average"``-d (default), ``"copy"``-ed from the model at each update,
+            or ``"skip"``-ped (left to the model). Integer and bool buffers are always copied, never averaged.
+        frozen: parameters with ``requires_grad=False`` are ``"copy"``-ed (default), ``"average"``-d or
+            ``"skip"``-ped (saves their memory, e.g. the frozen base of a LoRA model).
+        exclude: glob patterns (``fnmatch``) of qualified names left to the model, e.g. ``("*.running_*",)``.
+        include_nonpersistent: also keep buffers registered with ``persistent=False`` (default: skipped).
+        dtype: storage dtype of averaged tensors. Default: the model's dtype promoted to at least float32,
+            so a bf16/fp16 model gets a float32 average. A lower precision is an explicit opt-in.
+        device: where the shadow lives. Default: beside each model tensor.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        buffers: Policy = "average",
+        frozen: Policy = "copy",
+        exclude: Iterable[str] = (),
+        include_nonpersistent: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for arg, value in (("buffers", buffers), ("frozen", frozen)):
+            if value not in _POLICIES:
+                raise ValueError(f"{arg} must be one of {_POLICIES}, got {value!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        self.buffers = buffers
+        self.frozen = frozen
+        self.exclude = tuple(exclude)
+        self.include_nonpersistent = bool(include_nonpersistent)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+
+        found, _ = _walk(module)
+        chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
+        self._slots = self._allocate(chosen)
+        self._by_name = {slot.name: slot for slot in self._slots}
+        self._plan: _Plan | None = None
+        self.copy_from(module)
+
+    # ------------------------------------------------------------------ selection and storage
+
+    def _policy(self, found: _Found) -> Policy:
+        """What happens to one model tensor: averaged, copied, or left to the model."""
+        if any(fnmatchcase(found.name, pattern) for pattern in self.exclude):
+            return "skip"
+        averageable = found.tensor.is_floating_point() or found.tensor.is_complex()
+        if found.is_param:
+            if not averageable:
+                return "copy"
+            return "average" if found.tensor.requires_grad else self.frozen
+        if not found.persistent and not self.include_nonpersistent:
+            return "skip"
+        if self.buffers == "skip" or not averageable:
+            return "skip" if self.buffers == "skip" else "copy"
+        return self.buffers
+
+    def _storage_dtype(self, tensor: Tensor, mode: Policy) -> torch.dtype:
+        if mode == "copy":
+            return tensor.dtype
+        if self.dtype is not None:
+            return self.dtype
+        return torch.promote_types(tensor.dtype, torch.float32)
+
+    def _allocate(self, chosen: Sequence[tuple[_Found, Policy]]) -> list[_Slot]:
+        """One flat buffer per (device, dtype, mode, model dtype); slots are views, in storage order."""
+        groups: dict[tuple[Any, ...], list[tuple[_Found, Policy]]] = {}
+        for f, mode in chosen:
+            device = self.device if self.device is not None else f.tensor.device
+            key = (str(device), self._storage_dtype(f.tensor, mode), mode, f.tensor.dtype, str(f.tensor.device))
+            groups.setdefault(key, []).append((f, mode))
+        slots: list[_Slot] = []
+        for (device, dtype, mode, model_dtype, _), members in groups.items():
+            flat = torch.empty(sum(f.tensor.numel() for f, _ in members), dtype=dtype, device=device)
+            offset = 0
+            for f, _ in members:
+                n = f.tensor.numel()
+                slots.append(_Slot(f.name, mode, flat[offset : offset + n].view(f.tensor.shape), model_dtype))
+                offset += n
+        return slots
+
+    # ------------------------------------------------------------------ pairing with a module
+
+    def _plan_for(self, module: nn.Module) -> _Plan:
+        """The cached pairing with ``module``, rebuilt (and checked) when the module changed."""
+        plan = self._plan
+        if plan is not None and plan.root is module and plan.is_current():
+            return plan
+        plan = self._plan = self._build_plan(module)
+        return plan
+
+    def _build_plan(self, module: nn.Module) -> _Plan:
+        found, links = _walk(module)
+        by_name = {f.name: f for f in found}
+        missing = [slot.name for slot in self._slots if slot.name not in by_name]
+        if missing:
+            raise ValueError(
+                f"model has no tensor {missing[0]!r} that the average holds ({len(missing)} missing in all); "
+                "the model's structure differs from the one the average was made from"
+            )
+        extra = [f.name for f in found if f.name not in self._by_name and self._policy(f) != "skip"]
+        if extra:
+            raise ValueError(
+                f"model tensor {extra[0]!r} is not in the average ({len(extra)} extra in all); "
+                "the model's structure differs from the one the average was made from"
+            )
+        pairs = [(slot, by_name[slot.name]) for slot in self._slots]
+        for slot, f in pairs:
+            if f.tensor.shape != slot.tensor.shape:
+                raise ValueError(
+                    f"tensor {slot.name!r}: the average has shape {tuple(slot.tensor.shape)}, "
+                    f"the model has {tuple(f.tensor.shape)}"
+                )
+            if slot.mode == "average" and not (f.tensor.is_floating_point() or f.tensor.is_complex()):
+                raise ValueError(f"tensor {slot.name!r} is averaged but the model holds it as {f.tensor.dtype}")
+        plan = _Plan(
+            module,
+            [f.owner for _, f in pairs],
+            [f.key for _, f in pairs],
+            [f.tensor for _, f in pairs],
+            links,
+        )
+        # Group consecutive slots that share storage and kernel (slots are laid out group by group).
+        groups: dict[tuple[int, Any], tuple[list[Tensor], list[Tensor]]] = {}
+        for slot, f in pairs:
+            if slot.mode == "copy":
+                plan.copies[0].append(slot.tensor)
+                plan.copies[1].append(f.tensor)
+                continue
+            same = slot.tensor.dtype == f.tensor.dtype and slot.tensor.device == f.tensor.device
+            key = (id(slot.tensor.untyped_storage()), same)
+            groups.setdefault(key, ([], []))
+            groups[key][0].append(slot.tensor)
+            groups[key][1].append(f.tensor)
+        for (_, same), (shadows, models) in groups.items():
+            if same:
+                plan.lerps.append((shadows, models))
+            else:
+                plan.casts.append(_CastLerp(shadows, models))
+        return plan
+
+    # ------------------------------------------------------------------ the update
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, weight: float | Tensor) -> None:
+        """``shadow <- shadow + weight * (model - shadow)`` for averaged tensors; copy the copied ones.
+
+        ``weight`` is a Python float in [0, 1] or a 0-d tensor on the shadow's device (no host sync either way).
+        """
+        plan = self._plan_for(module)
+        if isinstance(weight, float) and weight == 1.0:
+            self._copy_all(plan)
+            return
+        for shadows, models in plan.lerps:
+            torch._foreach_lerp_(shadows, models, weight)  # type: ignore[arg-type]  # 0-d tensors work
+        for cast in plan.casts:
+            cast.run(weight)
+        if plan.copies[0]:
+            torch._foreach_copy_(*plan.copies)
+
+    def _copy_all(self, plan: _Plan) -> None:
+        for shadows, models in plan.lerps:
+            torch._foreach_copy_(shadows, models)
+        for cast in plan.casts:
+            cast.run(1.0)
+        if plan.copies[0]:
+            torch._foreach_copy_(*plan.copies)
+
+    @torch.no_grad()
+    def copy_from(self, module: nn.Module) -> None:
+        """Set every stored tensor to the model's value."""
+        self._copy_all(self._plan_for(module))
+
+    # ------------------------------------------------------------------ into the model
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
+        plan = self._plan_for(module)
+        torch._foreach_copy_(plan.live, [slot.tensor for slot in self._slots])
+
+    @contextmanager
+    def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Within the block, ``module`` holds the stored tensors; its own are restored on exit, even on error.
+
+        The module's tensors are backed up (one copy in the model's dtype) and written back in place, so
+        compiled graphs and optimizers that hold the parameter objects keep working.
+        """
+        plan = self._plan_for(module)
+        live = list(plan.live)
+        with torch.no_grad():
+            backup = [t.clone() for t in live]
+            torch._foreach_copy_(live, [slot.tensor for slot in self._slots])
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, backup)
+
+    # ------------------------------------------------------------------ inspection and state
+
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of the stored tensors, in storage order."""
+        return [slot.name for slot in self._slots]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by qualified name (references, not copies)."""
+        return {slot.name: slot.tensor for slot in self._slots}
+
+    def modes(self) -> dict[str, Policy]:
+        """``"average"`` or ``"copy"`` for each stored tensor."""
+        return {slot.name: slot.mode for slot in self._slots}
+
+    def policy(self) -> dict[str, Any]:
+        """The selection and precision options, as saved in a state dict."""
+        return {
+            "buffers": self.buffers,
+            "frozen": self.frozen,
+            "exclude": list(self.exclude),
+            "include_nonpersistent": self.include_nonpersistent,
+            "dtype": str(self.dtype) if self.dtype is not None else None,
+        }
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The stored tensors by name (references into the shadow's buffers)."""
+        return self.tensors()
+
+    def check_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Raise ``ValueError`` naming the first tensor of ``state`` that does not fit; change nothing."""
+        if not isinstance(state, dict):
+            raise TypeError(f"expected a dict of tensors, got {type(state).__name__}")
+        missing = [n for n in self._by_name if n not in state]
+        extra = [n for n in state if n not in self._by_name]
+        if missing or extra:
+            which = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+            raise ValueError(
+                f"saved average does not match this model: {which} "
+                f"({len(missing)} missing, {len(extra)} unexpected tensors)"
+            )
+        for name, slot in self._by_name.items():
+            value = state[name]
+            if not isinstance(value, Tensor):
+                raise TypeError(f"saved tensor {name!r} is a {type(value).__name__}, not a tensor")
+            if value.shape != slot.tensor.shape or value.dtype != slot.tensor.dtype:
+                raise ValueError(
+                    f"saved tensor {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}; this average "
+                    f"holds shape {tuple(slot.tensor.shape)} and dtype {slot.tensor.dtype}"
+                )
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy saved tensors in place, after checking all of them (nothing changes on error)."""
+        self.check_state_dict(state)
+        for name, slot in self._by_name.items():
+            slot.tensor.copy_(state[name])
+
+    def clone_module(self, module: nn.Module) -> nn.Module:
+        """A deep copy of ``module`` (unwrapped) holding the stored tensors."""
+        inner = unwrap(module)
+        try:
+            duplicate = copy.deepcopy(inner)
+        except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
+            raise RuntimeError(
+                f"cannot build an averaged model: copy.deepcopy({type(inner).__name__}) failed ({error}). "
+                "Use swapped(model) or copy_to(model) instead, which need no copy of the model."
+            ) from error
+        self._plan = None
+        self.copy_to(duplicate)
+        self._plan = None
+        return duplicate

@@ -1,0 +1,217 @@
+"""The shadow: selection, pairing by name, precision, kernels, swap, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import FrozenBackbone, SmallCNN, TinyTransformer, train_steps
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from polyak import EMA, Shadow
+
+
+def float64_reference(model: nn.Module, shadow: Shadow, weight: float, ref: dict[str, torch.Tensor]) -> None:
+    """Apply one update to a float64 copy of what the shadow should hold."""
+    live = dict(model.state_dict(keep_vars=True))
+    for name, mode in shadow.modes().items():
+        value = live[name].detach()
+        if mode == "copy" or name not in ref:
+            ref[name] = value.clone() if mode == "copy" else value.double().clone()
+        else:
+            ref[name] += weight * (value.double() - ref[name])
+
+
+def test_selection_policy():
+    model = FrozenBackbone()
+    shadow = Shadow(model)
+    assert shadow.modes() == {
+        "backbone.0.weight": "copy",  # frozen parameters are copied
+        "backbone.0.bias": "copy",
+        "head.weight": "average",
+        "head.bias": "average",
+        "seen": "copy",  # integer buffer
+        "flag": "copy",  # bool buffer
+        "scale": "average",  # floating buffer
+    }
+    assert set(Shadow(model, frozen="skip", buffers="skip").modes()) == {"head.weight", "head.bias"}
+    assert "scale" not in Shadow(model, exclude=["sc*"]).modes()
+    assert Shadow(model, buffers="copy").modes()["scale"] == "copy"
+
+
+def test_tied_weights_are_stored_once_and_nonpersistent_buffers_skipped():
+    model = TinyTransformer()
+    names = Shadow(model).names
+    assert "embed.weight" in names and "lm_head.weight" not in names
+    assert "mask" not in names
+    assert "mask" in Shadow(model, include_nonpersistent=True).names
+    expected = sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+    assert sum(t.numel() for t in Shadow(model).tensors().values()) == expected
+
+
+@pytest.mark.parametrize("factory", [SmallCNN, TinyTransformer, FrozenBackbone])
+def test_update_matches_float64_reference(factory):
+    torch.manual_seed(0)
+    model = factory()
+    shadow = Shadow(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref: dict[str, torch.Tensor] = {}
+    float64_reference(model, shadow, 1.0, ref)
+    for step in range(30):
+        train_steps(model, optimizer, 1, seed=step)
+        weight = 0.1 if step % 2 else 0.25
+        shadow.update(model, weight)
+        float64_reference(model, shadow, weight, ref)
+    for name, value in shadow.tensors().items():
+        if shadow.modes()[name] == "copy":
+            assert torch.equal(value, ref[name]), name
+        else:
+            torch.testing.assert_close(value.double(), ref[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_bf16_model_tracks_float64():
+    """decay 0.9999, 10k steps after a 0 -> 1 jump: a bf16 average stalls at ~0.03; ours reads 1 - 0.9999**10000."""
+    model = nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = EMA(model, decay=0.9999)
+    ema.update()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(10_000):
+        ema.update()
+    average = ema.shadow.tensors()["weight"]
+    assert average.dtype == torch.float32
+    exact = 1 - 0.9999**10_000
+    assert (average.double() - exact).abs().max().item() < 1e-5
+    stalled = EMA(model, decay=0.9999, dtype=torch.bfloat16)  # the explicit opt-in shows the defect
+    stalled.update()
+    for _ in range(100):
+        stalled.update()
+    assert stalled.shadow.tensors()["weight"].dtype == torch.bfloat16
+
+
+def test_cast_path_over_many_chunks(monkeypatch):
+    """bf16 model, float32 shadow, tensors larger and smaller than the staging buffer."""
+    monkeypatch.setattr("polyak.shadow._CHUNK", 100)
+    model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 3), nn.Linear(3, 1)).to(torch.bfloat16)
+    shadow = Shadow(model)
+    ref = {k: v.double().clone() for k, v in shadow.tensors().items()}
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype))
+        shadow.update(model, 0.3)
+        for name, p in model.named_parameters():
+            ref[name] += 0.3 * (p.detach().double() - ref[name])
+    for name, value in shadow.tensors().items():
+        torch.testing.assert_close(value.double(), ref[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_wrappers_are_looked_through():
+    model = SmallCNN()
+    shadow = Shadow(nn.DataParallel(model))
+    assert shadow.names == Shadow(model).names
+    compiled = torch.compile(model)  # not run: only the wrapper's naming matters here
+    assert Shadow(compiled).names == shadow.names
+    shadow.update(compiled, 0.5)
+    shadow.update(model, 0.5)
+
+
+def test_structure_mismatch_names_the_tensor():
+    shadow = Shadow(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match=r"'1.weight'.*\(2, 3\).*\(5, 3\)"):
+        shadow.update(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5)), 0.5)
+    with pytest.raises(ValueError, match=r"no tensor '1.weight'"):
+        shadow.update(nn.Sequential(nn.Linear(4, 3)), 0.5)
+    with pytest.raises(ValueError, match=r"'2.weight' is not in the average"):
+        shadow.update(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2), nn.Linear(2, 2)), 0.5)
+
+
+def test_replaced_tensors_and_modules_are_noticed():
+    """The cached pairing follows buffer reassignment and submodule replacement."""
+    model = SmallCNN()
+    shadow = Shadow(model)
+    shadow.update(model, 0.5)
+    model.features[1].running_mean = torch.full((8,), 4.0)  # a new buffer object
+    model.head = nn.Linear(16, 10)  # a new module
+    with torch.no_grad():
+        model.head.weight.fill_(2.0)
+    shadow.update(model, 1.0)
+    assert torch.equal(shadow.tensors()["features.1.running_mean"], torch.full((8,), 4.0))
+    assert torch.equal(shadow.tensors()["head.weight"], torch.full((10, 16), 2.0))
+
+
+def test_swap_restores_exactly_even_on_error():
+    model = SmallCNN()
+    shadow = Shadow(model)
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyError), shadow.swapped(model):
+        for name, value in shadow.tensors().items():
+            assert torch.equal(model.state_dict()[name], value.to(before[name].dtype))
+        raise KeyError("boom")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def count_update_ops(model: nn.Module, **options) -> list[str]:
+    shadow = Shadow(model, **options)
+    shadow.update(model, 0.5)  # build the cached plan
+    with OpCounter() as counter:
+        shadow.update(model, 0.5)
+    return counter.ops
+
+
+@pytest.mark.parametrize("factory", [SmallCNN, TinyTransformer, FrozenBackbone])
+def test_ops_per_update_do_not_grow_with_tensor_count(factory):
+    ops = count_update_ops(factory())
+    assert not any("_local_scalar_dense" in op or "item" in op for op in ops), ops
+    assert len(ops) <= 3, ops  # one lerp for the floating group, one copy for the integer/frozen group
+    wide = nn.Sequential(*[nn.Linear(4, 4) for _ in range(200)])
+    assert len(count_update_ops(wide)) == 1
+
+
+def test_ops_for_bf16_model_scale_with_size_not_tensor_count():
+    small_tensors = nn.Sequential(*[nn.Linear(8, 8) for _ in range(300)]).to(torch.bfloat16)
+    ops = count_update_ops(small_tensors)
+    assert ops == ["aten._foreach_copy_.default", "aten.lerp_.Scalar"], ops
+    assert not any("empty" in op for op in ops)
+
+
+def test_state_dict_round_trip_and_mismatch():
+    model = SmallCNN()
+    shadow = Shadow(model)
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), 2)
+    shadow.update(model, 0.3)
+    other = Shadow(SmallCNN())
+    other.load_state_dict({k: v.clone() for k, v in shadow.state_dict().items()})
+    for name, value in shadow.tensors().items():
+        assert torch.equal(other.tensors()[name], value)
+    broken = dict(shadow.state_dict())
+    broken["head.weight"] = torch.zeros(3, 3)
+    before = {k: v.clone() for k, v in other.tensors().items()}
+    with pytest.raises(ValueError, match=r"'head.weight' has shape"):
+        other.load_state_dict(broken)
+    assert all(torch.equal(before[k], v) for k, v in other.tensors().items())  # nothing changed
+    del broken["head.weight"]
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict(broken)
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="buffers must be one of"):
+        Shadow(SmallCNN(), buffers="mean")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dtype"):
+        Shadow(SmallCNN(), dtype=torch.int32)
