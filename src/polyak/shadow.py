@@ -23,7 +23,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Policy", "Shadow", "canonical_name", "unwrap"]
+__all__ = [
+    "Policy",
+    "Shadow",
+    "canonical_name",
+    "check_same_layout",
+    "extrapolated",
+    "unwrap",
+    "update_many",
+    "write_extrapolated",
+]
 
 Policy = Literal["average", "copy", "skip"]
 _POLICIES = ("average", "copy", "skip")
@@ -192,6 +201,26 @@ class _CastLerp:
                 torch._foreach_copy_(target, views)
             else:
                 torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]  # 0-d tensors work
+
+    def run_shared(self, casts: Sequence[_CastLerp], weights: Sequence[float | Tensor]) -> None:
+        """Stage each batch of the model once (in this scratch) and lerp the shadows of every cast from it.
+
+        ``casts`` (this one among them) pair shadows of identical layout with the same model tensors.
+        """
+        models = self.models
+        for j, (_, staged, views, pieces) in enumerate(self.batches):
+            torch._foreach_copy_(
+                views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+            )
+            for cast, weight in zip(casts, weights, strict=True):
+                target = cast.batches[j][0]
+                copy = isinstance(weight, float) and weight == 1.0
+                if isinstance(target, Tensor):
+                    target.copy_(staged) if copy else target.lerp_(staged, weight)
+                elif copy:
+                    torch._foreach_copy_(target, views)
+                else:
+                    torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]
 
 
 class Shadow:
@@ -471,3 +500,82 @@ class Shadow:
         self.copy_to(duplicate)
         self._plan = None
         return duplicate
+
+
+# ---------------------------------------------------------------------- several shadows of one model
+
+
+def check_same_layout(first: Shadow, other: Shadow) -> None:
+    """Raise ``ValueError`` unless ``other`` stores the same tensors as ``first``, in the same order and dtypes."""
+    mine = [(s.name, s.mode, s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in first._slots]
+    theirs = [(s.name, s.mode, s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in other._slots]
+    if mine != theirs:
+        index = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), None)
+        which = f"{mine[index]} vs {theirs[index]}" if index is not None else f"{len(mine)} vs {len(theirs)} tensors"
+        raise ValueError(
+            f"the shadows hold different tensors ({which}); build them from the same model with the same options"
+        )
+
+
+@torch.no_grad()
+def update_many(shadows: Sequence[Shadow], module: nn.Module, weights: Sequence[float | Tensor]) -> None:
+    """:meth:`Shadow.update` of several shadows of the same tensors (e.g. EMAs of several lengths) in one pass.
+
+    A model tensor that has to be cast or moved is staged once for all of them, not once per shadow. The
+    shadows must share one layout (see :func:`check_same_layout`: same model, same options).
+    """
+    if len(shadows) != len(weights) or not shadows:
+        raise ValueError(f"expected one weight per shadow, got {len(weights)} weights for {len(shadows)} shadows")
+    plans = [shadow._plan_for(module) for shadow in shadows]
+    for plan, weight in zip(plans, weights, strict=True):
+        copy = isinstance(weight, float) and weight == 1.0
+        for targets, models in plan.lerps:
+            if copy:
+                torch._foreach_copy_(targets, models)
+            else:
+                torch._foreach_lerp_(targets, models, weight)  # type: ignore[arg-type]
+        if plan.copies[0]:
+            torch._foreach_copy_(*plan.copies)
+    for casts in zip(*(plan.casts for plan in plans), strict=True):
+        casts[0].run_shared(casts, weights)
+
+
+@torch.no_grad()
+def write_extrapolated(module: nn.Module, average: Shadow, anchor: Shadow, alpha: float) -> None:
+    """Write ``average + alpha * (module - anchor)`` into ``module``, in place (BEMA's output).
+
+    Averaged tensors are combined in the shadow's precision (one temporary of their size) and cast to the
+    model's dtype; copied tensors (integer buffers, frozen parameters) get ``average``'s value.
+    """
+    check_same_layout(average, anchor)
+    plan = average._build_plan(module)  # not cached: the module may be a temporary copy
+    avg, base, live = [], [], []
+    for slot, other, tensor in zip(average._slots, anchor._slots, plan.live, strict=True):
+        if slot.mode == "average":
+            avg.append(slot.tensor)
+            base.append(other.tensor)
+            live.append(tensor)
+        else:
+            tensor.copy_(slot.tensor)
+    if not avg:
+        return
+    moved = [t.to(device=a.device, dtype=a.dtype) for t, a in zip(live, avg, strict=True)]
+    result = torch._foreach_sub(moved, base)
+    torch._foreach_mul_(result, float(alpha))
+    torch._foreach_add_(result, avg)
+    torch._foreach_copy_(live, result)
+
+
+@contextmanager
+def extrapolated(module: nn.Module, average: Shadow, anchor: Shadow, alpha: float) -> Iterator[nn.Module]:
+    """Within the block ``module`` holds :func:`write_extrapolated`'s result; its own tensors come back exactly
+    on exit, even on error (backed up in the model's dtype, written back in place)."""
+    live = average._build_plan(module).live
+    with torch.no_grad():
+        backup = [t.clone() for t in live]
+    try:
+        write_extrapolated(module, average, anchor, alpha)
+        yield module
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(live, backup)
