@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from . import __version__
 
 # name -> (module, one-line summary)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "posthoc": ("polyak.cli_posthoc", "synthesise a power-function EMA of any length from PostHocEMA snapshots"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,436 @@
+"""Power-function EMA with snapshots, and post-hoc reconstruction of other EMA lengths (EDM2).
+
+Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", arXiv:2312.02696.
+The average taken at step t with exponent gamma weighs the iterate at step tau by the profile
+``p(tau) = (gamma + 1) tau**gamma / t**(gamma + 1)`` on ``[0, t]``. :class:`PostHocEMA` keeps a few such
+averages (different widths ``sigma_rel``) and saves them now and then; :func:`reconstruct` later combines the
+saved averages linearly so that their combined profile approximates any other ``(sigma_rel, step)``, by least
+squares in L2 (the paper's Algorithm 3), and writes the combined weights. Steps are optimizer steps since
+averaging began (``step - start_step``), the time the profiles are defined in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ._safetensors import AtomicWriter, Entry, read_header, read_tensor
+from .rules import PowerFunction, sigma_rel_to_gamma
+from .shadow import Policy, Shadow, check_same_layout, update_many
+
+__all__ = ["PostHocEMA", "Reconstruction", "Snapshot", "find_snapshots", "reconstruct", "solve_coefficients"]
+
+_FORMAT = "polyak.posthoc/1"
+_PATTERN = "phema-*.safetensors"
+
+
+# ---------------------------------------------------------------------- the least-squares fit
+
+
+def _inner(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndarray) -> np.ndarray:
+    """``<p_a, p_b>`` in L2 for all pairs (a down, b across): the integral over ``[0, min(t_a, t_b)]``.
+
+    ``(g_a+1)(g_b+1) / (g_a+g_b+1) * (lo/hi)**g / hi`` where ``hi``, ``lo`` are the larger and smaller time and
+    ``g`` the exponent of the profile ending at ``hi`` (arXiv:2312.02696, Algorithm 3).
+    """
+    ta, ga, tb, gb = t_a[:, None], g_a[:, None], t_b[None, :], g_b[None, :]
+    hi, lo = np.maximum(ta, tb), np.minimum(ta, tb)
+    g = np.where(ta <= tb, gb, ga)
+    return (ga + 1) * (gb + 1) / (ga + gb + 1) * (lo / hi) ** g / hi
+
+
+def solve_coefficients(
+    steps: Sequence[float],
+    sigma_rels: Sequence[float],
+    target_step: float,
+    target_sigma_rels: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients that combine saved power-function averages into averages of other widths.
+
+    Args:
+        steps: the step (since averaging began) of each saved average, > 0.
+        sigma_rels: the relative width of each saved average (same length as ``steps``).
+        target_step: the step of the wanted averages; only saved averages at or before it are used.
+        target_sigma_rels: the wanted relative widths.
+
+    Returns:
+        ``(coefficients, errors)``: a float64 array with one row per saved average and one column per target
+        (rows of unused averages are 0; each column sums to 1), and for each target the relative L2 error
+        ``||p_target - sum_i x_i p_i|| / ||p_target||`` of the fitted profile.
+    """
+    t = np.asarray(steps, dtype=np.float64).reshape(-1)
+    s = np.asarray(sigma_rels, dtype=np.float64).reshape(-1)
+    targets = np.asarray(target_sigma_rels, dtype=np.float64).reshape(-1)
+    if t.shape != s.shape:
+        raise ValueError(f"steps and sigma_rels must have the same length, got {t.size} and {s.size}")
+    if not (np.all(np.isfinite(t)) and np.all(t > 0)):
+        raise ValueError(f"steps must be positive finite numbers of steps, got {t.tolist()}")
+    if not (np.isfinite(target_step) and target_step > 0):
+        raise ValueError(f"target_step must be a positive number of steps, got {target_step!r}")
+    if targets.size == 0:
+        raise ValueError("target_sigma_rels is empty; give at least one relative width, e.g. [0.1]")
+    gammas = np.array([sigma_rel_to_gamma(x) for x in s])
+    target_gammas = np.array([sigma_rel_to_gamma(x) for x in targets])
+    used = t <= target_step
+    if not used.any():
+        raise ValueError(
+            f"no saved average at or before target_step={target_step}; the earliest is at step {t.min():g}"
+        )
+    pairs = list(zip(t[used].tolist(), s[used].tolist(), strict=True))
+    if len(set(pairs)) != len(pairs):
+        duplicate = next(p for p in pairs if pairs.count(p) > 1)
+        raise ValueError(f"the saved average (step, sigma_rel) = {duplicate} appears twice; pass each once")
+    tu = t[used] / float(target_step)  # the fit depends only on step ratios; this keeps the numbers near 1
+    gu = gammas[used]
+    a = _inner(tu, gu, tu, gu)
+    b = _inner(tu, gu, np.ones_like(target_gammas), target_gammas)
+    x = np.linalg.solve(a, b)
+    x /= x.sum(axis=0, keepdims=True)
+    norm2 = (target_gammas + 1) ** 2 / (2 * target_gammas + 1)  # <p_r, p_r> at t = 1
+    residual2 = norm2 - 2 * np.sum(x * b, axis=0) + np.sum(x * (a @ x), axis=0)
+    errors = np.sqrt(np.maximum(residual2, 0.0) / norm2)
+    coefficients = np.zeros((t.size, targets.size))
+    coefficients[used] = x
+    return coefficients, errors
+
+
+# ---------------------------------------------------------------------- the tracker
+
+
+class PostHocEMA:
+    """Several power-function EMAs of one model, updated in one pass, saved as snapshots for :func:`reconstruct`.
+
+    Call :meth:`update` after every optimizer step (or :meth:`attach` the optimizer). Each average uses
+    :class:`~polyak.rules.PowerFunction`, exact for any ``update_every``. Every ``snapshot_every`` steps (a
+    multiple of ``update_every``) all averages are written to one file ``phema-<step>.safetensors`` in
+    ``directory`` (see :meth:`snapshot`). Save :meth:`state_dict` with your checkpoint to resume.
+
+    Args:
+        model: the model being trained.
+        sigma_rels: relative widths of the tracked profiles (default 0.05 and 0.10, as in the paper), or
+        gammas: their exponents instead.
+        directory: where snapshots go (created if missing); None to only snapshot on demand to a given directory.
+        snapshot_every: optimizer steps between snapshots; None for on-demand snapshots only.
+        update_every: optimizer steps between updates (>= 1). start_step: steps before averaging begins.
+        snapshot_dtype: dtype of averaged tensors in snapshots (float32).
+        buffers, frozen, exclude, include_nonpersistent, dtype, device: see :class:`~polyak.shadow.Shadow`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sigma_rels: Sequence[float] | None = None,
+        *,
+        gammas: Sequence[float] | None = None,
+        directory: str | Path | None = None,
+        snapshot_every: int | None = None,
+        update_every: int = 1,
+        start_step: int = 0,
+        snapshot_dtype: torch.dtype = torch.float32,
+        buffers: Policy = "average",
+        frozen: Policy = "copy",
+        exclude: Sequence[str] = (),
+        include_nonpersistent: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if sigma_rels is not None and gammas is not None:
+            raise ValueError("give sigma_rels or gammas, not both")
+        if gammas is not None:
+            self.rules = [PowerFunction(g) for g in gammas]
+        else:
+            self.rules = [PowerFunction(sigma_rel=s) for s in (sigma_rels if sigma_rels is not None else (0.05, 0.10))]
+        if not self.rules:
+            raise ValueError("PostHocEMA needs at least one profile, e.g. sigma_rels=(0.05, 0.10)")
+        if not (isinstance(update_every, int) and update_every >= 1):
+            raise ValueError(f"update_every must be an int >= 1 (optimizer steps), got {update_every!r}")
+        if not (isinstance(start_step, int) and start_step >= 0):
+            raise ValueError(f"start_step must be an int >= 0 (optimizer steps), got {start_step!r}")
+        if snapshot_every is not None and not (
+            isinstance(snapshot_every, int) and snapshot_every >= 1 and snapshot_every % update_every == 0
+        ):
+            raise ValueError(
+                f"snapshot_every must be a positive multiple of update_every={update_every} (optimizer steps), "
+                f"got {snapshot_every!r}"
+            )
+        if snapshot_every is not None and directory is None:
+            raise ValueError("snapshot_every needs a directory to write the snapshots to")
+        if not (isinstance(snapshot_dtype, torch.dtype) and snapshot_dtype.is_floating_point):
+            raise TypeError(f"snapshot_dtype must be a floating torch.dtype, got {snapshot_dtype!r}")
+        self.model = model
+        self.directory = Path(directory) if directory is not None else None
+        self.snapshot_every = snapshot_every
+        self.update_every = update_every
+        self.start_step = start_step
+        self.snapshot_dtype = snapshot_dtype
+        options: dict[str, Any] = dict(
+            buffers=buffers,
+            frozen=frozen,
+            exclude=exclude,
+            include_nonpersistent=include_nonpersistent,
+            dtype=dtype,
+            device=device,
+        )
+        self.shadows = [Shadow(model, **options) for _ in self.rules]
+        for other in self.shadows[1:]:
+            check_same_layout(self.shadows[0], other)
+        self.step = 0
+        self.num_updates = 0
+        self.last_update_step = 0
+
+    @property
+    def sigma_rels(self) -> list[float]:
+        """Relative widths of the tracked profiles."""
+        return [rule.sigma_rel for rule in self.rules]
+
+    def update(self, model: nn.Module | None = None) -> None:
+        """Count one optimizer step; fold the model into every average on update steps; snapshot when due."""
+        self.step += 1
+        t = self.step - self.start_step
+        if t < 1 or t % self.update_every:
+            return
+        weights: list[float | torch.Tensor] = [rule.weight(t, t - self.last_update_step) for rule in self.rules]
+        update_many(self.shadows, self.model if model is None else model, weights)
+        self.last_update_step = t
+        self.num_updates += 1
+        if self.snapshot_every is not None and t % self.snapshot_every == 0:
+            self.snapshot()
+
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
+        """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.update(model))
+
+    def snapshot(self, directory: str | Path | None = None) -> Path:
+        """Write all averages, as of the last update, to ``directory/phema-<step>.safetensors`` (atomically).
+
+        Tensor ``k/<name>`` holds profile k; the metadata records the step (since averaging began), the
+        optimizer step, the profiles' ``sigma_rels`` and ``gammas``, the tensor names and which are copied.
+        """
+        if self.num_updates == 0:
+            raise RuntimeError(f"nothing to snapshot before the first update (step={self.step})")
+        where = Path(directory) if directory is not None else self.directory
+        if where is None:
+            raise ValueError("snapshot() needs a directory: pass one here or to PostHocEMA(directory=...)")
+        where.mkdir(parents=True, exist_ok=True)
+        modes = self.shadows[0].modes()
+        metadata = {
+            "format": _FORMAT,
+            "step": str(self.last_update_step),
+            "optimizer_step": str(self.start_step + self.last_update_step),
+            "sigma_rels": json.dumps(self.sigma_rels),
+            "gammas": json.dumps([rule.gamma for rule in self.rules]),
+            "names": json.dumps(list(modes)),
+            "copied": json.dumps([name for name, mode in modes.items() if mode == "copy"]),
+            "polyak_version": _version(),
+        }
+        layout, tensors = [], []
+        for k, shadow in enumerate(self.shadows):
+            for name, tensor in shadow.tensors().items():
+                dtype = self.snapshot_dtype if modes[name] == "average" else tensor.dtype
+                layout.append((f"{k}/{name}", tensor.shape, dtype))
+                tensors.append((tensor, dtype))
+        path = where / f"phema-{self.last_update_step:012d}.safetensors"
+        with AtomicWriter(path, layout, metadata) as writer:
+            for tensor, dtype in tensors:
+                writer.write(tensor.to(dtype))
+        return path
+
+    @contextmanager
+    def swapped(self, model: nn.Module | None = None, profile: int = 0) -> Iterator[nn.Module]:
+        """Within the block the model holds average number ``profile``; its own weights come back on exit."""
+        with self.shadows[self._profile(profile)].swapped(self.model if model is None else model) as swapped:
+            yield swapped
+
+    def copy_to(self, model: nn.Module | None = None, profile: int = 0) -> None:
+        """Write average number ``profile`` into the model, permanently."""
+        self.shadows[self._profile(profile)].copy_to(self.model if model is None else model)
+
+    def _profile(self, profile: int) -> int:
+        if self.num_updates == 0:
+            raise RuntimeError(f"no average yet: the first update has not happened (step={self.step})")
+        if not 0 <= profile < len(self.rules):
+            raise ValueError(
+                f"profile must be in 0..{len(self.rules) - 1} (sigma_rels {self.sigma_rels}), got {profile!r}"
+            )
+        return profile
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "gammas": [rule.gamma for rule in self.rules],
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+            "snapshot_every": self.snapshot_every,
+            "policy": self.shadows[0].policy(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, configuration (checked on load) and the averages; snapshots already written stay on disk."""
+        return {
+            "format": _FORMAT,
+            **self._config(),
+            "step": self.step,
+            "num_updates": self.num_updates,
+            "last_update_step": self.last_update_step,
+            "shadows": [shadow.state_dict() for shadow in self.shadows],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; raises before changing anything if it does not fit."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a PostHocEMA state (format {found!r}, expected {_FORMAT!r})")
+        for key, value in self._config().items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"saved PostHocEMA has {key}={state.get(key)!r} but this one has {key}={value!r}; "
+                    "build it with the same settings before loading"
+                )
+        for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
+            shadow.check_state_dict(saved)
+        for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
+            shadow.load_state_dict(saved)
+        self.step = int(state["step"])
+        self.num_updates = int(state["num_updates"])
+        self.last_update_step = int(state["last_update_step"])
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------- snapshots on disk and reconstruction
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One snapshot file: its step (since averaging began), profiles, tensor names and layout."""
+
+    path: Path
+    step: int
+    sigma_rels: tuple[float, ...]
+    names: tuple[str, ...]
+    copied: frozenset[str]
+    entries: dict[str, Entry]
+
+
+def find_snapshots(directory: str | Path) -> list[Snapshot]:
+    """The snapshots (``phema-*.safetensors``) in ``directory``, by step."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"snapshot directory {str(directory)!r} does not exist or is not a directory")
+    snapshots = []
+    for path in sorted(directory.glob(_PATTERN)):
+        entries, metadata = read_header(path)
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(
+                f"{str(path)!r} is not a polyak snapshot (format {metadata.get('format')!r}, expected {_FORMAT!r}); "
+                "move it out of the snapshot directory"
+            )
+        try:
+            snapshot = Snapshot(
+                path,
+                int(metadata["step"]),
+                tuple(float(s) for s in json.loads(metadata["sigma_rels"])),
+                tuple(json.loads(metadata["names"])),
+                frozenset(json.loads(metadata["copied"])),
+                entries,
+            )
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(f"{str(path)!r}: snapshot metadata is incomplete or malformed ({error!r})") from error
+        snapshots.append(snapshot)
+    return sorted(snapshots, key=lambda s: s.step)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """What :func:`reconstruct` combined: ``coefficients[row, target]`` for ``rows[row] = (snapshot, profile)``."""
+
+    step: int
+    sigma_rels: tuple[float, ...]
+    snapshots: list[Snapshot]
+    rows: list[tuple[int, int]]
+    coefficients: np.ndarray
+    errors: np.ndarray
+
+
+def reconstruct(
+    directory: str | Path,
+    sigma_rels: Sequence[float],
+    outputs: Sequence[str | Path],
+    *,
+    step: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Reconstruction:
+    """Synthesise the EMA of each relative width in ``sigma_rels`` at ``step`` from the snapshots in ``directory``.
+
+    Writes one safetensors file per target to ``outputs`` (a state dict of the tracked tensors, averaged ones in
+    ``dtype``). Uses only snapshots at or before ``step`` (default: the latest snapshot's step). Tensors are
+    combined one at a time (accumulated in float64) and streamed to the outputs, so memory stays at about one
+    tensor per target, whatever the number of snapshots. Copied tensors come from the latest snapshot used.
+    """
+    targets = tuple(float(s) for s in sigma_rels)
+    if len(outputs) != len(targets):
+        raise ValueError(f"give one output path per target sigma_rel: {len(targets)} targets, {len(outputs)} outputs")
+    snapshots = find_snapshots(directory)
+    if not snapshots:
+        raise ValueError(f"no snapshots ({_PATTERN}) in {str(directory)!r}; write them with PostHocEMA(directory=...)")
+    step = snapshots[-1].step if step is None else int(step)
+    rows = [(i, k) for i, snap in enumerate(snapshots) for k in range(len(snap.sigma_rels))]
+    coefficients, errors = solve_coefficients(
+        [snapshots[i].step for i, _ in rows], [snapshots[i].sigma_rels[k] for i, k in rows], step, targets
+    )
+    used = [i for i, snap in enumerate(snapshots) if snap.step <= step]
+    last = snapshots[used[-1]]
+    for i in used:
+        if snapshots[i].names != last.names or snapshots[i].copied != last.copied:
+            raise ValueError(
+                f"snapshots {str(snapshots[i].path)!r} and {str(last.path)!r} hold different tensors; "
+                "reconstruct from snapshots of one model only"
+            )
+    layout = []
+    for name in last.names:
+        entry = last.entries[f"0/{name}"]
+        layout.append((name, entry.shape, entry.dtype if name in last.copied else dtype))
+    live = [(row, i, k) for row, (i, k) in enumerate(rows) if np.any(coefficients[row] != 0)]
+    with ExitStack() as stack:
+        writers = []
+        for target, error, output in zip(targets, errors, outputs, strict=True):
+            metadata = {
+                "format": "polyak.posthoc.reconstruction/1",
+                "sigma_rel": repr(target),
+                "gamma": repr(sigma_rel_to_gamma(target)),
+                "step": str(step),
+                "relative_error": repr(float(error)),
+                "snapshots": str(len(used)),
+                "polyak_version": _version(),
+            }
+            writers.append(stack.enter_context(AtomicWriter(output, layout, metadata)))
+        for name, shape, out_dtype in layout:
+            if name in last.copied:
+                value = read_tensor(last.path, last.entries, f"0/{name}")
+                for writer in writers:
+                    writer.write(value)
+                continue
+            sums = [torch.zeros(shape, dtype=torch.float64) for _ in targets]
+            for row, i, k in live:
+                snap = snapshots[i]
+                value = read_tensor(snap.path, snap.entries, f"{k}/{name}").double()
+                for r, total in enumerate(sums):
+                    if coefficients[row, r] != 0:
+                        total.add_(value, alpha=float(coefficients[row, r]))
+            for writer, total in zip(writers, sums, strict=True):
+                writer.write(total.to(out_dtype))
+    return Reconstruction(step, targets, snapshots, rows, coefficients, errors)
