@@ -4,9 +4,11 @@ The public API is re-exported here; see the README for a tour.
 """
 
 from . import rules
+from .bema import BEMA
 from .ema import EMA, SWA, Averager
+from .posthoc import PostHocEMA
 from .shadow import Shadow
 
-__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "rules"]
+__all__ = ["BEMA", "EMA", "SWA", "Averager", "PostHocEMA", "Shadow", "__version__", "rules"]
 
 __version__ = "0.1.0"
