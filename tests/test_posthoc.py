@@ -14,6 +14,7 @@ from models import SmallCNN, train_steps
 from torch import nn
 
 import polyak
+from polyak._safetensors import AtomicWriter, read_header, read_tensor
 from polyak.cli import main
 from polyak.posthoc import find_snapshots, reconstruct, solve_coefficients
 from polyak.rules import PowerFunction, sigma_rel_to_gamma
@@ -192,6 +193,33 @@ def train_with_snapshots(tmp_path, steps=60, every=3, snapshot_every=6, direct=(
     return tracker, history
 
 
+def test_safetensors_files_interoperate(tmp_path):
+    """Our reader reads files from the safetensors package, and the package reads ours."""
+    st = pytest.importorskip("safetensors.torch")
+    tensors = {
+        "a": torch.randn(3, 4, dtype=torch.bfloat16),
+        "b": torch.arange(5),
+        "c": torch.tensor(2.5, dtype=torch.float64),
+        "d": torch.tensor([True, False]),
+        "e": torch.empty(0, 3),
+    }
+    st.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
+    entries, metadata = read_header(tmp_path / "theirs.safetensors")
+    assert metadata == {"k": "v"} and set(entries) == set(tensors)
+    for name, value in tensors.items():
+        assert torch.equal(read_tensor(tmp_path / "theirs.safetensors", entries, name), value), name
+    layout = [(name, value.shape, value.dtype) for name, value in tensors.items()]
+    with AtomicWriter(tmp_path / "ours.safetensors", layout, {"k": "v"}) as writer:
+        for value in tensors.values():
+            writer.write(value)
+    loaded = st.load_file(str(tmp_path / "ours.safetensors"))
+    for name, value in tensors.items():
+        assert torch.equal(loaded[name], value), name
+    with pytest.raises(ValueError, match="tensor 'a'"), AtomicWriter(tmp_path / "bad.safetensors", layout, {}) as w:
+        w.write(torch.zeros(3, 4))  # float32 data for a bfloat16 tensor
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "theirs.safetensors"]
+
+
 def test_snapshot_files(tmp_path):
     tracker, _ = train_with_snapshots(tmp_path, steps=24)
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -221,8 +249,6 @@ def test_stored_profile_reconstructs_the_direct_ema(tmp_path, step):
     out.parent.mkdir()
     result = reconstruct(tmp_path, [0.1], [out], step=step)
     assert result.errors[0] < 1e-6
-    from polyak._safetensors import read_header, read_tensor
-
     entries, metadata = read_header(out)
     assert metadata["step"] == str(step) and float(metadata["sigma_rel"]) == 0.1
     for name, value in history[step]["direct"][0.1].items():
@@ -231,6 +257,15 @@ def test_stored_profile_reconstructs_the_direct_ema(tmp_path, step):
             torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert torch.equal(got, value)
+
+
+def test_reconstruction_in_pieces_is_identical(tmp_path, monkeypatch):
+    train_with_snapshots(tmp_path / "snaps", steps=18, direct=())
+    reconstruct(tmp_path / "snaps", [0.07, 0.1], [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    monkeypatch.setattr(polyak.posthoc, "_CHUNK", 7)  # tensors split into flat pieces, across tensor ends
+    reconstruct(tmp_path / "snaps", [0.07, 0.1], [tmp_path / "c.safetensors", tmp_path / "d.safetensors"])
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "d.safetensors").read_bytes()
 
 
 def test_other_profile_within_the_fit_bound(tmp_path):
@@ -246,8 +281,6 @@ def test_other_profile_within_the_fit_bound(tmp_path):
     gamma, t = sigma_rel_to_gamma(0.07), 60
     absolute = result.errors[0] * (gamma + 1) / math.sqrt((2 * gamma + 1) * t)
     slack = 1e-6 * float(np.abs(result.coefficients).sum())
-    from polyak._safetensors import read_header, read_tensor
-
     entries, _ = read_header(out)
     closer, floating = 0, 0
     for name, direct in history[60]["direct"][0.07].items():

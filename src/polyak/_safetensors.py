@@ -55,11 +55,11 @@ def _check_host() -> None:
 
 
 class AtomicWriter:
-    """Writes a safetensors file tensor by tensor; the file appears at ``path`` only on :meth:`commit`.
+    """Writes a safetensors file piece by piece; the file appears at ``path`` only on :meth:`commit`.
 
-    ``layout`` lists ``(name, shape, dtype)`` in file order; :meth:`write` then takes the tensors in that
-    order (any device; they must already have that dtype and shape). As a context manager it commits on
-    success and removes the temporary file on error.
+    ``layout`` lists ``(name, shape, dtype)`` in file order; :meth:`write` then takes the data in that order,
+    whole tensors or consecutive flat pieces of them (any device, already in the layout's dtype). As a
+    context manager it commits on success and removes the temporary file on error.
     """
 
     def __init__(
@@ -72,7 +72,7 @@ class AtomicWriter:
         self.path = Path(path)
         header: dict[str, object] = {"__metadata__": metadata}
         offset = 0
-        self._expected: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        self._expected: list[tuple[str, torch.dtype, int]] = []  # name, dtype, bytes
         for name, shape, dtype in layout:
             if dtype not in _CODES:
                 raise TypeError(
@@ -84,7 +84,7 @@ class AtomicWriter:
                 size *= int(n)
             dims = [int(n) for n in shape]
             header[name] = {"dtype": _CODES[dtype], "shape": dims, "data_offsets": [offset, offset + size]}
-            self._expected.append((name, tuple(dims), dtype))
+            self._expected.append((name, dtype, size))
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
@@ -92,24 +92,35 @@ class AtomicWriter:
         self._file = os.fdopen(fd, "wb")
         self._file.write(len(encoded).to_bytes(8, "little"))
         self._file.write(encoded)
-        self._written = 0
+        self._index, self._left = 0, self._expected[0][2] if self._expected else 0
 
-    def write(self, tensor: Tensor) -> None:
-        """Append the next tensor of the layout."""
-        name, shape, dtype = self._expected[self._written]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+    def _skip_full(self) -> None:
+        while self._index < len(self._expected) and self._left == 0:
+            self._index += 1
+            self._left = self._expected[self._index][2] if self._index < len(self._expected) else 0
+
+    def write(self, data: Tensor) -> None:
+        """Append ``data``: the next tensor of the layout, or the next flat piece of it (empty data: no-op)."""
+        if data.numel() == 0:
+            return
+        self._skip_full()
+        if self._index == len(self._expected):
+            raise RuntimeError(f"{self.path}: all {len(self._expected)} tensors are already written")
+        name, dtype, _ = self._expected[self._index]
+        raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.dtype != dtype or raw.numel() > self._left:
             raise ValueError(
-                f"tensor {name!r}: expected shape {shape} and dtype {dtype}, "
-                f"got {tuple(tensor.shape)} and {tensor.dtype}"
+                f"tensor {name!r}: expected {dtype} data of at most {self._left} bytes, "
+                f"got {data.dtype} of {raw.numel()} bytes"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._file.write(data.view(torch.uint8).numpy().data)
-        self._written += 1
+        self._file.write(raw.numpy().data)
+        self._left -= raw.numel()
 
     def commit(self) -> None:
         """Flush, fsync and rename into place, then fsync the directory."""
-        if self._written != len(self._expected):
-            raise RuntimeError(f"{self.path}: {self._written} of {len(self._expected)} tensors written")
+        self._skip_full()
+        if self._index != len(self._expected):
+            raise RuntimeError(f"{self.path}: only {self._index} of {len(self._expected)} tensors were written")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -171,14 +182,25 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
-def read_tensor(path: str | Path, entries: dict[str, Entry], name: str) -> Tensor:
-    """One tensor of the file whose header :func:`read_header` returned, read on its own (CPU)."""
+def read_tensor(
+    path: str | Path, entries: dict[str, Entry], name: str, start: int = 0, stop: int | None = None
+) -> Tensor:
+    """Tensor ``name`` of the file whose header :func:`read_header` returned, read on its own (CPU).
+
+    With ``start`` / ``stop``, only the flat elements ``start:stop`` (a 1-D tensor).
+    """
     _check_host()
     entry = entries[name]
-    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    size = entry.dtype.itemsize
+    count = (entry.end - entry.begin) // size
+    whole = start == 0 and stop is None
+    stop = count if stop is None else stop
+    if not 0 <= start <= stop <= count:
+        raise ValueError(f"tensor {name!r} has {count} elements; cannot read elements {start}:{stop}")
+    tensor = torch.empty(entry.shape if whole else (stop - start,), dtype=entry.dtype)
     with Path(path).open("rb") as file:
-        file.seek(8 + int.from_bytes(file.read(8), "little") + entry.begin)
+        file.seek(8 + int.from_bytes(file.read(8), "little") + entry.begin + start * size)
         view = tensor.reshape(-1).view(torch.uint8).numpy().data
-        if file.readinto(view) != entry.end - entry.begin:
+        if file.readinto(view) != (stop - start) * size:
             raise ValueError(f"{str(path)!r}: tensor {name!r} is truncated")
     return tensor

@@ -12,6 +12,7 @@ averaging began (``step - start_step``), the time the profiles are defined in.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ __all__ = ["PostHocEMA", "Reconstruction", "Snapshot", "find_snapshots", "recons
 
 _FORMAT = "polyak.posthoc/1"
 _PATTERN = "phema-*.safetensors"
+_CHUNK = 1 << 22  # reconstruction combines tensors in flat pieces of this many elements
 
 
 # ---------------------------------------------------------------------- the least-squares fit
@@ -378,8 +380,9 @@ def reconstruct(
 
     Writes one safetensors file per target to ``outputs`` (a state dict of the tracked tensors, averaged ones in
     ``dtype``). Uses only snapshots at or before ``step`` (default: the latest snapshot's step). Tensors are
-    combined one at a time (accumulated in float64) and streamed to the outputs, so memory stays at about one
-    tensor per target, whatever the number of snapshots. Copied tensors come from the latest snapshot used.
+    combined in flat pieces (accumulated in float64) and streamed to the outputs, so memory stays at about one
+    piece per target (4Mi elements), whatever the number of snapshots or the size of the tensors. Copied tensors
+    come from the latest snapshot used.
     """
     targets = tuple(float(s) for s in sigma_rels)
     if len(outputs) != len(targets):
@@ -419,18 +422,20 @@ def reconstruct(
             }
             writers.append(stack.enter_context(AtomicWriter(output, layout, metadata)))
         for name, shape, out_dtype in layout:
-            if name in last.copied:
-                value = read_tensor(last.path, last.entries, f"0/{name}")
-                for writer in writers:
-                    writer.write(value)
-                continue
-            sums = [torch.zeros(shape, dtype=torch.float64) for _ in targets]
-            for row, i, k in live:
-                snap = snapshots[i]
-                value = read_tensor(snap.path, snap.entries, f"{k}/{name}").double()
-                for r, total in enumerate(sums):
-                    if coefficients[row, r] != 0:
-                        total.add_(value, alpha=float(coefficients[row, r]))
-            for writer, total in zip(writers, sums, strict=True):
-                writer.write(total.to(out_dtype))
+            numel = math.prod(shape)
+            for start in range(0, numel, _CHUNK):
+                stop = min(numel, start + _CHUNK)
+                if name in last.copied:
+                    value = read_tensor(last.path, last.entries, f"0/{name}", start, stop)
+                    for writer in writers:
+                        writer.write(value)
+                    continue
+                sums = [torch.zeros(stop - start, dtype=torch.float64) for _ in targets]
+                for row, i, k in live:
+                    value = read_tensor(snapshots[i].path, snapshots[i].entries, f"{k}/{name}", start, stop)
+                    for r, total in enumerate(sums):
+                        if coefficients[row, r] != 0:
+                            total.add_(value, alpha=float(coefficients[row, r]))
+                for writer, total in zip(writers, sums, strict=True):
+                    writer.write(total.to(out_dtype))
     return Reconstruction(step, targets, snapshots, rows, coefficients, errors)
