@@ -183,11 +183,17 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
 
 
 def read_tensor(
-    path: str | Path, entries: dict[str, Entry], name: str, start: int = 0, stop: int | None = None
+    path: str | Path,
+    entries: dict[str, Entry],
+    name: str,
+    start: int = 0,
+    stop: int | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Tensor ``name`` of the file whose header :func:`read_header` returned, read on its own (CPU).
 
-    With ``start`` / ``stop``, only the flat elements ``start:stop`` (a 1-D tensor).
+    With ``start`` / ``stop``, only the flat elements ``start:stop`` (a 1-D tensor). ``out``: a contiguous
+    1-D CPU tensor of the entry's dtype and that many elements to read into (returned).
     """
     _check_host()
     entry = entries[name]
@@ -197,7 +203,12 @@ def read_tensor(
     stop = count if stop is None else stop
     if not 0 <= start <= stop <= count:
         raise ValueError(f"tensor {name!r} has {count} elements; cannot read elements {start}:{stop}")
-    tensor = torch.empty(entry.shape if whole else (stop - start,), dtype=entry.dtype)
+    if out is None:
+        tensor = torch.empty(entry.shape if whole else (stop - start,), dtype=entry.dtype)
+    elif out.dtype != entry.dtype or out.shape != (stop - start,) or not out.is_contiguous() or out.is_cuda:
+        raise ValueError(f"out must be a contiguous 1-D CPU {entry.dtype} tensor of {stop - start} elements")
+    else:
+        tensor = out
     with Path(path).open("rb") as file:
         file.seek(8 + int.from_bytes(file.read(8), "little") + entry.begin + start * size)
         view = tensor.reshape(-1).view(torch.uint8).numpy().data

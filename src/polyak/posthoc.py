@@ -32,7 +32,7 @@ __all__ = ["PostHocEMA", "Reconstruction", "Snapshot", "find_snapshots", "recons
 
 _FORMAT = "polyak.posthoc/1"
 _PATTERN = "phema-*.safetensors"
-_CHUNK = 1 << 22  # reconstruction combines tensors in flat pieces of this many elements
+_CHUNK = 1 << 20  # reconstruction combines tensors in flat pieces of this many elements
 
 
 # ---------------------------------------------------------------------- the least-squares fit
@@ -381,7 +381,7 @@ def reconstruct(
     Writes one safetensors file per target to ``outputs`` (a state dict of the tracked tensors, averaged ones in
     ``dtype``). Uses only snapshots at or before ``step`` (default: the latest snapshot's step). Tensors are
     combined in flat pieces (accumulated in float64) and streamed to the outputs, so memory stays at about one
-    piece per target (4Mi elements), whatever the number of snapshots or the size of the tensors. Copied tensors
+    piece per target (1Mi elements), whatever the number of snapshots or the size of the tensors. Copied tensors
     come from the latest snapshot used.
     """
     targets = tuple(float(s) for s in sigma_rels)
@@ -421,21 +421,35 @@ def reconstruct(
                 "polyak_version": _version(),
             }
             writers.append(stack.enter_context(AtomicWriter(output, layout, metadata)))
+        # Buffers allocated once and reused, so memory does not depend on how the allocator recycles them.
+        sums = torch.empty(len(targets), _CHUNK, dtype=torch.float64)
+        buffers: dict[torch.dtype, torch.Tensor] = {}
+
+        def buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
+            if dtype not in buffers:
+                buffers[dtype] = torch.empty(_CHUNK, dtype=dtype)
+            return buffers[dtype][:n]
+
         for name, shape, out_dtype in layout:
             numel = math.prod(shape)
             for start in range(0, numel, _CHUNK):
                 stop = min(numel, start + _CHUNK)
                 if name in last.copied:
-                    value = read_tensor(last.path, last.entries, f"0/{name}", start, stop)
+                    entries = last.entries
+                    value = read_tensor(last.path, entries, f"0/{name}", start, stop, buffer(out_dtype, stop - start))
                     for writer in writers:
                         writer.write(value)
                     continue
-                sums = [torch.zeros(stop - start, dtype=torch.float64) for _ in targets]
+                totals = sums[:, : stop - start].zero_()
                 for row, i, k in live:
-                    value = read_tensor(snapshots[i].path, snapshots[i].entries, f"{k}/{name}", start, stop)
-                    for r, total in enumerate(sums):
+                    key, entries = f"{k}/{name}", snapshots[i].entries
+                    value = read_tensor(
+                        snapshots[i].path, entries, key, start, stop, buffer(entries[key].dtype, stop - start)
+                    )
+                    value = buffer(torch.float64, stop - start).copy_(value)  # no hidden temporary in add_
+                    for r, total in enumerate(totals):
                         if coefficients[row, r] != 0:
                             total.add_(value, alpha=float(coefficients[row, r]))
-                for writer, total in zip(writers, sums, strict=True):
-                    writer.write(total.to(out_dtype))
+                for writer, total in zip(writers, totals, strict=True):
+                    writer.write(buffer(out_dtype, stop - start).copy_(total))
     return Reconstruction(step, targets, snapshots, rows, coefficients, errors)
