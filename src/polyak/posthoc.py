@@ -114,12 +114,13 @@ class PostHocEMA:
     Call :meth:`update` after every optimizer step (or :meth:`attach` the optimizer). Each average uses
     :class:`~polyak.rules.PowerFunction`, exact for any ``update_every``. Every ``snapshot_every`` steps (a
     multiple of ``update_every``) all averages are written to one file ``phema-<step>.safetensors`` in
-    ``directory`` (see :meth:`snapshot`). Save :meth:`state_dict` with your checkpoint to resume.
+    ``directory`` (see :meth:`snapshot`), ``<step>`` counting optimizer steps since averaging began. Save
+    :meth:`state_dict` with your checkpoint to resume.
 
     Args:
         model: the model being trained.
-        sigma_rels: relative widths of the tracked profiles (default 0.05 and 0.10, as in the paper), or
-        gammas: their exponents instead.
+        sigma_rels: relative widths of the tracked profiles (default 0.05 and 0.10, as in the paper).
+        gammas: the profiles' exponents, instead of ``sigma_rels``.
         directory: where snapshots go (created if missing); None to only snapshot on demand to a given directory.
         snapshot_every: optimizer steps between snapshots; None for on-demand snapshots only.
         update_every: optimizer steps between updates (>= 1). start_step: steps before averaging begins.
