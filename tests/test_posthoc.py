@@ -332,6 +332,8 @@ def test_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sigma_rel 0.07" in printed and "at step 24 from 4 snapshots" in printed
     assert out_a.stat().st_size > 0 and out_b.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["posthoc", str(tmp_path / "missing"), "--sigma-rel", "0.1", "-o", str(out_a)]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_input_errors(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = reconstruct(args.directory, args.sigma_rel, args.output, step=args.step, dtype=_DTYPES[args.dtype])
+    try:
+        result = reconstruct(args.directory, args.sigma_rel, args.output, step=args.step, dtype=_DTYPES[args.dtype])
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"polyak posthoc: error: {error}", file=sys.stderr)
+        return 2
     used = sum(1 for snap in result.snapshots if snap.step <= result.step)
     for sigma_rel, error, output in zip(result.sigma_rels, result.errors, args.output, strict=True):
         print(
