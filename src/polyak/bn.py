@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = ["norm_layers", "update_bn"]
 
@@ -71,7 +72,8 @@ def update_bn(
 
     * only the normalisation layers run in train mode; dropout and any other train-time behaviour stay off
       (torch puts the whole model in train mode). Every module's own mode is restored afterwards;
-    * InstanceNorm layers with ``track_running_stats=True`` are recomputed too (torch skips them);
+    * InstanceNorm layers with ``track_running_stats=True`` are recomputed too (torch skips them), and lazy
+      BatchNorm layers not yet initialised are initialised by the pass (torch raises);
     * the update needs no host synchronisation per batch.
 
     Args:
@@ -132,7 +134,8 @@ def update_bn(
     try:
         model.eval()
         for m in layers:
-            m.reset_running_stats()
+            if not (isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()):  # else fresh on first call
+                m.reset_running_stats()
             m.train()
         count, batch = 0, first
         while batch is not _EMPTY:
