@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import is_lazy
 
 __all__ = ["norm_layers", "update_bn"]
 
@@ -134,7 +134,7 @@ def update_bn(
     try:
         model.eval()
         for m in layers:
-            if not (isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()):  # else fresh on first call
+            if not is_lazy(m.running_mean):  # a lazy layer not yet initialised starts fresh on its first call
                 m.reset_running_stats()
             m.train()
         count, batch = 0, first
