@@ -47,8 +47,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("helpers", ["torch", "polyak"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("factory", [SmallCNN, TinyTransformer])
+@pytest.mark.parametrize(
+    ("case", "factory"),
+    [(case, SmallCNN) for case in CASES] + [("swa", TinyTransformer), ("ema multi_avg_fn buffers", TinyTransformer)],
+)
 def test_same_results_as_torch(case, helpers, factory):
     """Identical training through torch and polyak; with torch's helpers polyak calls them, with its own it
     runs the shadow kernel. Integer buffers are compared with the model instead (torch truncates them)."""

@@ -179,6 +179,7 @@ class AveragedModel(nn.Module):
         self.use_buffers = use_buffers
         self._count = 0
         self._count_seen: tuple[Tensor, int | None] = (self.n_averaged, _version(self.n_averaged))
+        self._count_copies: dict[torch.device, Tensor] = {}
         self._shadow: Shadow | None = None
         self._bound: tuple[nn.Module, list[Tensor], list[int]] | None = None
         low = sorted({str(p.dtype) for p in self.module.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
@@ -223,6 +224,16 @@ class AveragedModel(nn.Module):
             self._count = int(self.n_averaged)
         return self._count
 
+    def _count_on(self, device: torch.device, n: int) -> Tensor:
+        """``n_averaged`` as a tensor on ``device`` for a user's function: the buffer itself, or a copy filled
+        on that device (``n_averaged.to(device)`` would be a blocking host-to-device copy)."""
+        if self.n_averaged.device == device:
+            return self.n_averaged
+        copy = self._count_copies.get(device)
+        if copy is None:
+            copy = self._count_copies[device] = torch.empty((), dtype=torch.long, device=device)
+        return copy.fill_(n)
+
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         """Fold ``model`` into the average: a copy on the first call, then the averaging function."""
@@ -234,9 +245,9 @@ class AveragedModel(nn.Module):
         if n == 0 or isinstance(rule, Rule):
             shadow.update(model, rule.weight(n + 1) if isinstance(rule, Rule) else 1.0)
         elif multi is not None:
-            shadow.update_with(model, lambda avg, new: multi(avg, new, self.n_averaged.to(avg[0].device)))
+            shadow.update_with(model, lambda avg, new: multi(avg, new, self._count_on(avg[0].device, n)))
         elif each is not None:
-            shadow.update_with(model, lambda avg, new: each(avg, new, self.n_averaged.to(avg.device)), each=True)
+            shadow.update_with(model, lambda avg, new: each(avg, new, self._count_on(avg.device, n)), each=True)
         self._count = n + 1
         self.n_averaged.fill_(self._count)
         self._count_seen = (self.n_averaged, _version(self.n_averaged))
@@ -244,7 +255,7 @@ class AveragedModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The shadow caches a pairing with the training model: neither is pickled nor deep-copied.
         state = dict(super().__getstate__())
-        state.update(_shadow=None, _bound=None)
+        state.update(_shadow=None, _bound=None, _count_copies={})
         return state
 
 
