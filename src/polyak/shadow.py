@@ -154,7 +154,10 @@ class _CastLerp:
         self.shadows = list(shadows)
         self.models = list(models)
         sizes = [s.numel() for s in shadows]
-        self.scratch = torch.empty(min(sum(sizes), _CHUNK), dtype=shadows[0].dtype, device=shadows[0].device)
+        # A shadow that is not contiguous (an adopted channels_last weight) cannot be cut into flat pieces.
+        unsplittable = max((n for s, n in zip(shadows, sizes, strict=True) if not s.is_contiguous()), default=0)
+        capacity = max(min(sum(sizes), _CHUNK), unsplittable)
+        self.scratch = torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device)
         contiguous = all(
             a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
             and a.storage_offset() + a.numel() == b.storage_offset()
