@@ -16,8 +16,9 @@ from polyak import swa_utils
 from polyak.bn import norm_layers, update_bn
 
 
-def reference_stats(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Float64, by hand: per layer, the mean over its calls of the batch mean and unbiased variance of its input.
+def reference_stats(model: nn.Module, batches: list[torch.Tensor], weighting: str = "batch") -> dict[str, tuple]:
+    """Float64, by hand: per layer, the mean over its calls of the batch mean and unbiased variance of its input
+    (weighted by the batch size with ``weighting="sample"``).
 
     A float64 copy of the model runs with only its normalisation layers in train mode; each layer's input is
     captured and reduced over the batch and spatial dimensions (BatchNorm) or per instance, then over the batch
@@ -25,16 +26,16 @@ def reference_stats(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, 
     """
     ref = copy.deepcopy(model).double().eval()
     names = {m: name for name, m in ref.named_modules()}
-    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
 
     def capture(module, args):
         x = args[0]
         if isinstance(module, _BatchNorm):
             dims = [0, *range(2, x.dim())]
-            stats = (x.mean(dims), x.var(dims, unbiased=True))
+            stats = (x.mean(dims), x.var(dims, unbiased=True), x.shape[0])
         else:
             dims = list(range(2, x.dim()))
-            stats = (x.mean(dims).mean(0), x.var(dims, unbiased=True).mean(0))
+            stats = (x.mean(dims).mean(0), x.var(dims, unbiased=True).mean(0), x.shape[0])
         calls.setdefault(names[module], []).append(stats)
 
     for m in norm_layers(ref):
@@ -43,10 +44,16 @@ def reference_stats(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, 
     with torch.no_grad():
         for batch in batches:
             ref(batch.double())
-    return {
-        name: (torch.stack([m for m, _ in c]).mean(0), torch.stack([v for _, v in c]).mean(0), len(c))
-        for name, c in calls.items()
-    }
+    result = {}
+    for name, c in calls.items():
+        w = torch.tensor([float(n) if weighting == "sample" else 1.0 for _, _, n in c], dtype=torch.float64)
+        w = (w / w.sum())[:, None]
+        result[name] = (
+            (torch.stack([m for m, _, _ in c]) * w).sum(0),
+            (torch.stack([v for _, v, _ in c]) * w).sum(0),
+            len(c),
+        )
+    return result
 
 
 def assert_matches_reference(model: nn.Module, reference) -> None:
@@ -98,6 +105,18 @@ def test_matches_float64_reference_with_dropout_off():
     equal = data(n=64)
     update_bn(equal, model)
     torch.testing.assert_close(model.bn0.running_mean.double(), torch.cat(equal).double().mean(0))
+
+
+def test_sample_weighting_gives_the_dataset_mean():
+    torch.manual_seed(5)
+    model = Net()
+    batches = data()  # 4 batches of 16 and one of 6
+    dataset_mean = torch.cat(batches).double().mean(0)
+    update_bn(batches, model, weighting="sample")
+    assert_matches_reference(model, reference_stats(model, batches, weighting="sample"))
+    torch.testing.assert_close(model.bn0.running_mean.double(), dataset_mean)
+    update_bn(batches, model)  # per batch, as torch: the short batch weighs as much as a full one
+    assert not torch.allclose(model.bn0.running_mean.double(), dataset_mean, rtol=1e-3)
 
 
 def test_same_as_torch_update_bn_without_dropout():
@@ -240,6 +259,8 @@ def test_model_without_norm_layers_warns():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_batches"):
         update_bn(data(), Net(), max_batches=0)
+    with pytest.raises(ValueError, match="weighting"):
+        update_bn(data(), Net(), weighting="samples")
     with pytest.raises(TypeError, match="autocast_dtype"):
         update_bn(data(), Net(), autocast_dtype=torch.int8)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,7 @@ def update_bn(
     max_batches: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    weighting: Literal["batch", "sample"] = "batch",
 ) -> None:
     """Recompute the running mean and variance of ``model``'s normalisation layers with one pass over ``loader``.
 
@@ -85,10 +86,15 @@ def update_bn(
         max_batches: stop after this many batches (default: the whole loader).
         autocast_dtype: run the forward under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         progress: show a progress bar (needs ``tqdm``).
+        weighting: ``"batch"`` (default, as torch): each call of a layer weighs the same. ``"sample"``: each call
+            weighs its batch size (the first dimension of the layer's input), as the original SWA code's
+            ``bn_update``, so the running mean is the mean over the whole dataset even when batch sizes differ.
 
     A model without such layers warns and is left unchanged; an empty loader raises ``ValueError`` before
     anything changes. An error during the pass leaves the statistics partly updated, modes and momenta restored.
     """
+    if weighting not in ("batch", "sample"):
+        raise ValueError(f"weighting must be 'batch' or 'sample', got {weighting!r}")
     if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
         raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
     if not (autocast_dtype is None or (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point)):
@@ -115,23 +121,24 @@ def update_bn(
             total = min(total, max_batches)
         batches = tqdm(loader, total=total, desc="update_bn", unit="batch")
 
-    iterator = iter(batches)
-    first = next(iterator, _EMPTY)
-    if first is _EMPTY:
-        raise ValueError("update_bn: the loader yielded no batch; the statistics were left unchanged")
-
     device_type = target.type if target is not None else _device_type(model)
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in layers}
-    calls: dict[nn.Module, int] = {}
+    seen: dict[nn.Module, int] = {}
+    by_sample = weighting == "sample"
 
     def cumulative(module: Any, args: Any) -> None:
-        # momentum 1/k at a layer's k-th call: the running statistics are the mean over calls (no tensor read).
-        calls[module] = calls.get(module, 0) + 1
-        module.momentum = 1.0 / calls[module]
+        # momentum w/W after a total weight W of calls: the running statistics are the weighted mean over calls.
+        weight = args[0].shape[0] if by_sample else 1  # a Python int: no tensor is read
+        seen[module] = seen.get(module, 0) + weight
+        module.momentum = weight / seen[module] if weight else 0.0
 
+    iterator = iter(batches)
     handles = [m.register_forward_pre_hook(cumulative) for m in layers]
     try:
+        first = next(iterator, _EMPTY)
+        if first is _EMPTY:
+            raise ValueError("update_bn: the loader yielded no batch; the statistics were left unchanged")
         model.eval()
         for m in layers:
             if not is_lazy(m.running_mean):  # a lazy layer not yet initialised starts fresh on its first call
