@@ -306,6 +306,31 @@ def test_difference_copies_models_deepcopy_refuses():
     torch.testing.assert_close(ours(x).double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_parametrized_modules_like_torch():
+    """Parametrizations (weight_norm, spectral_norm): the originals are averaged, the buffers of the
+    parametrization (spectral norm's power-iteration vectors) follow the buffer policy, as torch."""
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)),
+        nn.Tanh(),
+        nn.utils.parametrizations.spectral_norm(nn.Linear(6, 2)),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pairs = [(ts.AveragedModel(model, use_buffers=b), ps.AveragedModel(model, use_buffers=b)) for b in (False, True)]
+    for _ in range(8):
+        loss = model(torch.randn(5, 4)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for pair in pairs:
+            for averaged in pair:
+                averaged.update_parameters(model)
+    for theirs, ours in pairs:
+        assert_same(ours, theirs)
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
 def test_uncopyable_model_error_points_to_shadow_only_mode():
     model = nn.Linear(2, 2)
     model.lock = threading.Lock()
