@@ -158,12 +158,11 @@ class _CastLerp:
         unsplittable = max((n for s, n in zip(shadows, sizes, strict=True) if not s.is_contiguous()), default=0)
         capacity = max(min(sum(sizes), _CHUNK), unsplittable)
         self.scratch = torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device)
-        contiguous = all(
-            a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() + a.numel() == b.storage_offset()
-            for a, b in pairwise(shadows)
+        # Views into one flat buffer, back to back (adopted tensors are not views: handled tensor by tensor).
+        flat = shadows[0]._base
+        contiguous = all(s._base is flat for s in shadows) and all(
+            a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows)
         )
-        flat = shadows[0]._base if shadows[0]._base is not None else shadows[0]
         # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
         # tensor, and the model pieces (tensor index, start, stop, whole tensor?).
         self.batches: list[tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]]]] = []
@@ -179,7 +178,7 @@ class _CastLerp:
                 targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
                 pieces.append((i, a, b, whole))
                 offset += b - a
-            if contiguous:
+            if contiguous and flat is not None:
                 start = shadows[batch[0][0]].storage_offset() + batch[0][1]
                 target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
             else:
@@ -217,8 +216,7 @@ class Shadow:
             so a bf16/fp16 model gets a float32 average. A lower precision is an explicit opt-in.
         device: where the shadow lives. Default: beside each model tensor.
         adopt: store nothing of its own: ``module``'s tensors are the storage, so an update writes into
-            ``module`` (which is then the average, not the model). ``dtype`` and ``device`` must be None;
-            kernels are grouped by device and dtype instead of by flat buffer.
+            ``module`` (which is then the average, not the model). ``dtype`` and ``device`` must be None.
     """
 
     def __init__(
