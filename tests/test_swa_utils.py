@@ -121,6 +121,24 @@ def test_state_dict_loads_in_both_directions():
     assert_same(ours, again, skip=("num_batches_tracked",))
 
 
+def test_difference_compiled_model_is_looked_through():
+    """The copy is the plain model (keys without ``_orig_mod.``); torch's checkpoint of it still loads."""
+    model = nn.Linear(3, 2)
+    compiled = torch.compile(model)  # never run: nothing is compiled
+    theirs = ts.AveragedModel(compiled)
+    ours = ps.AveragedModel(compiled)
+    assert list(theirs.state_dict()) == ["n_averaged", "module._orig_mod.weight", "module._orig_mod.bias"]
+    assert list(ours.state_dict()) == ["n_averaged", "module.weight", "module.bias"]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    theirs.update_parameters(compiled)
+    theirs.update_parameters(compiled)
+    ours.load_state_dict(theirs.state_dict())
+    assert int(ours.n_averaged) == 2
+    torch.testing.assert_close(ours.module.weight, theirs.module._orig_mod.weight)
+    ours.update_parameters(compiled)  # the wrapper is looked through when pairing, too
+
+
 def test_polyak_helpers_work_in_torch_averaged_model():
     torch.manual_seed(3)
     model = TinyTransformer()

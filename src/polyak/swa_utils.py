@@ -112,6 +112,13 @@ def _version(tensor: Tensor) -> int | None:
         return None
 
 
+def _drop_compile_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load torch's checkpoint of an averaged ``torch.compile`` model: ``module._orig_mod.x`` -> ``module.x``."""
+    compiled = f"{prefix}module._orig_mod."
+    for key in [k for k in state if k.startswith(compiled)]:
+        state[f"{prefix}module.{key[len(compiled) :]}"] = state.pop(key)
+
+
 class AveragedModel(nn.Module):
     """A copy of ``model`` whose weights are the average of the models passed to :meth:`update_parameters`.
 
@@ -144,6 +151,8 @@ class AveragedModel(nn.Module):
     * no host synchronisation per update: the count is a Python int, mirrored into the ``n_averaged`` buffer
       (torch reads the buffer twice per update). A write to the buffer (``load_state_dict``, torchvision's
       ``n_averaged.fill_(0)`` during warm-up) is noticed through the tensor's version counter and read once;
+    * a DDP or ``torch.compile`` wrapper is looked through: the copy is the plain model, so its keys have no
+      ``_orig_mod.`` (torch's checkpoints of a compiled model still load);
     * models that ``copy.deepcopy`` refuses because they keep computed tensors as attributes (the old
       ``torch.nn.utils.weight_norm``) are copied; where no copy is possible the error points to ``polyak.EMA``;
     * ``avg_fn`` and ``multi_avg_fn`` together raise ``ValueError`` (torch: ``AssertionError``), and a decay
@@ -182,6 +191,7 @@ class AveragedModel(nn.Module):
         self._count_copies: dict[torch.device, Tensor] = {}
         self._shadow: Shadow | None = None
         self._bound: tuple[nn.Module, list[Tensor], list[int]] | None = None
+        self.register_load_state_dict_pre_hook(_drop_compile_prefix)
         low = sorted({str(p.dtype) for p in self.module.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
         if low and dtype is None:
             warnings.warn(
