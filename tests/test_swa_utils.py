@@ -362,6 +362,10 @@ def test_uncopyable_model_error_points_to_shadow_only_mode():
 def test_both_functions_raise():
     with pytest.raises(ValueError, match="at most one of avg_fn and multi_avg_fn"):
         ps.AveragedModel(nn.Linear(2, 2), avg_fn=ps.get_swa_avg_fn(), multi_avg_fn=ps.get_swa_multi_avg_fn())
+    with pytest.raises(ValueError, match="never update"):
+        ps.get_ema_multi_avg_fn(1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        ps.AveragedModel(nn.Linear(2, 2), dtype=torch.int32)
 
 
 def test_frozen_parameters_and_buffers_follow_torch():
