@@ -177,6 +177,17 @@ def test_difference_integer_buffers_are_copied_not_averaged():
         assert int(theirs.module.features[1].num_batches_tracked) != 30  # torch truncates (1 or 20)
 
 
+def test_difference_nonpersistent_buffers_are_not_averaged():
+    """TinyTransformer's causal mask (-inf above the diagonal) is a non-persistent buffer."""
+    model = TinyTransformer()
+    theirs, ours = ts.AveragedModel(model, use_buffers=True), ps.AveragedModel(model, use_buffers=True)
+    for _ in range(3):
+        theirs.update_parameters(model)
+        ours.update_parameters(model)
+    assert torch.equal(ours.module.mask, model.mask)
+    assert theirs.module.mask.isnan().any()
+
+
 def test_difference_structure_mismatch_raises_naming_the_tensor():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     ours = ps.AveragedModel(model)

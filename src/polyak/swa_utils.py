@@ -144,6 +144,9 @@ class AveragedModel(nn.Module):
 
     * integer and bool buffers (``num_batches_tracked``) are copied, never pushed through float math (torch
       truncates them with ``use_buffers=True``);
+    * with ``use_buffers=True``, buffers registered with ``persistent=False`` (masks, caches: not part of the
+      state) keep the value they had when the model was copied (torch averages them, which turns a ``-inf``
+      attention mask into NaN);
     * tensors are paired by name: a model whose structure differs from the averaged copy raises ``ValueError``
       naming the tensor (torch zips by position and silently truncates);
     * ``dtype=torch.float32`` averages a bf16/fp16 model in float32 (torch's foreach path raises a dtype error
@@ -220,7 +223,7 @@ class AveragedModel(nn.Module):
                 module,
                 buffers="average" if self.use_buffers else "copy",
                 frozen="average",  # as torch: a parameter unfrozen later is averaged from then on
-                include_nonpersistent=True,
+                include_nonpersistent=not self.use_buffers,  # copied as torch, but never averaged
                 adopt=True,
             )
             tensors = [*module.parameters(), *module.buffers()]
