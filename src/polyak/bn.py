@@ -90,6 +90,10 @@ def update_bn(
             weighs its batch size (the first dimension of the layer's input), as the original SWA code's
             ``bn_update``, so the running mean is the mean over the whole dataset even when batch sizes differ.
 
+    Under ``torch.distributed``, ``SyncBatchNorm`` layers reduce their batch statistics across ranks in every
+    call, so every rank must run the same number of batches (``max_batches`` helps); plain BatchNorm layers
+    keep each rank's own statistics, as in torch.
+
     A model without such layers warns and is left unchanged; an empty loader raises ``ValueError`` before
     anything changes. An error during the pass leaves the statistics partly updated, modes and momenta restored.
     """
