@@ -3,12 +3,24 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import rules
+from . import rules, swa_utils
 from .bema import BEMA
+from .bn import update_bn
 from .ema import EMA, SWA, Averager
 from .posthoc import PostHocEMA
 from .shadow import Shadow
 
-__all__ = ["BEMA", "EMA", "SWA", "Averager", "PostHocEMA", "Shadow", "__version__", "rules"]
+__all__ = [
+    "BEMA",
+    "EMA",
+    "SWA",
+    "Averager",
+    "PostHocEMA",
+    "Shadow",
+    "__version__",
+    "rules",
+    "swa_utils",
+    "update_bn",
+]
 
 __version__ = "0.1.0"

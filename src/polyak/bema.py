@@ -14,7 +14,6 @@ power, and TRL counts from the global step rather than from the burn-in; this is
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .shadow import Policy, Shadow, extrapolated, unwrap, write_extrapolated
+from .shadow import Policy, Shadow, copy_module, extrapolated, write_extrapolated
 
 __all__ = ["BEMA"]
 
@@ -158,14 +157,7 @@ class BEMA:
     def averaged_model(self) -> nn.Module:
         """A new module (a deep copy of the model) holding the BEMA output."""
         alpha = self._ready("build the averaged model")
-        inner = unwrap(self.model)
-        try:
-            duplicate = copy.deepcopy(inner)
-        except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
-            raise RuntimeError(
-                f"cannot build an averaged model: copy.deepcopy({type(inner).__name__}) failed ({error}). "
-                "Use swapped(model) or copy_to(model) instead, which need no copy of the model."
-            ) from error
+        duplicate = copy_module(self.model)
         write_extrapolated(duplicate, self.ema, self.anchor, alpha)
         return duplicate
 

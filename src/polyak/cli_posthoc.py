@@ -37,10 +37,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"polyak posthoc: error: {error}", file=sys.stderr)
         return 2
     used = sum(1 for snap in result.snapshots if snap.step <= result.step)
-    for sigma_rel, error, output in zip(result.sigma_rels, result.errors, args.output, strict=True):
+    for sigma_rel, fit_error, output in zip(result.sigma_rels, result.errors, args.output, strict=True):
         print(
             f"sigma_rel {sigma_rel:g} (gamma {sigma_rel_to_gamma(sigma_rel):.3f}) at step {result.step} "
-            f"from {used} snapshots: relative profile error {error:.2e} -> {output}"
+            f"from {used} snapshots: relative profile error {fit_error:.2e} -> {output}"
         )
     if args.plot:
         plot(result, args.plot)
