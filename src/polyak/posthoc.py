@@ -353,6 +353,10 @@ def find_snapshots(directory: str | Path) -> list[Snapshot]:
             )
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"{str(path)!r}: snapshot metadata is incomplete or malformed ({error!r})") from error
+        keys = [f"{k}/{name}" for k in range(len(snapshot.sigma_rels)) for name in snapshot.names]
+        missing = [key for key in keys if key not in entries]
+        if missing:
+            raise ValueError(f"{str(path)!r} lacks tensor {missing[0]!r} ({len(missing)} missing); it is not usable")
         snapshots.append(snapshot)
     return sorted(snapshots, key=lambda s: s.step)
 
