@@ -220,6 +220,14 @@ def test_safetensors_files_interoperate(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "theirs.safetensors"]
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 60-step run with snapshots and direct EMAs, shared by the reconstruction tests (read-only)."""
+    directory = tmp_path_factory.mktemp("snapshots")
+    _, history = train_with_snapshots(directory)
+    return directory, history
+
+
 def test_snapshot_files(tmp_path):
     tracker, _ = train_with_snapshots(tmp_path, steps=24)
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -243,11 +251,10 @@ def test_snapshot_files(tmp_path):
 
 
 @pytest.mark.parametrize("step", [36, 60])
-def test_stored_profile_reconstructs_the_direct_ema(tmp_path, step):
-    _, history = train_with_snapshots(tmp_path)
-    out = tmp_path / "out" / "ema.safetensors"
-    out.parent.mkdir()
-    result = reconstruct(tmp_path, [0.1], [out], step=step)
+def test_stored_profile_reconstructs_the_direct_ema(tmp_path, trained, step):
+    directory, history = trained
+    out = tmp_path / "ema.safetensors"
+    result = reconstruct(directory, [0.1], [out], step=step)
     assert result.errors[0] < 1e-6
     entries, metadata = read_header(out)
     assert metadata["step"] == str(step) and float(metadata["sigma_rel"]) == 0.1
@@ -268,16 +275,16 @@ def test_reconstruction_in_pieces_is_identical(tmp_path, monkeypatch):
     assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "d.safetensors").read_bytes()
 
 
-def test_other_profile_within_the_fit_bound(tmp_path):
+def test_other_profile_within_the_fit_bound(tmp_path, trained):
     """A width between the stored ones (0.07): |reconstructed - direct| <= ||p_r - fit||_2 ||theta - theta_init||_2.
 
     Both sides are integrals of the (piecewise constant) parameter trajectory against a profile; the fitted
     combination has unit mass like the target, so the difference is bounded by Cauchy-Schwarz. The bound uses
     the absolute L2 error, the relative one times ||p_r|| = (gamma+1) / sqrt((2 gamma + 1) t).
     """
-    _, history = train_with_snapshots(tmp_path)
+    directory, history = trained
     out = tmp_path / "out.safetensors"
-    result = reconstruct(tmp_path, [0.07], [out])
+    result = reconstruct(directory, [0.07], [out])
     gamma, t = sigma_rel_to_gamma(0.07), 60
     absolute = result.errors[0] * (gamma + 1) / math.sqrt((2 * gamma + 1) * t)
     slack = 1e-6 * float(np.abs(result.coefficients).sum())
