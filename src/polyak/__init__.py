@@ -4,9 +4,9 @@ The public API is re-exported here; see the README for a tour.
 """
 
 from . import rules
-from .ema import EMA, SWA, Averager
-from .shadow import Shadow
+from .ema import EMA, SWA, Averager, load_state
+from .shadow import Shadow, is_swapped_state_dict
 
-__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "rules"]
+__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "is_swapped_state_dict", "load_state", "rules"]
 
 __version__ = "0.1.0"
