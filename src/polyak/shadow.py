@@ -485,7 +485,8 @@ class Shadow:
         module refuses a second swap and updates or copies from any shadow (``RuntimeError``), and its
         ``state_dict()`` warns and is marked: :func:`is_swapped_state_dict` tells such a state apart, also
         after ``torch.save`` / ``torch.load``, so a checkpoint taken during evaluation is not mistaken for
-        the training weights.
+        the training weights. Like any ``state_dict()``, its tensors are views of the module's: save or clone
+        them inside the block (after it they read the training weights, and the mark stays, conservatively).
         """
         plan = self._plan_for(module)
         target = unwrap(module)
