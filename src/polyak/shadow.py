@@ -234,6 +234,12 @@ class _CastLerp:
                 torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]  # 0-d tensors work
 
 
+def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``torch._foreach_copy_`` that accepts empty lists (a shadow may hold no tensor at all)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
 def _mark_swapped(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
     """State-dict hook while swapped: mark the module's metadata entry (kept by ``torch.save``) and warn."""
     local_metadata[_SWAP_MARK] = True
@@ -316,8 +322,8 @@ class Shadow:
     def _storage_dtype(self, tensor: Tensor, mode: Policy) -> torch.dtype:
         if mode == "copy":
             return tensor.dtype
-        if self.dtype is not None:
-            return self.dtype
+        if self.dtype is not None:  # the precision asked for; complex tensors keep their imaginary part
+            return self.dtype.to_complex() if tensor.is_complex() else self.dtype
         return torch.promote_types(tensor.dtype, torch.float32)
 
     def _allocate(self, chosen: Sequence[tuple[_Found, Policy]]) -> list[_Slot]:
@@ -341,7 +347,7 @@ class Shadow:
 
     def _plan_for(self, module: nn.Module) -> _Plan:
         """The cached pairing with ``module``, rebuilt (and checked) when the module changed."""
-        if unwrap(module) in _SWAPPED:
+        if _SWAPPED and unwrap(module) in _SWAPPED:
             raise RuntimeError(
                 f"the {type(unwrap(module)).__name__} holds averaged weights swapped in by a `swapped()` block that "
                 "is still open; leave that block before updating, copying or swapping again"
@@ -412,7 +418,7 @@ class Shadow:
         ``nonfinite`` says what happens when an averaged model tensor holds inf or NaN:
 
         - ``"propagate"`` (fastest): nothing is checked; the non-finite values enter the average.
-        - ``"skip"``: the averaged tensors keep their values bit for bit (copied tensors are still copied).
+        - ``"skip"``: the averaged tensors keep their (finite) values bit for bit; copied tensors are still copied.
           The check and the choice stay on the device: one max-abs reduction per group, then every group is
           staged through a small buffer where the shadow's own values replace the model's when the flag is
           False (a lerp by weight 0 would not do: ``0 * NaN`` is NaN). Returns the 0-d bool flag, True when
@@ -474,7 +480,7 @@ class Shadow:
     def copy_to(self, module: nn.Module) -> None:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
-        torch._foreach_copy_(plan.live, [slot.tensor for slot in self._slots])
+        _copy(plan.live, [slot.tensor for slot in self._slots])
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -497,13 +503,13 @@ class Shadow:
         hook = target.register_state_dict_post_hook(_mark_swapped)
         try:
             with torch.no_grad():
-                torch._foreach_copy_(live, [slot.tensor for slot in self._slots])
+                _copy(live, [slot.tensor for slot in self._slots])
             yield module
         finally:
             hook.remove()
             _SWAPPED.discard(target)
             with torch.no_grad():
-                torch._foreach_copy_(live, backup)
+                _copy(live, backup)
 
     # ------------------------------------------------------------------ inspection and state
 
