@@ -59,8 +59,8 @@ class Averager:
             (default, no check: the average turns non-finite too, visibly), ``"skip"`` (the average keeps
             its values, :attr:`skipped_updates` counts it; decided on the device, no host sync) or
             ``"raise"`` (``RuntimeError`` naming the tensor before anything changes; syncs with the device).
-            A skipped or refused update still counts as a step in time, except that ``"raise"`` leaves
-            :attr:`step` as it was. Steps that ``GradScaler`` skips never reach an attached averager.
+            A skipped update still counts as a step in time; a refused one (``"raise"``) does not count at
+            all. Steps that ``GradScaler`` skips never reach an attached averager, so they are no steps.
         buffers, frozen, exclude, include_nonpersistent, dtype, device: what is averaged and how it is
             stored; see :class:`~polyak.shadow.Shadow`. By default the average is float32 or wider.
     """
