@@ -212,3 +212,15 @@ def test_diverging_optimizer_step_is_skipped_from_the_hook():
     assert not torch.isfinite(model.weight).all()
     assert ema.step == 3 and ema.skipped_updates == 1
     assert all(torch.equal(v, before[k]) for k, v in ema.shadow.tensors().items())
+
+
+def test_large_finite_half_precision_model_is_not_skipped():
+    """The finiteness check must not overflow: this float16 weight's 2-norm (~1e5) is beyond float16's range."""
+    model = nn.Linear(400, 300, bias=False).half()
+    ema = polyak.EMA(model, decay=0.5, nonfinite="skip")
+    with torch.no_grad():
+        model.weight.fill_(300.0)
+    ema.update()
+    ema.update()
+    assert ema.skipped_updates == 0
+    assert torch.equal(ema.shadow.tensors()["weight"], torch.full((300, 400), 300.0))

@@ -132,17 +132,17 @@ class _Plan:
     def finite(self) -> Tensor | None:
         """0-d bool tensor: every averaged model value is finite (no host sync); None when nothing is averaged.
 
-        One max-abs reduction per group (it cannot overflow, and NaN propagates through it: ``NaN < inf`` is
-        False); empty tensors are left out, having no maximum.
+        One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
+        accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
+        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.)
         """
         flag: Tensor | None = None
         groups = [(shadows[0].device, models) for shadows, models in self.lerps]
         groups += [(cast.scratch.device, cast.models) for cast in self.casts]
         for device, models in groups:
-            nonempty = [m for m in models if m.numel()]
-            if nonempty:
-                ok = torch.stack(torch._foreach_norm(nonempty, ord=math.inf)).lt(math.inf).all().to(device)
-                flag = ok if flag is None else flag & ok.to(flag.device)
+            wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
+            ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
+            flag = ok if flag is None else flag & ok.to(flag.device)
         return flag
 
     def is_current(self) -> bool:
