@@ -3,10 +3,22 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import rules
+from . import rules, swa_utils
+from .bn import update_bn
 from .ema import EMA, SWA, Averager, load_state
 from .shadow import Shadow, is_swapped_state_dict
 
-__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "is_swapped_state_dict", "load_state", "rules"]
+__all__ = [
+    "EMA",
+    "SWA",
+    "Averager",
+    "Shadow",
+    "__version__",
+    "is_swapped_state_dict",
+    "load_state",
+    "rules",
+    "swa_utils",
+    "update_bn",
+]
 
 __version__ = "0.1.0"
