@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak import rules
+from polyak import rules, swa_utils
 
 
 def model_for(case: str) -> nn.Module:
@@ -22,6 +22,22 @@ def model_for(case: str) -> nn.Module:
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3).to(torch.bfloat16), nn.Linear(3, 2))
     model[3].requires_grad_(False)
     return model
+
+
+class TorchStyle:
+    """A ``swa_utils.AveragedModel`` driven like an averager: ``update()``, ``state_dict()``, ``load_state_dict()``."""
+
+    def __init__(self, averaged: swa_utils.AveragedModel, model: nn.Module) -> None:
+        self.averaged, self.model = averaged, model
+
+    def update(self) -> None:
+        self.averaged.update_parameters(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averaged.load_state_dict(state)
 
 
 CASES: dict[str, Any] = {
@@ -34,6 +50,11 @@ CASES: dict[str, Any] = {
     "ema-float64-frozen-averaged": lambda m: polyak.EMA(m, decay=0.8, dtype=torch.float64, frozen="average"),
     "ema-skip-nonfinite": lambda m: polyak.EMA(m, decay=0.7, nonfinite="skip"),
     "swa-every-2-start-3": lambda m: polyak.SWA(m, update_every=2, start_step=3),
+    "swa_utils-averaged-model-float32": lambda m: TorchStyle(swa_utils.AveragedModel(m, dtype=torch.float32), m),
+    "swa_utils-ema-multi-buffers": lambda m: TorchStyle(
+        swa_utils.AveragedModel(m, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True), m
+    ),
+    "swa_utils-exponential-moving-average": lambda m: TorchStyle(swa_utils.ExponentialMovingAverage(m, 0.8), m),
 }
 POISONED = {4, 13}  # steps at which "ema-skip-nonfinite" sees a NaN (one before the split, one after)
 
@@ -51,7 +72,7 @@ def set_model(model: nn.Module, step: int, case: str) -> None:
             model[0].weight[1, 2] = float("nan")
 
 
-def run(case: str, averager: polyak.Averager, model: nn.Module, steps: range) -> None:
+def run(case: str, averager: polyak.Averager | TorchStyle, model: nn.Module, steps: range) -> None:
     for step in steps:
         set_model(model, step, case)
         averager.update()
@@ -66,7 +87,13 @@ def main(phase: str, folder: Path, split: int, total: int) -> None:
             run(case, averager, model, range(split))
             torch.save(averager.state_dict(), folder / f"{case}.pt")
         else:
-            averager.load_state_dict(polyak.load_state(folder / f"{case}.pt"))
+            path = folder / f"{case}.pt"
+            state = (
+                polyak.load_state(path)
+                if isinstance(averager, polyak.Averager)
+                else torch.load(path, weights_only=True)
+            )
+            averager.load_state_dict(state)
             run(case, averager, model, range(split, total))
             torch.save(averager.state_dict(), folder / f"{case}.final.pt")
 
