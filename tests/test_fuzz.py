@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -24,7 +25,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 import polyak
-from polyak import rules
+from polyak import rules, swa_utils
 
 FLOATS = [torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16]
 floats = st.sampled_from(FLOATS)
@@ -399,3 +400,129 @@ def test_found_nothing_to_average_still_swaps_and_copies():
     empty = polyak.Shadow(nn.ReLU())
     with empty.swapped(nn.ReLU()):
         empty.copy_to(nn.ReLU())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# polyak.swa_utils.AveragedModel: the torch-compatible front end, through the same random trees
+
+
+@dataclass
+class TorchCase:
+    tree: tuple
+    tie: bool
+    kind: str  # "swa", "ema multi", "ema each" or "torchvision"
+    use_buffers: bool
+    dtype: torch.dtype | None
+    steps: int
+    seed: int
+
+
+torch_cases = st.builds(
+    TorchCase,
+    tree=trees,
+    tie=st.booleans(),
+    kind=st.sampled_from(["swa", "ema multi", "ema each", "torchvision"]),
+    use_buffers=st.booleans(),
+    dtype=st.sampled_from([None, torch.float32, torch.float64]),
+    steps=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+
+
+def make_averaged_model(case: TorchCase, model: nn.Module) -> swa_utils.AveragedModel:
+    if case.kind == "torchvision":
+        return swa_utils.ExponentialMovingAverage(model, 0.75, dtype=case.dtype)
+    functions = {
+        "swa": {},
+        "ema multi": {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(0.75)},
+        "ema each": {"avg_fn": swa_utils.get_ema_avg_fn(0.75)},
+    }[case.kind]
+    return swa_utils.AveragedModel(model, use_buffers=case.use_buffers, dtype=case.dtype, **functions)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Room for rounding in the averaged copy's own dtype over a few updates of values of order 1."""
+    return {torch.float64: 1e-12, torch.complex128: 1e-12, torch.bfloat16: 0.1, torch.float16: 0.02}.get(dtype, 2e-6)
+
+
+def run_torch_case(case: TorchCase) -> None:
+    torch.manual_seed(case.seed)
+    model = nn.Sequential(build(case.tree, []), nn.Linear(3, 2))
+    if case.tie:
+        tie_weights(model)
+    generator = torch.Generator().manual_seed(case.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the low-precision warning of a bf16/fp16 model without dtype=
+        averaged = make_averaged_model(case, model)
+    use_buffers = case.use_buffers or case.kind == "torchvision"
+    persistent = set(model.state_dict())
+    params = {id(p) for p in model.parameters()}
+    modes: dict[str, str] = {}  # torch's rules, restated: what the averaged copy does with each tensor
+    for name, tensor in live_tensors(model).items():
+        floating = tensor.is_floating_point() or tensor.is_complex()
+        if id(tensor) in params:
+            modes[name] = "average" if floating else "copy"
+        elif use_buffers:
+            modes[name] = ("average" if floating else "copy") if name in persistent else "keep"
+        else:
+            modes[name] = "copy"
+    held = live_tensors(averaged.module)
+    assert set(held) == set(modes)
+    reference = {name: wide(t).clone() for name, t in held.items()}
+    weight_of = (lambda n: 1.0 / (n + 1)) if case.kind == "swa" else (lambda n: 0.25)
+    for n in range(case.steps):
+        perturb(model, generator)
+        averaged.update_parameters(model)
+        live = live_tensors(model)
+        for name, mode in modes.items():
+            if mode == "copy" or (mode == "average" and n == 0):
+                reference[name] = wide(live[name]).clone()
+            elif mode == "average":
+                reference[name] += weight_of(n) * (wide(live[name]) - reference[name])
+    assert int(averaged.n_averaged) == case.steps
+    for name, value in live_tensors(averaged.module).items():
+        expected = reference[name]
+        if modes[name] == "copy":
+            expected = live_tensors(model)[name].detach().to(value.dtype)
+            assert same(value, expected), name
+        else:
+            limit = tolerance(value.dtype)
+            torch.testing.assert_close(wide(value), expected, rtol=limit, atol=limit, msg=name)
+    # state round trip, then identical futures
+    buffer = io.BytesIO()
+    torch.save(averaged.state_dict(), buffer)
+    buffer.seek(0)
+    other_model = copy.deepcopy(model)
+    perturb(other_model, generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = make_averaged_model(case, other_model)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    perturb(model, generator)
+    averaged.update_parameters(model)
+    other.update_parameters(model)
+    theirs = other.state_dict()
+    for name, value in averaged.state_dict().items():
+        assert same(theirs[name], value), name
+
+
+@settings(max_examples=25, derandomize=True, **COMMON)
+@given(torch_cases)
+@example(
+    TorchCase(("complex", 2), False, "swa", False, torch.float32, 2, 0)
+)  # found: dtype= dropped the imaginary part
+def test_random_module_trees_averaged_model(case: TorchCase) -> None:
+    run_torch_case(case)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=500, **COMMON)
+@given(torch_cases)
+def test_random_module_trees_averaged_model_fuzz(case: TorchCase) -> None:
+    run_torch_case(case)
+
+
+def test_found_averaged_model_dtype_keeps_complex_parameters_complex():
+    """Found by the fuzzer: AveragedModel(dtype=torch.float32) cast complex parameters to real (Module.to does)."""
+    averaged = swa_utils.AveragedModel(Complex(2), dtype=torch.float32)
+    assert averaged.module.weight.dtype == torch.complex64 and averaged.module.weight.imag.abs().sum() > 0
