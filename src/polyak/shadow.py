@@ -437,7 +437,8 @@ class Shadow:
           The check and the choice stay on the device: one max-abs reduction per group, then every group is
           staged through a small buffer where the shadow's own values replace the model's when the flag is
           False (a lerp by weight 0 would not do: ``0 * NaN`` is NaN). Returns the 0-d bool flag, True when
-          the update was applied (None when nothing is averaged).
+          the update was applied (None when nothing is averaged). An average kept on another device than the
+          model (``device="cpu"``) receives the flag with the staged values, a copy that waits anyway.
         - ``"raise"``: ``RuntimeError`` naming the first non-finite tensor, before anything changes. Reading
           the flag synchronises with the device.
         """
