@@ -434,7 +434,7 @@ class Shadow:
 
         - ``"propagate"`` (fastest): nothing is checked; the non-finite values enter the average.
         - ``"skip"``: the averaged tensors keep their (finite) values bit for bit; copied tensors are still copied.
-          The check and the choice stay on the device: one max-abs reduction per group, then every group is
+          The check and the choice stay on the device: one fused norm per group, then every group is
           staged through a small buffer where the shadow's own values replace the model's when the flag is
           False (a lerp by weight 0 would not do: ``0 * NaN`` is NaN). Returns the 0-d bool flag, True when
           the update was applied (None when nothing is averaged). An average kept on another device than the
