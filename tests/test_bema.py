@@ -54,7 +54,7 @@ def test_output_matches_float64_simulation(burn_in, every):
     model, bema, expected = simulate(40, burn_in, every)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with bema.swapped() as swapped:
-        state = swapped.state_dict()
+        state = {**dict(swapped.named_parameters()), **dict(swapped.named_buffers())}
         for name, value in expected.items():
             torch.testing.assert_close(state[name].double(), value, rtol=1e-5, atol=1e-6, msg=name)
         # Copied tensors (the integer BatchNorm counters) hold the model's value at the last update.
@@ -146,3 +146,13 @@ def test_errors():
     bema.update()
     with bema.swapped(), pytest.raises(RuntimeError, match="swapped"):
         bema.update()
+    ema = polyak.EMA(model, decay=0.9)
+    ema.update()
+    with ema.swapped(), pytest.raises(RuntimeError, match="still open"):  # another averager's swap
+        bema.copy_to()
+    with bema.swapped():
+        with pytest.warns(UserWarning, match="swapped"):
+            state = model.state_dict()
+        assert polyak.is_swapped_state_dict(state)
+        with pytest.raises(RuntimeError, match="still open"):
+            ema.copy_to()

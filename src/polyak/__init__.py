@@ -6,9 +6,9 @@ The public API is re-exported here; see the README for a tour.
 from . import rules, swa_utils
 from .bema import BEMA
 from .bn import update_bn
-from .ema import EMA, SWA, Averager
+from .ema import EMA, SWA, Averager, load_state
 from .posthoc import PostHocEMA
-from .shadow import Shadow
+from .shadow import Shadow, is_swapped_state_dict
 
 __all__ = [
     "BEMA",
@@ -18,6 +18,8 @@ __all__ = [
     "PostHocEMA",
     "Shadow",
     "__version__",
+    "is_swapped_state_dict",
+    "load_state",
     "rules",
     "swa_utils",
     "update_bn",
