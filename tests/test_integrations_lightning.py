@@ -56,6 +56,7 @@ class Regression(pl.LightningModule):
             self.validated.append((self.trainer.global_step, self.weights()))
             if self.save_during_validation and self.trainer.global_step > 0 and not self.trainer.sanity_checking:
                 self.trainer.save_checkpoint(self.save_during_validation)
+                self.after_save = self.weights()
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self(x), y))
 
@@ -167,6 +168,7 @@ def test_checkpoints_hold_training_weights_and_resume_exactly(tmp_path):
     step = saved["global_step"]
     assert_equal(saved["state_dict"], model.iterates[step - 1])
     assert_close(saved["callbacks"][callback.state_key]["shadow"], ema_reference(model.iterates[:step]))
+    assert_close(model.after_save, ema_reference(model.iterates[:step]))  # validation went on with the average
 
     # Resume from the first epoch's checkpoint: the average continues bit for bit.
     resumed = Regression()
