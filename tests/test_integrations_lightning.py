@@ -36,7 +36,9 @@ class Regression(pl.LightningModule):
     def __init__(self, bn: bool = False, save_during_validation: str | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8) if bn else nn.Identity(), nn.Tanh(), nn.Linear(8, 1))
+        self.net = nn.Sequential(
+            nn.Linear(4, 8), nn.BatchNorm1d(8) if bn else nn.Identity(), nn.Tanh(), nn.Linear(8, 1)
+        )
         self.iterates: list[dict[str, torch.Tensor]] = []
         self.validated: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.save_during_validation = save_during_validation

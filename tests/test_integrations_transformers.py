@@ -18,7 +18,9 @@ import polyak  # noqa: E402
 from polyak.integrations.transformers import AVERAGED_DIR, STATE_FILE, AveragingCallback  # noqa: E402
 
 DECAY = 0.8
-CONFIG = dict(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+CONFIG = dict(
+    vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -131,7 +133,7 @@ def test_trainer_updates_evaluates_saves_and_resumes(tmp_path):
     bare = tmp_path / "bare" / "checkpoint-2"
     shutil.copytree(tmp_path / "out" / "checkpoint-2", bare)
     (bare / STATE_FILE).unlink()
-    with pytest.raises(RuntimeError, match="no polyak_averager.pt"):
+    with pytest.raises(RuntimeError, match=r"no polyak_averager\.pt"):
         run(tmp_path / "bare", tiny_gpt2(), AveragingCallback(ema), [], resume=str(bare))
 
     for log in evals:  # last: this overwrites the model

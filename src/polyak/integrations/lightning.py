@@ -187,7 +187,9 @@ class AveragingCallback(pl.Callback):
             self._swap.close()
         return self.averager.state_dict()
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self._swap is None:
             return
         # A save during evaluation: the model's entries hold the average; write the training weights instead.
@@ -199,7 +201,9 @@ class AveragingCallback(pl.Callback):
                 model_state[key] = training[key]
         self._swap_in(pl_module)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self.state_key not in checkpoint.get("callbacks", {}) and self.require_saved_state:
             raise RuntimeError(
                 f"the checkpoint holds no state for {self.state_key}, so the average would restart from the "

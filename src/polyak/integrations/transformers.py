@@ -25,10 +25,11 @@ AVERAGED_DIR = "averaged"  # the averaged model, inside each checkpoint director
 
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> None:
-    """Write ``model`` to ``directory`` as safetensors: ``save_pretrained`` if it has one, else ``model.safetensors``."""
+    """Write ``model`` to ``directory`` in safetensors: its ``save_pretrained``, else ``model.safetensors``."""
     directory = Path(directory)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
+    save: Any = getattr(model, "save_pretrained", None)
+    if callable(save):
+        save(directory)
     else:
         directory.mkdir(parents=True, exist_ok=True)
         require("safetensors.torch", "safetensors").save_model(model, str(directory / "model.safetensors"))
@@ -81,15 +82,16 @@ class AveragingCallback(TrainerCallback):
     # ------------------------------------------------------------------ building, resuming, updating
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module, **kwargs: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        model: nn.Module = kwargs["model"]
         self.averager = build_averager(self.factory, model)  # each run starts its own average ...
         self._seen_step = state.global_step
         if state.global_step > 0:  # ... unless it resumes one
             self._resume(args, state.global_step)
 
     def _resume(self, args: TrainingArguments, step: int) -> None:
-        places = [Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"]
+        places = [Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"]
         if isinstance(args.resume_from_checkpoint, str):
             places.insert(0, Path(args.resume_from_checkpoint))
         for directory in places:
@@ -109,9 +111,8 @@ class AveragingCallback(TrainerCallback):
                 "require_saved_state=False to start a new average from the resumed weights"
             )
 
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module, **kwargs: Any
-    ) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model: nn.Module = kwargs["model"]
         while self._seen_step < state.global_step:
             self._seen_step += 1
             self.averager.update(model)
@@ -119,8 +120,9 @@ class AveragingCallback(TrainerCallback):
             self._swap_in(model)
 
     def on_epoch_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module, **kwargs: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        model: nn.Module = kwargs["model"]
         if control.should_evaluate:
             self._swap_in(model)
 
@@ -143,13 +145,12 @@ class AveragingCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints and the end
 
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module, **kwargs: Any
-    ) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model: nn.Module = kwargs["model"]
         self._swap_out()
         if not args.should_save:  # not the main process
             return
-        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        directory = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not directory.is_dir():
             raise RuntimeError(f"the Trainer saved a checkpoint, but {directory} does not exist")
         torch.save({"global_step": state.global_step, "averager": self.averager.state_dict()}, directory / STATE_FILE)
@@ -158,8 +159,9 @@ class AveragingCallback(TrainerCallback):
                 save_pretrained(model, directory / AVERAGED_DIR)
 
     def on_train_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module, **kwargs: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        model: nn.Module = kwargs["model"]
         self._swap_out()
         if self.copy_at_end and self.averager.num_updates > 0:
             self.averager.copy_to(model)
