@@ -265,6 +265,25 @@ def test_compiled_module(tmp_path):
     assert_equal(model.weights(), model.iterates[-1])
 
 
+class FailingValidation(Regression):
+    def validation_step(self, batch, batch_idx):
+        if self.trainer.current_epoch == 1:
+            raise RuntimeError("failure in the middle of a validation")
+        super().validation_step(batch, batch_idx)
+
+
+def test_error_during_validation_restores_training_weights(tmp_path):
+    """An interrupted validation must not leave the average in the model (pain point 15)."""
+    model = FailingValidation()
+    callback = AveragingCallback(ema)
+    t = trainer(tmp_path, [callback])
+    with pytest.raises(RuntimeError, match="middle of a validation"):
+        t.fit(model, loader(), loader(8, seed=1))
+    assert len(model.iterates) == 8  # the failure came in the second epoch's validation, with the average in
+    assert_equal(model.weights(), model.iterates[-1])
+    assert callback._swap is None
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="function model -> averager"):
         AveragingCallback(polyak.EMA(nn.Linear(2, 2), decay=0.9))  # an instance, not a factory

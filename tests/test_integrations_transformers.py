@@ -43,7 +43,7 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run(tmp_path, model, callback, iterates, resume=None, max_steps=4):
+def run(tmp_path, model, callback, iterates, resume=None, max_steps=4, eval_strategy="steps"):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     optimizer.register_step_post_hook(lambda *_: iterates.append(weights(model)))
     args = transformers.TrainingArguments(
@@ -52,7 +52,7 @@ def run(tmp_path, model, callback, iterates, resume=None, max_steps=4):
         per_device_train_batch_size=2,
         per_device_eval_batch_size=4,
         gradient_accumulation_steps=2,
-        eval_strategy="steps",
+        eval_strategy=eval_strategy,
         eval_steps=2,
         save_strategy="steps",
         save_steps=2,
@@ -144,8 +144,11 @@ def test_trainer_updates_evaluates_saves_and_resumes(tmp_path):
 def test_copy_at_end_and_default_averager(tmp_path):
     model, iterates = tiny_gpt2(), []
     callback = AveragingCallback(copy_at_end=True, save_averaged=False)
-    run(tmp_path, model, callback, iterates, max_steps=2)
+    trainer = run(tmp_path, model, callback, iterates, max_steps=2, eval_strategy="epoch")
     assert isinstance(callback.averager, polyak.EMA)
+    # The evaluation at the (truncated) epoch's end ran with the average, which the model now holds.
+    (log,) = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert log["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
     # Default rule: decay min(0.999, (1 + n) / (10 + n)) with n = 1 at the second step (the first copies).
     expected = {k: 2 / 11 * iterates[0][k].double() + 9 / 11 * iterates[1][k].double() for k in iterates[0]}
     assert_close(weights(model), expected)

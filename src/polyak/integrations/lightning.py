@@ -40,7 +40,8 @@ def save_weights(module: nn.Module, path: str | Path) -> None:
 class AveragingCallback(pl.Callback):
     """Keeps an average of the LightningModule's weights: one update per optimizer step.
 
-    * Updates once per optimizer step (``trainer.global_step``), so gradient accumulation is respected.
+    * Updates once per optimizer step (each increase of ``trainer.global_step``), so gradient accumulation is
+      respected. With several optimizers in manual optimization, Lightning counts every one's steps.
     * Validates and tests with the averaged weights swapped in place (compiled modules see them), but only once
       the average holds at least one update: before that (e.g. the sanity check) the training weights are used.
     * Saves its state in the Lightning checkpoint and resumes exactly. A checkpoint never holds the averaged
