@@ -22,6 +22,12 @@ def test_quickstart_runs():
     assert all(math.isfinite(v) and v > 0 for v in results.values())
 
 
+def test_swa_mnist1d_runs():
+    results = load("swa_mnist1d").main(epochs=2, num_samples=600)
+    assert len(results) == 3
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+
+
 def test_lightning_loop_runs(tmp_path):
     import pytest
 

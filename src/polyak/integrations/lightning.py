@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..swa_utils import update_bn
 from . import AveragerFactory, build_averager, check_factory, require
 
 require("lightning", "lightning")
@@ -22,8 +23,8 @@ __all__ = ["AveragingCallback"]
 
 
 def recompute_bn(loader: Any, model: nn.Module, device: torch.device | None = None) -> None:
-    """Recompute BatchNorm running statistics of ``model`` over ``loader`` (batches: tensors or ``(x, ...)``)."""
-    torch.optim.swa_utils.update_bn(loader, model, device=device)
+    """Recompute the normalisation statistics of ``model`` over ``loader`` (see :func:`polyak.swa_utils.update_bn`)."""
+    update_bn(loader, model, device=device)
 
 
 def save_weights(module: nn.Module, path: str | Path) -> None:
