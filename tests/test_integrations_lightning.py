@@ -186,6 +186,14 @@ def test_checkpoints_hold_training_weights_and_resume_exactly(tmp_path):
     assert (final2["step"], final2["num_updates"]) == (final["step"], final["num_updates"]) == (12, 12)
     assert_equal(final2["shadow"], final["shadow"])
 
+    # Testing from a checkpoint with a fresh callback evaluates the saved average (pain point 25).
+    tested = Regression()
+    trainer(tmp_path, [AveragingCallback(ema)]).test(
+        tested, loader(8, seed=1), ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt", verbose=False
+    )
+    assert_close(tested.validated[0][1], ema_reference(model.iterates))
+    assert_equal(tested.weights(), model.iterates[-1])
+
     # A checkpoint without this callback's state is an error, not a silent restart of the average.
     t3 = trainer(tmp_path, [AveragingCallback(ema, name="other")], max_epochs=4)
     with pytest.raises(RuntimeError, match="no state for"):
