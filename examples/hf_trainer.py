@@ -1,7 +1,7 @@
 """A Hugging Face Trainer run with an averaged copy of the weights, saved beside each checkpoint.
 
 Run: python examples/hf_trainer.py [--steps N]
-Trains a tiny GPT-2 (built from a config: nothing is downloaded) to continue counting sequences modulo 32. The
+Trains a tiny GPT-2 (built from a config: nothing is downloaded) to continue noisy counting sequences modulo 32. The
 AveragingCallback keeps an EMA; evaluations during training use it, and every checkpoint gets an ``averaged/``
 folder that ``from_pretrained`` loads.
 """
@@ -22,11 +22,15 @@ VOCAB, LENGTH = 32, 12
 
 
 class Counting(torch.utils.data.Dataset):
-    """Sequences start, start + 1, ... (mod VOCAB), with a random start."""
+    """Sequences start, start + 1, ... (mod VOCAB), with a random start and a quarter of the tokens random."""
 
     def __init__(self, n: int, seed: int) -> None:
-        starts = torch.randint(0, VOCAB, (n, 1), generator=torch.Generator().manual_seed(seed))
-        self.ids = (starts + torch.arange(LENGTH)) % VOCAB
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, VOCAB, (n, 1), generator=g)
+        noise = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+        self.ids = torch.where(
+            torch.rand(n, LENGTH, generator=g) < 0.25, noise, (starts + torch.arange(LENGTH)) % VOCAB
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -44,7 +48,8 @@ def main(steps: int = 60, out: str | None = None) -> dict[str, float]:
     args = TrainingArguments(
         output_dir=str(out_dir),
         max_steps=steps,
-        learning_rate=3e-3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",  # a noisy constant-rate run, where averaging pays
         per_device_train_batch_size=16,
         gradient_accumulation_steps=2,  # the average updates once per optimizer step
         eval_strategy="steps",

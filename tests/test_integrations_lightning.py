@@ -295,6 +295,7 @@ def test_error_during_validation_restores_training_weights(tmp_path):
 def test_bad_input():
     with pytest.raises(TypeError, match="function model -> averager"):
         AveragingCallback(polyak.EMA(nn.Linear(2, 2), decay=0.9))  # an instance, not a factory
+    assert isinstance(AveragingCallback(polyak.SWA)._ready(Regression()), polyak.SWA)  # a class is a factory
     callback = AveragingCallback(lambda m: object())
     with pytest.raises(TypeError, match="lacks"):
         callback._ready(Regression())

@@ -54,7 +54,8 @@ def check_factory(factory: AveragerFactory | None) -> AveragerFactory:
     """``factory`` or the default; a clear error for an averager instance passed where a factory belongs."""
     if factory is None:
         return default_averager
-    if isinstance(factory, nn.Module) or hasattr(factory, "swapped") or not callable(factory):
+    is_instance = not isinstance(factory, type) and hasattr(factory, "swapped")  # a class (polyak.SWA) is fine
+    if isinstance(factory, nn.Module) or is_instance or not callable(factory):
         raise TypeError(
             f"averager must be a function model -> averager (or None for the default), got {type(factory).__name__}; "
             "e.g. AveragingCallback(lambda model: polyak.EMA(model, decay=0.999))"
