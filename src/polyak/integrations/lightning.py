@@ -5,8 +5,7 @@ Install with ``pip install polyak[lightning]``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -147,18 +146,6 @@ class AveragingCallback(pl.Callback):
         stack, self._swap = self._swap, None
         if stack is not None:
             stack.close()
-
-    @contextmanager
-    def _unswapped(self, pl_module: pl.LightningModule) -> Iterator[None]:
-        """The training weights in the model for the duration of the block, the average again after it."""
-        if self._swap is None:
-            yield
-            return
-        self._swap_out()
-        try:
-            yield
-        finally:
-            self._swap_in(pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(pl_module)
