@@ -4,9 +4,22 @@ The public API is re-exported here; see the README for a tour.
 """
 
 from . import rules
+from .checkpoints import average_checkpoints, export_weights
 from .ema import EMA, SWA, Averager
+from .io import CheckpointError, save_state_dict
 from .shadow import Shadow
 
-__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "rules"]
+__all__ = [
+    "EMA",
+    "SWA",
+    "Averager",
+    "CheckpointError",
+    "Shadow",
+    "__version__",
+    "average_checkpoints",
+    "export_weights",
+    "rules",
+    "save_state_dict",
+]
 
 __version__ = "0.1.0"
