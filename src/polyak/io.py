@@ -170,9 +170,9 @@ class _SafetensorsFile(TensorFile):
             head = f.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 0 < length <= min(size - 8, _MAX_HEADER):
+                found = f"a header of {length} bytes in a file of {size}" if length >= 0 else f"{size} bytes"
                 raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors file (header of {length} bytes in a file of "
-                    f"{size} bytes); re-create or re-download it"
+                    f"{path}: truncated or corrupt safetensors file ({found}); re-create or re-download it"
                 )
             try:
                 header = json.loads(f.read(length))
