@@ -195,18 +195,22 @@ class Average(LazyStateDict):
         self.inputs = inputs
         self.weights = weights
         self.left_out = left_out
+        self._buffers: dict[torch.dtype, Tensor] = {}
 
     def _average(self, name: str) -> Tensor:
         spec, source = self.specs[name], self.inputs[-1].specs[name]
         if not (source.dtype.is_floating_point or source.dtype.is_complex):
             return self.inputs[-1][name]
         total = torch.empty(spec.numel, dtype=torch.promote_types(source.dtype, torch.float32))
+        buffer = self._buffers.get(source.dtype)
+        if buffer is None:  # one per dtype, reused for every piece: no fresh pages to fault in
+            buffer = self._buffers[source.dtype] = torch.empty(_CHUNK, dtype=source.dtype)
         first = True
         for checkpoint, weight in zip(self.inputs, self.weights, strict=True):
             if weight == 0.0:
                 continue
             for start in range(0, spec.numel, _CHUNK):
-                piece = checkpoint.read(name, start, start + _CHUNK)
+                piece = checkpoint.read(name, start, start + _CHUNK, out=buffer)
                 part = total[start : start + piece.numel()]
                 if first:
                     part.copy_(piece).mul_(weight)

@@ -146,8 +146,12 @@ class TensorFile(LazyStateDict):
         self.key = key
         self.note: str | None = None
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
-        """Elements ``[start, stop)`` of tensor ``name``, flattened, as a new CPU tensor (``stop`` is clipped)."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Elements ``[start, stop)`` of tensor ``name``, flattened, as a CPU tensor that owns its memory.
+
+        ``stop`` is clipped to the tensor's size. With ``out`` (a 1-D tensor of the same dtype, large enough) the
+        elements are read into its start and that view is returned, so a loop can reuse one buffer.
+        """
         raise NotImplementedError
 
 
@@ -210,11 +214,11 @@ class _SafetensorsFile(TensorFile):
             raise ValueError(f"tensor {name!r} spans {stop - begin} bytes, its {spec} needs {spec.nbytes}")
         return spec, (begin, stop)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
         spec = self.specs[name]
-        stop = spec.numel if stop is None else min(stop, spec.numel)
-        out = torch.empty(max(stop - start, 0), dtype=spec.dtype)
-        if out.numel():
+        count = max((spec.numel if stop is None else min(stop, spec.numel)) - start, 0)
+        out = torch.empty(count, dtype=spec.dtype) if out is None else out[:count]
+        if count:
             buffer = out.view(torch.uint8).numpy()
             with _opened(self.path) as f:
                 f.seek(self._start + self._offsets[name] + start * spec.dtype.itemsize)
@@ -229,10 +233,10 @@ class _TorchTensors(TensorFile):
         self._tensors = tensors
         self._mapped = mapped
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
         tensor = self._tensors[name]
         piece = tensor.reshape(-1)[start:stop]
-        out = piece.clone()
+        out = piece.clone() if out is None else out[: piece.numel()].copy_(piece)
         if self._mapped and tensor.is_contiguous():  # the piece is a view of the file's mapping
             _release(piece)
         return out
