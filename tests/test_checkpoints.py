@@ -268,5 +268,8 @@ def test_command_line_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
 def test_output_may_replace_one_of_the_inputs(tmp_path: Path) -> None:
     paths = write_inputs(tmp_path, 2, "safetensors")
     expected = reference(paths, [0.5, 0.5])
-    polyak.save_state_dict(polyak.average_checkpoints(paths), paths[0])
+    average = polyak.average_checkpoints(paths)
+    polyak.save_state_dict(average, paths[0])
     check_close(dict(open_safetensors(paths[0])), expected, torch.float32)
+    with pytest.raises(CheckpointError, match="changed while"):  # the lazy average notices its input is gone
+        dict(average)

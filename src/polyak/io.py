@@ -170,6 +170,7 @@ def torch_tensors(
 class _SafetensorsFile(TensorFile):
     def __init__(self, path: Path) -> None:
         with _opened(path) as f:
+            self._identity = _identity(f)
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -222,9 +223,15 @@ class _SafetensorsFile(TensorFile):
             buffer = out.view(torch.uint8).numpy()
             with _opened(self.path) as f:
                 f.seek(self._start + self._offsets[name] + start * spec.dtype.itemsize)
-                if f.readinto(buffer) != buffer.nbytes:  # type: ignore[attr-defined]
-                    raise CheckpointError(f"{self.path}: file shrank while tensor {name!r} was read")
+                if _identity(f) != self._identity or f.readinto(buffer) != buffer.nbytes:  # type: ignore[attr-defined]
+                    raise CheckpointError(f"{self.path}: the file changed while it was being read; open it again")
         return out
+
+
+def _identity(f: IO[bytes]) -> tuple[int, ...]:
+    """Which file ``f`` is, and which version of it: a replaced or rewritten file reads differently."""
+    stat = os.fstat(f.fileno())
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class _TorchTensors(TensorFile):
@@ -412,12 +419,12 @@ def _checked(name: str, tensor: Tensor, spec: TensorSpec) -> Tensor:
 def _safetensors_header(specs: Mapping[str, TensorSpec], order: list[str], metadata: Mapping[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **metadata}}
     if "__metadata__" in specs or not all(isinstance(v, str) for v in header["__metadata__"].values()):
-        raise ValueError("safetensors metadata must map strings to strings, and no tensor may be named __metadata__")
+        raise CheckpointError("safetensors metadata must map strings to strings; no tensor may be named __metadata__")
     offset = 0
     for name in order:
         spec = specs[name]
         if spec.dtype not in _ST_CODES:
-            raise ValueError(f"tensor {name!r} has dtype {spec.dtype}, which safetensors cannot store; use .pt")
+            raise CheckpointError(f"tensor {name!r} has dtype {spec.dtype}, which safetensors cannot store; write .pt")
         end = offset + spec.nbytes
         header[name] = {"dtype": _ST_CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, end]}
         offset = end

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from ..checkpoints import average_checkpoints, newest_checkpoints
 from ..io import CheckpointError, output_format, save_state_dict
@@ -88,7 +89,7 @@ def _average(args: argparse.Namespace) -> None:
         raise CheckpointError("no tensor is common to all the checkpoints; nothing to write")
     weights = ", ".join(f"{w:.4g}" for w in average.weights)
     report(f"averaging {len(paths)} checkpoints with weights {weights}")
-    metadata = {"polyak": json.dumps({"average": [str(p) for p in paths], "weights": average.weights})}
+    metadata = {"polyak": json.dumps({"average": [Path(p).name for p in paths], "weights": average.weights})}
     save_state_dict(average, args.output, format=args.format, metadata=metadata, progress=not args.quiet)
     read = sum(s.nbytes for f in average.inputs for n, s in f.specs.items() if n in average.specs)
     seconds = time.perf_counter() - started
