@@ -8,8 +8,9 @@ in a temporary folder, then, for each input format:
   (``/proc/self/clear_refs``), and reports ``VmHWM`` minus its ``VmRSS`` at that point: the memory the
   averaging itself added, memory-mapped file pages included.
 
-Memory is given as a multiple of one float32 copy of the model (4 bytes per parameter). The files live in
-the page cache during both timings (warm), so the speed ratio compares work, not disk. Needs ~5 GB of disk
+Memory is given as a multiple of one float32 copy of the model (4 bytes per parameter). The files are read
+once before timing to warm the page cache. CPU time is given next to wall time: on a shared machine it is
+the steadier measure. The averaging time includes writing the output durably (fsync). Needs ~5 GB of disk
 per format for 10 float32 inputs; everything is deleted at the end unless ``--keep``.
 
     PYTHONPATH=src python benchmarks/average_memory.py --inputs 10 --dir /tmp
@@ -43,10 +44,10 @@ def status(field):
 
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
 baseline = status("VmRSS:")
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "seconds": time.perf_counter() - started, "baseline": baseline,
-                  "peak": status("VmHWM:")}))
+print(json.dumps({"code": code, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
+                  "baseline": baseline, "peak": status("VmHWM:")}))
 """
 
 
@@ -75,15 +76,15 @@ def gpt2_small(dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     return {name: torch.randn(shape, generator=g).to(dtype) for name, shape in shapes.items()}
 
 
-def read_once(paths: list[Path]) -> float:
-    """Seconds to read every byte of ``paths`` once, in 64 MiB blocks."""
+def read_once(paths: list[Path]) -> tuple[float, float]:
+    """Seconds (wall, CPU) to read every byte of ``paths`` once, in 64 MiB blocks."""
     buffer = bytearray(64 << 20)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for path in paths:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buffer):
                 pass
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def measure(paths: list[Path], output: Path, threads: str) -> dict[str, float]:
@@ -125,7 +126,7 @@ def main() -> None:
                 paths.append(path)
             size = sum(p.stat().st_size for p in paths)
             read_once(paths)  # warm the page cache
-            floor = read_once(paths)
+            floor, floor_cpu = read_once(paths)
             for out_suffix in (".safetensors", ".pt"):
                 result = measure(paths, folder / f"average{out_suffix}", str(args.threads))
                 added = result["peak"] - result["baseline"]
@@ -133,7 +134,8 @@ def main() -> None:
                     f"{args.inputs} x {fmt} ({args.dtype}, {size / 1e9:.2f} GB) -> {out_suffix[1:]}: "
                     f"peak RSS +{added / 1e6:.0f} MB = {added / model_f32:.2f}x one float32 model; "
                     f"{result['seconds']:.1f} s vs {floor:.1f} s to read the files once "
-                    f"({result['seconds'] / floor:.2f}x; {size / result['seconds'] / 1e9:.2f} GB/s)",
+                    f"({result['seconds'] / floor:.2f}x; {size / result['seconds'] / 1e9:.2f} GB/s); CPU time "
+                    f"{result['cpu']:.1f} s vs {floor_cpu:.1f} s ({result['cpu'] / floor_cpu:.2f}x)",
                     flush=True,
                 )
                 (folder / f"average{out_suffix}").unlink()
