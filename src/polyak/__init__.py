@@ -3,7 +3,8 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import rules
+from . import rules, swa_utils
+from .bn import update_bn
 from .checkpoints import average_checkpoints, export_weights
 from .ema import EMA, SWA, Averager
 from .io import CheckpointError, save_state_dict
@@ -20,6 +21,8 @@ __all__ = [
     "export_weights",
     "rules",
     "save_state_dict",
+    "swa_utils",
+    "update_bn",
 ]
 
 __version__ = "0.1.0"
