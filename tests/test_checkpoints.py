@@ -244,6 +244,13 @@ def test_command_line_average_and_export(tmp_path: Path, capsys: pytest.CaptureF
         assert "ckpt_2.pt" in f.metadata()["polyak"]
     assert main(["export", str(out), "-o", str(tmp_path / "model.pt"), "-q"]) == 0
     SmallCNN().load_state_dict(torch.load(tmp_path / "model.pt"))
+    smaller = {k: v for k, v in torch.load(tmp_path / "model.pt").items() if k != "head.bias"}
+    torch.save(smaller, tmp_path / "smaller.pt")
+    capsys.readouterr()
+    argv = ["average", str(tmp_path / "model.pt"), str(tmp_path / "smaller.pt"), "-o", str(tmp_path / "common.pt")]
+    assert main(argv) == 2 and "--no-strict" in capsys.readouterr().err
+    assert main([*argv, "--no-strict"]) == 0 and "left out 1 tensor(s)" in capsys.readouterr().err
+    assert set(torch.load(tmp_path / "common.pt")) == set(smaller)
     with pytest.raises(SystemExit) as help_exit:
         main(["average", "--help"])
     assert help_exit.value.code == 0 and "examples:" in capsys.readouterr().out
