@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
@@ -259,10 +260,14 @@ def test_command_line_average_and_export(tmp_path: Path, capsys: pytest.CaptureF
 def test_command_line_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = write_inputs(tmp_path, 1, "pt")[0]
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:-100])
+    torch.save({"model": trained(0).state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "pickled.pt")
     cases = [
         (["average", str(good), str(tmp_path / "missing.pt")], "no such file"),
         (["average", str(good), str(tmp_path / "cut.safetensors")], "truncated"),
+        (["average", str(good), str(tmp_path / "cut.pt")], "truncated or corrupt"),
         (["export", str(tmp_path / "cut.safetensors")], "truncated"),
+        (["export", str(tmp_path / "pickled.pt")], "never unpickles (Unsupported global: GLOBAL argparse.Namespace)"),
         (["average", "--last", "5", str(tmp_path)], "asked for the last 5"),
     ]
     for argv, expected in cases:

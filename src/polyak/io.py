@@ -40,6 +40,7 @@ __all__ = [
     "atomic_write",
     "load_torch",
     "open_safetensors",
+    "output_format",
     "save_state_dict",
     "sniff",
     "torch_tensors",

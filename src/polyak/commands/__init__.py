@@ -29,9 +29,7 @@ def guarded(command: str, body: Callable[[], None]) -> int:
 
 def size(nbytes: int) -> str:
     """``nbytes`` for people: ``"1.2 GB"``."""
-    value = float(nbytes)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.3g} {unit}" if unit != "B" else f"{nbytes} B"
-        value /= 1000
-    raise AssertionError("unreachable")
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"
