@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -115,6 +116,36 @@ def test_the_average_loads_into_a_model_and_streams_to_either_format(tmp_path: P
     polyak.save_state_dict(average, tmp_path / "avg.pt")
     for loaded in (safetensors.torch.load_file(tmp_path / "avg.safetensors"), torch.load(tmp_path / "avg.pt")):
         assert all(torch.equal(loaded[k], v) for k, v in expected.items()) and set(loaded) == set(expected)
+
+
+def test_sharded_checkpoints_are_read_through_their_index(tmp_path: Path) -> None:
+    paths = []
+    for i, kind in enumerate(["safetensors", "bin"]):
+        folder = tmp_path / f"checkpoint-{i}"
+        folder.mkdir()
+        state = trained(i).state_dict()
+        names = list(state)
+        weight_map = {}
+        for part, shard in enumerate([names[: len(names) // 2], names[len(names) // 2 :]]):
+            file = f"model-{part + 1:05d}-of-00002.{kind}"
+            tensors = {name: state[name] for name in shard}
+            if kind == "safetensors":
+                safetensors.torch.save_file(tensors, folder / file)
+            else:
+                torch.save(tensors, folder / file)
+            weight_map.update(dict.fromkeys(shard, file))
+        index = folder / f"model.{kind}.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        torch.save(state, folder / "whole.pt")
+        paths.append(index)
+    expected = reference([tmp_path / f"checkpoint-{i}" / "whole.pt" for i in range(2)], [0.5, 0.5])
+    check_close(dict(polyak.average_checkpoints(paths)), expected, torch.float32)
+    broken = json.loads(paths[0].read_text())
+    broken["weight_map"]["head.bias"] = "model-00001-of-00002.safetensors"
+    paths[0].write_text(json.dumps(broken))
+    with pytest.raises(CheckpointError, match="which does not hold it") as caught:
+        polyak.average_checkpoints(paths)
+    assert "'head.bias' in model-00001-of-00002.safetensors" in str(caught.value)
 
 
 def test_mismatched_inputs_name_the_file_and_tensor(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ exactly ``avg <- d * avg + (1 - d) * x_i`` run over the files.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import re
@@ -31,6 +32,7 @@ from .io import (
     TensorFile,
     TensorSpec,
     load_torch,
+    one_line,
     open_safetensors,
     sniff,
     torch_tensors,
@@ -54,6 +56,9 @@ def open_checkpoint(
 ) -> TensorFile:
     """Open a safetensors or PyTorch checkpoint for lazy reading (never unpickling code).
 
+    A sharded checkpoint is opened through its index (``model.safetensors.index.json`` or
+    ``pytorch_model.bin.index.json``), as one state dict.
+
     In a PyTorch training checkpoint (a dict holding a model, an optimizer, ...), ``key`` picks the state
     dict by dotted path (``"model"``, ``"state_dict"``, ``"ema.shadow"``). Without it the state dict is
     found: the only one; else the one named for ``prefer`` (``"model"``: the trained weights, e.g.
@@ -62,6 +67,10 @@ def open_checkpoint(
     A polyak averager state stands for its ``shadow``.
     """
     path = Path(path)
+    if path.name.endswith(".index.json"):
+        if key is not None:
+            raise CheckpointError(f"{path}: a sharded checkpoint holds one flat state dict; drop --key {key!r}")
+        return _Shards(path)
     if sniff(path) == "safetensors":
         if key is not None:
             raise CheckpointError(f"{path}: a safetensors file holds one flat state dict; drop --key {key!r}")
@@ -76,6 +85,30 @@ def open_checkpoint(
     opened = torch_tensors(path, found[1], mapped=mapped, key=found[0] or None)
     opened.note = note
     return opened
+
+
+class _Shards(TensorFile):
+    """A state dict split over several files by an index (Hugging Face's ``model.safetensors.index.json``)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            weight_map = json.loads(path.read_bytes())["weight_map"]
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except OSError as error:
+            raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{path}: not a checkpoint index with a weight_map ({one_line(error)})") from None
+        shards = {name: open_checkpoint(path.parent / name) for name in sorted(set(weight_map.values()))}
+        self._owner = {}
+        for name, shard in weight_map.items():
+            if name not in shards[shard].specs:
+                raise CheckpointError(f"{path}: the index puts tensor {name!r} in {shard}, which does not hold it")
+            self._owner[name] = shards[shard]
+        super().__init__(path, {name: owner.specs[name] for name, owner in self._owner.items()})
+
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
+        return self._owner[name].read(name, start, stop, out)
 
 
 def _is_averager(obj: Any) -> bool:

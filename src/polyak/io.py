@@ -39,6 +39,7 @@ __all__ = [
     "TensorSpec",
     "atomic_write",
     "load_torch",
+    "one_line",
     "open_safetensors",
     "output_format",
     "save_state_dict",
@@ -75,7 +76,8 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, corrupt, refused, or does not fit; the message is one line."""
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """The first line of an exception's message, for reports that must stay on one line."""
     text = str(error).strip().splitlines()
     return text[0].strip() if text else type(error).__name__
 
@@ -186,7 +188,7 @@ class _SafetensorsFile(TensorFile):
                 entries = {name: self._entry(name, value) for name, value in header.items()}
             except (ValueError, TypeError, KeyError, AttributeError) as error:
                 raise CheckpointError(
-                    f"{path}: corrupt safetensors header ({_one_line(error)}); re-create or re-download it"
+                    f"{path}: corrupt safetensors header ({one_line(error)}); re-create or re-download it"
                 ) from None
         self._start = 8 + length
         data = size - self._start
@@ -306,14 +308,14 @@ def load_torch(path: str | os.PathLike[str]) -> tuple[Any, bool]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped), mapped
     except pickle.UnpicklingError as error:
         found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(error))
-        detail = found.group(1) if found else _one_line(error)
+        detail = found.group(1) if found else one_line(error)
         raise CheckpointError(
             f"{path}: holds pickled Python objects, which polyak never unpickles ({detail}); save the tensors "
             "alone (torch.save(model.state_dict(), ...)) or as safetensors, or pick a state dict with --key"
         ) from None
     except Exception as error:  # torch raises RuntimeError, EOFError, zipfile and OS errors on bad files
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({_one_line(error)})"
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({one_line(error)})"
         ) from None
 
 

@@ -16,6 +16,7 @@ examples:
   polyak average run/ckpt_8000.pt run/ckpt_9000.pt run/ckpt_10000.pt -o averaged.safetensors
   polyak average --last 5 run/ -o last5.safetensors              # newest 5 by step number in the name
   polyak average --last 3 'out/checkpoint-*/model.safetensors' -o avg.safetensors
+  polyak average --last 3 'out/checkpoint-*/model.safetensors.index.json' -o avg.safetensors   # sharded
   polyak average a.pt b.pt --weights 1 3 -o soup.pt              # 0.25 a + 0.75 b, written for torch.load
   polyak average --last 10 run/ --ema 0.9 --key model -o ema.safetensors
 
@@ -29,7 +30,9 @@ D^(N-1): an EMA started from the first file. Memory: about one output tensor (on
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
-    parser.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoint files, oldest first")
+    parser.add_argument(
+        "checkpoints", nargs="*", metavar="CKPT", help="checkpoint files (or a sharded one's .index.json), oldest first"
+    )
     parser.add_argument("-o", "--output", required=True, help="output file: .safetensors (default) or .pt/.pth/.bin")
     parser.add_argument(
         "--last", nargs=2, metavar=("N", "DIR"), help="the newest N checkpoints in folder DIR (or a quoted glob)"
