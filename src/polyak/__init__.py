@@ -6,7 +6,9 @@ The public API is re-exported here; see the README for a tour.
 from . import rules, swa_utils
 from .bema import BEMA
 from .bn import update_bn
+from .checkpoints import average_checkpoints, export_weights
 from .ema import EMA, SWA, Averager, load_state
+from .io import CheckpointError, save_state_dict
 from .posthoc import PostHocEMA
 from .shadow import Shadow, is_swapped_state_dict
 
@@ -15,12 +17,16 @@ __all__ = [
     "EMA",
     "SWA",
     "Averager",
+    "CheckpointError",
     "PostHocEMA",
     "Shadow",
     "__version__",
+    "average_checkpoints",
+    "export_weights",
     "is_swapped_state_dict",
     "load_state",
     "rules",
+    "save_state_dict",
     "swa_utils",
     "update_bn",
 ]

@@ -15,7 +15,9 @@ from . import __version__
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "posthoc": ("polyak.cli_posthoc", "synthesise a power-function EMA of any length from PostHocEMA snapshots"),
+    "average": ("polyak.commands.average", "average checkpoint files (uniform, weighted or EMA), streaming"),
+    "export": ("polyak.commands.export", "write the averaged weights of a checkpoint as a model-ready state dict"),
+    "posthoc": ("polyak.commands.posthoc", "synthesise a power-function EMA of any length from PostHocEMA snapshots"),
 }
 
 

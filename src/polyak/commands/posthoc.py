@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .posthoc import Reconstruction, reconstruct
-from .rules import sigma_rel_to_gamma
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+from ..posthoc import Reconstruction, reconstruct
+from ..rules import sigma_rel_to_gamma
+from . import DTYPES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +24,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--output", nargs="+", required=True, help="output .safetensors file(s), one per --sigma-rel"
     )
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of averaged tensors")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of averaged tensors")
     parser.add_argument("--plot", metavar="PNG", help="also plot each target profile against its reconstruction")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = reconstruct(args.directory, args.sigma_rel, args.output, step=args.step, dtype=_DTYPES[args.dtype])
+        result = reconstruct(args.directory, args.sigma_rel, args.output, step=args.step, dtype=DTYPES[args.dtype])
     except (ValueError, RuntimeError, OSError) as error:
         print(f"polyak posthoc: error: {error}", file=sys.stderr)
         return 2
