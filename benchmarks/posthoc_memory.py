@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak._safetensors import read_header, read_tensor
+from polyak.io import open_safetensors
 from polyak.rules import PowerFunction
 
 
@@ -104,11 +104,11 @@ def main() -> None:
     )
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     model_kib = params * 4 / 1024
-    entries, _ = read_header(output)
+    reconstructed = open_safetensors(output)
     diff2 = ref2 = moved2 = 0.0
     for name, value in direct.shadow.tensors().items():
         start_value = initial[name]
-        got = read_tensor(output, entries, name).double()
+        got = reconstructed[name].double()
         diff2 += float((got - value.double()).square().sum())
         ref2 += float(value.double().square().sum())
         moved2 += float((value.double() - start_value.double()).square().sum())

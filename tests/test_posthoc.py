@@ -14,8 +14,9 @@ from models import SmallCNN, train_steps
 from torch import nn
 
 import polyak
-from polyak._safetensors import AtomicWriter, read_header, read_tensor
+from polyak._safetensors import AtomicWriter, read_metadata
 from polyak.cli import main
+from polyak.io import open_safetensors
 from polyak.posthoc import find_snapshots, reconstruct, solve_coefficients
 from polyak.rules import PowerFunction, sigma_rel_to_gamma
 from polyak.shadow import Shadow
@@ -204,10 +205,10 @@ def test_safetensors_files_interoperate(tmp_path):
         "e": torch.empty(0, 3),
     }
     st.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
-    entries, metadata = read_header(tmp_path / "theirs.safetensors")
-    assert metadata == {"k": "v"} and set(entries) == set(tensors)
+    theirs = open_safetensors(tmp_path / "theirs.safetensors")
+    assert read_metadata(tmp_path / "theirs.safetensors") == {"k": "v"} and set(theirs) == set(tensors)
     for name, value in tensors.items():
-        assert torch.equal(read_tensor(tmp_path / "theirs.safetensors", entries, name), value), name
+        assert torch.equal(theirs[name], value), name
     layout = [(name, value.shape, value.dtype) for name, value in tensors.items()]
     with AtomicWriter(tmp_path / "ours.safetensors", layout, {"k": "v"}) as writer:
         for value in tensors.values():
@@ -256,10 +257,10 @@ def test_stored_profile_reconstructs_the_direct_ema(tmp_path, trained, step):
     out = tmp_path / "ema.safetensors"
     result = reconstruct(directory, [0.1], [out], step=step)
     assert result.errors[0] < 1e-6
-    entries, metadata = read_header(out)
+    tensors, metadata = open_safetensors(out), read_metadata(out)
     assert metadata["step"] == str(step) and float(metadata["sigma_rel"]) == 0.1
     for name, value in history[step]["direct"][0.1].items():
-        got = read_tensor(out, entries, name)
+        got = tensors[name]
         if value.is_floating_point():
             torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=name)
         else:
@@ -288,12 +289,12 @@ def test_other_profile_within_the_fit_bound(tmp_path, trained):
     gamma, t = sigma_rel_to_gamma(0.07), 60
     absolute = result.errors[0] * (gamma + 1) / math.sqrt((2 * gamma + 1) * t)
     slack = 1e-6 * float(np.abs(result.coefficients).sum())
-    entries, _ = read_header(out)
+    tensors = open_safetensors(out)
     closer, floating = 0, 0
     for name, direct in history[60]["direct"][0.07].items():
         if not direct.is_floating_point():
             continue
-        got = read_tensor(out, entries, name).double()
+        got = tensors[name].double()
         bound = absolute * history[60]["spread"][name].sqrt() + slack * (1 + direct.abs().double())
         assert torch.all((got - direct.double()).abs() <= bound), name
         nearest = history[60]["direct"][0.05][name].double()

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._safetensors import AtomicWriter, Entry, read_header, read_tensor
+from ._safetensors import AtomicWriter, read_metadata
+from .io import TensorFile, open_safetensors
 from .rules import PowerFunction, sigma_rel_to_gamma
 from .shadow import Policy, Shadow, check_same_layout, update_many
 
@@ -326,7 +327,7 @@ class Snapshot:
     sigma_rels: tuple[float, ...]
     names: tuple[str, ...]
     copied: frozenset[str]
-    entries: dict[str, Entry]
+    tensors: TensorFile
 
 
 def find_snapshots(directory: str | Path) -> list[Snapshot]:
@@ -336,7 +337,7 @@ def find_snapshots(directory: str | Path) -> list[Snapshot]:
         raise ValueError(f"snapshot directory {str(directory)!r} does not exist or is not a directory")
     snapshots = []
     for path in sorted(directory.glob(_PATTERN)):
-        entries, metadata = read_header(path)
+        tensors, metadata = open_safetensors(path), read_metadata(path)
         if metadata.get("format") != _FORMAT:
             raise ValueError(
                 f"{str(path)!r} is not a polyak snapshot (format {metadata.get('format')!r}, expected {_FORMAT!r}); "
@@ -349,12 +350,12 @@ def find_snapshots(directory: str | Path) -> list[Snapshot]:
                 tuple(float(s) for s in json.loads(metadata["sigma_rels"])),
                 tuple(json.loads(metadata["names"])),
                 frozenset(json.loads(metadata["copied"])),
-                entries,
+                tensors,
             )
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"{str(path)!r}: snapshot metadata is incomplete or malformed ({error!r})") from error
         keys = [f"{k}/{name}" for k in range(len(snapshot.sigma_rels)) for name in snapshot.names]
-        missing = [key for key in keys if key not in entries]
+        missing = [key for key in keys if key not in tensors]
         if missing:
             raise ValueError(f"{str(path)!r} lacks tensor {missing[0]!r} ({len(missing)} missing); it is not usable")
         snapshots.append(snapshot)
@@ -410,8 +411,8 @@ def reconstruct(
             )
     layout = []
     for name in last.names:
-        entry = last.entries[f"0/{name}"]
-        layout.append((name, entry.shape, entry.dtype if name in last.copied else dtype))
+        spec = last.tensors.specs[f"0/{name}"]
+        layout.append((name, spec.shape, spec.dtype if name in last.copied else dtype))
     live = [(row, i, k) for row, (i, k) in enumerate(rows) if np.any(coefficients[row] != 0)]
     with ExitStack() as stack:
         writers = []
@@ -440,17 +441,14 @@ def reconstruct(
             for start in range(0, numel, _CHUNK):
                 stop = min(numel, start + _CHUNK)
                 if name in last.copied:
-                    entries = last.entries
-                    value = read_tensor(last.path, entries, f"0/{name}", start, stop, buffer(out_dtype, stop - start))
+                    value = last.tensors.read(f"0/{name}", start, stop, buffer(out_dtype, stop - start))
                     for writer in writers:
                         writer.write(value)
                     continue
                 totals = sums[:, : stop - start].zero_()
                 for row, i, k in live:
-                    key, entries = f"{k}/{name}", snapshots[i].entries
-                    value = read_tensor(
-                        snapshots[i].path, entries, key, start, stop, buffer(entries[key].dtype, stop - start)
-                    )
+                    tensors, key = snapshots[i].tensors, f"{k}/{name}"
+                    value = tensors.read(key, start, stop, buffer(tensors.specs[key].dtype, stop - start))
                     value = buffer(torch.float64, stop - start).copy_(value)  # no hidden temporary in add_
                     for r, total in enumerate(totals):
                         if coefficients[row, r] != 0:
