@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import distributed
+
 __all__ = ["Policy", "Shadow", "canonical_name", "unwrap"]
 
 Policy = Literal["average", "copy", "skip"]
@@ -97,8 +99,29 @@ class _Slot:
 
     name: str
     mode: Policy  # "average" or "copy"
-    tensor: Tensor  # the shadow's copy (a view into a flat buffer)
+    tensor: Tensor  # the shadow's copy (a view into a flat buffer); of a DTensor, this rank's shard
     model_dtype: torch.dtype
+    value: Tensor  # what users see: ``tensor``, or a DTensor over it laid out like the model's
+
+
+def _check_layout(slot: _Slot, model_tensor: Tensor) -> None:
+    """Raise unless ``model_tensor`` is sharded (DTensor) exactly when, and as, the stored tensor is."""
+    stored, given = slot.value is not slot.tensor, distributed.is_dtensor(model_tensor)
+    if stored and given and distributed.same_layout(slot.value, model_tensor):
+        return
+    if not stored and not given:
+        return
+    what = {True: "a DTensor", False: "a plain tensor"}
+    if stored and given:
+        found = f"{model_tensor.placements} on {model_tensor.device_mesh}"  # type: ignore[attr-defined]
+        raise ValueError(
+            f"tensor {slot.name!r}: the average is sharded as {slot.value.placements} on "  # type: ignore[attr-defined]
+            f"{slot.value.device_mesh}, the model as {found}; shard the model as when the average was made"  # type: ignore[attr-defined]
+        )
+    raise ValueError(
+        f"tensor {slot.name!r}: the average holds {what[stored]}, the model {what[given]}; build the averager "
+        "from the model as it is trained (after fully_shard), and load full weights with load_state_dict"
+    )
 
 
 @dataclass
@@ -110,6 +133,9 @@ class _Plan:
     keys: list[str]
     live: list[Tensor]  # model tensors, in the shadow's storage order
     links: list[tuple[dict[str, Any], str, nn.Module]]
+    data: list[Tensor]  # what the kernels read and write: ``live``, with DTensors replaced by their local shards
+    dtensors: list[Tensor] = field(default_factory=list)  # the DTensors of ``live`` ...
+    shards: list[Tensor] = field(default_factory=list)  # ... and their local shards, as paired
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
@@ -119,6 +145,8 @@ class _Plan:
         getitem, is_ = operator.getitem, operator.is_
         if not all(map(is_, map(getitem, self.owners, self.keys), self.live)):
             return False
+        if not all(map(is_, map(distributed.local, self.dtensors), self.shards)):
+            return False  # a DTensor got new local storage (e.g. FSDP2's lazy init re-pads its shards)
         dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
         return all(map(is_, map(getitem, dicts, names), children))
 
@@ -273,11 +301,14 @@ class Shadow:
             groups.setdefault(key, []).append((f, mode))
         slots: list[_Slot] = []
         for (device, dtype, mode, model_dtype, _), members in groups.items():
-            flat = torch.empty(sum(f.tensor.numel() for f, _ in members), dtype=dtype, device=device)
+            shards = [distributed.local(f.tensor) for f, _ in members]  # a DTensor stores its local shard only
+            flat = torch.empty(sum(t.numel() for t in shards), dtype=dtype, device=device)
             offset = 0
-            for f, _ in members:
-                n = f.tensor.numel()
-                slots.append(_Slot(f.name, mode, flat[offset : offset + n].view(f.tensor.shape), model_dtype))
+            for (f, _), shard in zip(members, shards, strict=True):
+                n = shard.numel()
+                view = flat[offset : offset + n].view(shard.shape)
+                value = distributed.sharded_like(view, f.tensor) if shard is not f.tensor else view
+                slots.append(_Slot(f.name, mode, view, model_dtype, value))
                 offset += n
         return slots
 
@@ -286,8 +317,13 @@ class Shadow:
     def _plan_for(self, module: nn.Module) -> _Plan:
         """The cached pairing with ``module``, rebuilt (and checked) when the module changed."""
         plan = self._plan
-        if plan is not None and plan.root is module and plan.is_current():
-            return plan
+        if plan is not None and plan.root is module:
+            if plan.is_current():
+                return plan
+            if plan.dtensors:  # FSDP2 may hold gathered parameters after a forward without backward
+                distributed.reshard(module)
+                if plan.is_current():
+                    return plan
         plan = self._plan = self._build_plan(module)
         return plan
 
@@ -308,32 +344,36 @@ class Shadow:
             )
         pairs = [(slot, by_name[slot.name]) for slot in self._slots]
         for slot, f in pairs:
-            if f.tensor.shape != slot.tensor.shape:
+            if f.tensor.shape != slot.value.shape:
                 raise ValueError(
-                    f"tensor {slot.name!r}: the average has shape {tuple(slot.tensor.shape)}, "
+                    f"tensor {slot.name!r}: the average has shape {tuple(slot.value.shape)}, "
                     f"the model has {tuple(f.tensor.shape)}"
                 )
             if slot.mode == "average" and not (f.tensor.is_floating_point() or f.tensor.is_complex()):
                 raise ValueError(f"tensor {slot.name!r} is averaged but the model holds it as {f.tensor.dtype}")
+            _check_layout(slot, f.tensor)
         plan = _Plan(
             module,
             [f.owner for _, f in pairs],
             [f.key for _, f in pairs],
             [f.tensor for _, f in pairs],
             links,
+            [distributed.local(f.tensor) for _, f in pairs],
         )
+        plan.dtensors = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor)]
+        plan.shards = [distributed.local(t) for t in plan.dtensors]
         # Group consecutive slots that share storage and kernel (slots are laid out group by group).
         groups: dict[tuple[int, Any], tuple[list[Tensor], list[Tensor]]] = {}
-        for slot, f in pairs:
+        for (slot, _), data in zip(pairs, plan.data, strict=True):
             if slot.mode == "copy":
                 plan.copies[0].append(slot.tensor)
-                plan.copies[1].append(f.tensor)
+                plan.copies[1].append(data)
                 continue
-            same = slot.tensor.dtype == f.tensor.dtype and slot.tensor.device == f.tensor.device
+            same = slot.tensor.dtype == data.dtype and slot.tensor.device == data.device
             key = (id(slot.tensor.untyped_storage()), same)
             groups.setdefault(key, ([], []))
             groups[key][0].append(slot.tensor)
-            groups[key][1].append(f.tensor)
+            groups[key][1].append(data)
         for (_, same), (shadows, models) in groups.items():
             if same:
                 plan.lerps.append((shadows, models))
@@ -379,23 +419,27 @@ class Shadow:
     def copy_to(self, module: nn.Module) -> None:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
-        torch._foreach_copy_(plan.live, [slot.tensor for slot in self._slots])
+        distributed.reshard(module)  # FSDP2: gathered parameters would hide the new shards
+        torch._foreach_copy_(plan.data, [slot.tensor for slot in self._slots])
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
         """Within the block, ``module`` holds the stored tensors; its own are restored on exit, even on error.
 
         The module's tensors are backed up (one copy in the model's dtype) and written back in place, so
-        compiled graphs and optimizers that hold the parameter objects keep working.
+        compiled graphs and optimizers that hold the parameter objects keep working. Sharded (FSDP2)
+        parameters swap their local shards only; their gathered copies are dropped on entry and on exit.
         """
         plan = self._plan_for(module)
-        live = list(plan.live)
+        live = list(plan.data)
+        distributed.reshard(module)
         with torch.no_grad():
             backup = [t.clone() for t in live]
             torch._foreach_copy_(live, [slot.tensor for slot in self._slots])
         try:
             yield module
         finally:
+            distributed.reshard(module)  # else FSDP2 would keep evaluating/training with the averaged weights
             with torch.no_grad():
                 torch._foreach_copy_(live, backup)
 
@@ -407,8 +451,8 @@ class Shadow:
         return [slot.name for slot in self._slots]
 
     def tensors(self) -> dict[str, Tensor]:
-        """The stored tensors by qualified name (references, not copies)."""
-        return {slot.name: slot.tensor for slot in self._slots}
+        """The stored tensors by qualified name (references, not copies; DTensors where the model has them)."""
+        return {slot.name: slot.value for slot in self._slots}
 
     def modes(self) -> dict[str, Policy]:
         """``"average"`` or ``"copy"`` for each stored tensor."""
@@ -444,10 +488,10 @@ class Shadow:
             value = state[name]
             if not isinstance(value, Tensor):
                 raise TypeError(f"saved tensor {name!r} is a {type(value).__name__}, not a tensor")
-            if value.shape != slot.tensor.shape or value.dtype != slot.tensor.dtype:
+            if value.shape != slot.value.shape or value.dtype != slot.tensor.dtype:
                 raise ValueError(
                     f"saved tensor {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}; this average "
-                    f"holds shape {tuple(slot.tensor.shape)} and dtype {slot.tensor.dtype}"
+                    f"holds shape {tuple(slot.value.shape)} and dtype {slot.tensor.dtype}"
                 )
 
     @torch.no_grad()
@@ -455,11 +499,22 @@ class Shadow:
         """Copy saved tensors in place, after checking all of them (nothing changes on error)."""
         self.check_state_dict(state)
         for name, slot in self._by_name.items():
-            slot.tensor.copy_(state[name])
+            value = state[name]
+            if slot.value is not slot.tensor and not distributed.is_dtensor(value):
+                value = distributed.shard_of(value, slot.value)  # a full tensor: keep this rank's shard
+            slot.value.copy_(value)
 
     def clone_module(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` (unwrapped) holding the stored tensors."""
         inner = unwrap(module)
+        sharded = [slot.name for slot in self._slots if slot.value is not slot.tensor]
+        if sharded:
+            raise RuntimeError(
+                f"cannot build an averaged model: the average is sharded across ranks ({sharded[0]!r} is a "
+                "DTensor) and a sharded (FSDP2) model cannot be deep-copied. Use swapped(model) to evaluate with "
+                "the averaged weights, or polyak.distributed.full_state_dict(averager.state_dict()) to gather "
+                "them on rank 0 for an unsharded model."
+            )
         try:
             duplicate = copy.deepcopy(inner)
         except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
