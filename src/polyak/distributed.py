@@ -221,7 +221,7 @@ def full_state_dict(state: Mapping[str, Any], *, rank0_only: bool = True, cpu_of
         rank0_only: return the result on rank 0 only and ``{}`` on the other ranks (default).
         cpu_offload: move the result's tensors to the CPU (default).
 
-    Example: ``weights = full_state_dict(ema.state_dict())["shadow"]`` holds, on rank 0, the averaged
+    Example: ``weights = full_state_dict(ema.state_dict()["shadow"])`` holds, on rank 0, the averaged
     weights by name, ready for ``unsharded_model.load_state_dict(weights, strict=False)`` or ``torch.save``.
     """
     if not isinstance(state, Mapping):

@@ -512,8 +512,8 @@ class Shadow:
             raise RuntimeError(
                 f"cannot build an averaged model: the average is sharded across ranks ({sharded[0]!r} is a "
                 "DTensor) and a sharded (FSDP2) model cannot be deep-copied. Use swapped(model) to evaluate with "
-                "the averaged weights, or polyak.distributed.full_state_dict(averager.state_dict()) to gather "
-                "them on rank 0 for an unsharded model."
+                "the averaged weights, or polyak.distributed.full_state_dict(averager.state_dict()['shadow']) to "
+                "gather them on rank 0 for an unsharded model."
             )
         try:
             duplicate = copy.deepcopy(inner)

@@ -63,6 +63,10 @@ def test_fsdp2_sharded_average(tmp_path):
         assert r["restored"] and r["still_sharded"]
         assert torch.equal(r["restored_out"], r["trained_out"])
         assert "swapped(model)" in r["averaged_model_error"] and "full_state_dict" in r["averaged_model_error"]
+        assert "'0.weight'" in r["plain_model_error"] and "DTensor" in r["plain_model_error"]
+        assert r["gathered_before_update"]
+        for name, value in r["update_after_eval_expected"].items():
+            torch.testing.assert_close(r["update_after_eval"][name], value, rtol=1e-6, atol=1e-7, msg=name)
         _equal(r["resumed_shards"], r["shards"])  # resumed from DCP: bit for bit
         assert r["resumed_step"] == STEPS
     assert r0["local_bytes"] + r1["local_bytes"] == r0["full_bytes"]  # each rank stores its share only
@@ -89,6 +93,17 @@ def test_fsdp2_sharded_average(tmp_path):
     _equal(r0["single_via_full"], single_tensors)
     for name, full in single_tensors.items():
         assert torch.equal(torch.cat([r0["single_local"][name], r1["single_local"][name]]), full), name
+
+    # Shard(1) and Replicate() DTensors: the gathered average against float64 arithmetic on the full tensors.
+    assert r0["tp_placements"] == {"weight": "(Shard(dim=1),)", "bias": "(Replicate(),)"}
+    torch.manual_seed(7)
+    layer = nn.Linear(5, 3).double()
+    tp_expected: dict[str, torch.Tensor] = {}
+    for k in range(3):
+        for name, p in layer.named_parameters():
+            p.data = p.data * 0.5 + k
+            tp_expected[name] = p.data.clone() if k == 0 else DECAY * tp_expected[name] + (1 - DECAY) * p.data
+    _close(r0["tp_full"], tp_expected)
 
     # 2 -> 1: the sharded checkpoint loads into a single process without a process group.
     plain = polyak.EMA(sharded_net(seed=4), decay=DECAY)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import polyak
 from polyak.distributed import all_reduce_batchnorm_stats, full_state_dict, sync_buffers
@@ -121,9 +121,10 @@ def ddp_job(rank: int, world: int, out: Path) -> dict[str, Any]:
 
 
 def _shard(model: nn.Module, mesh: Any) -> nn.Module:
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
+    """The first two layers get their own FSDP2 unit; the root owns the last one (it stays gathered after an
+    evaluation forward, until resharded)."""
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 
@@ -162,14 +163,13 @@ def fsdp_job(rank: int, world: int, out: Path, single: str) -> dict[str, Any]:
     x = batch(99, 0)[0]
     before = _plain(dict(model.named_parameters()))
     with torch.no_grad():
-        trained_out = model(x)
+        result["trained_out"] = model(x)  # leaves the root's parameters gathered
         with ema.swapped(model):
             result["swapped_out"] = model(x)
+        result["still_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
+        after = _plain(dict(model.named_parameters()))
         result["restored_out"] = model(x)
-    result["trained_out"] = trained_out
-    after = _plain(dict(model.named_parameters()))
     result["restored"] = all(torch.equal(before[k], after[k]) for k in before)
-    result["still_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
     try:
         ema.averaged_model()
     except RuntimeError as error:
@@ -199,4 +199,33 @@ def fsdp_job(rank: int, world: int, out: Path, single: str) -> dict[str, Any]:
     from_full.load_state_dict(torch.load(f"{single}/full.pt", weights_only=False))
     result["single_via_full"] = full_state_dict(from_full.state_dict()["shadow"])
     result["single_local"] = _plain(from_full.state_dict()["shadow"])
+
+    # An update right after an evaluation forward, while the root's parameters are gathered, reads the shards.
+    with torch.no_grad():
+        model(x)
+        result["gathered_before_update"] = not isinstance(model[4].weight, DTensor)
+        ema.update(model)
+    trained = _plain(dict(model.named_parameters()))  # sharded again
+    result["update_after_eval"] = _plain(ema.state_dict()["shadow"])
+    result["update_after_eval_expected"] = {k: v.lerp(trained[k], 1 - DECAY) for k, v in result["shards"].items()}
+    try:
+        ema.update(sharded_net())  # the same names and shapes, but not sharded
+    except ValueError as error:
+        result["plain_model_error"] = str(error)
+
+    # Other DTensor layouts (tensor parallel style): a Shard(1) weight and a replicated bias.
+    torch.manual_seed(7)
+    layer = nn.Linear(5, 3)
+    layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(1)]))
+    layer.bias = nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Replicate()]))
+    tp_ema = polyak.EMA(layer, decay=DECAY)
+    for k in range(3):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.mul_(0.5).add_(k)
+        with count_collectives() as during:
+            tp_ema.update(layer)
+        result["update_collectives"] += during
+    result["tp_placements"] = {k: str(v.placements) for k, v in tp_ema.state_dict()["shadow"].items()}
+    result["tp_full"] = full_state_dict(tp_ema.state_dict()["shadow"])
     return result
