@@ -13,6 +13,7 @@ gathers the full average for export.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -35,13 +36,14 @@ def is_dtensor(tensor: Any) -> bool:
     return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
-def local(tensor: Tensor) -> Tensor:
-    """The plain tensor that holds this rank's data: a DTensor's local shard (aliasing it), else ``tensor``.
+# A DTensor's local shard: the same object on every call while the DTensor keeps its storage, so a cached
+# pairing can check it by identity, at C speed (``DTensor.to_local()`` returns a fresh view for parameters).
+local_shard = operator.attrgetter("_local_tensor")
 
-    The same object on every call while the DTensor keeps its storage, so a cached pairing can check it by
-    identity (``DTensor.to_local()`` returns a fresh view for parameters).
-    """
-    return tensor._local_tensor if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+def local(tensor: Tensor) -> Tensor:
+    """The plain tensor that holds this rank's data: a DTensor's local shard (aliasing it), else ``tensor``."""
+    return local_shard(tensor) if is_dtensor(tensor) else tensor
 
 
 def sharded_like(local_tensor: Tensor, model_tensor: Tensor) -> Tensor:

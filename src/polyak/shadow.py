@@ -145,7 +145,7 @@ class _Plan:
         getitem, is_ = operator.getitem, operator.is_
         if not all(map(is_, map(getitem, self.owners, self.keys), self.live)):
             return False
-        if not all(map(is_, map(distributed.local, self.dtensors), self.shards)):
+        if not all(map(is_, map(distributed.local_shard, self.dtensors), self.shards)):
             return False  # a DTensor got new local storage (e.g. FSDP2's lazy init re-pads its shards)
         dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
         return all(map(is_, map(getitem, dicts, names), children))

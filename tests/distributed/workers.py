@@ -208,6 +208,14 @@ def fsdp_job(rank: int, world: int, out: Path, single: str) -> dict[str, Any]:
     trained = _plain(dict(model.named_parameters()))  # sharded again
     result["update_after_eval"] = _plain(ema.state_dict()["shadow"])
     result["update_after_eval_expected"] = {k: v.lerp(trained[k], 1 - DECAY) for k, v in result["shards"].items()}
+    # model.to() gives the same DTensor parameters new local tensors (swap_tensors): the average follows them.
+    model.to(torch.float64).to(torch.float32)
+    _train_step(model, optimizer, STEPS, rank)
+    previous = _plain(ema.state_dict()["shadow"])
+    ema.update(model)
+    trained = _plain(dict(model.named_parameters()))
+    result["update_after_to"] = _plain(ema.state_dict()["shadow"])
+    result["update_after_to_expected"] = {k: v.lerp(trained[k], 1 - DECAY) for k, v in previous.items()}
     try:
         ema.update(sharded_net())  # the same names and shapes, but not sharded
     except ValueError as error:
