@@ -105,23 +105,25 @@ class _Slot:
 
 
 def _check_layout(slot: _Slot, model_tensor: Tensor) -> None:
-    """Raise unless ``model_tensor`` is sharded (DTensor) exactly when, and as, the stored tensor is."""
+    """Raise unless ``model_tensor`` is sharded (a DTensor) exactly when, and as, the stored tensor is."""
     stored, given = slot.value is not slot.tensor, distributed.is_dtensor(model_tensor)
-    if stored and given and distributed.same_layout(slot.value, model_tensor):
-        return
-    if not stored and not given:
-        return
-    what = {True: "a DTensor", False: "a plain tensor"}
-    if stored and given:
-        found = f"{model_tensor.placements} on {model_tensor.device_mesh}"  # type: ignore[attr-defined]
-        raise ValueError(
-            f"tensor {slot.name!r}: the average is sharded as {slot.value.placements} on "  # type: ignore[attr-defined]
-            f"{slot.value.device_mesh}, the model as {found}; shard the model as when the average was made"  # type: ignore[attr-defined]
+    if stored != given:
+        hint = (
+            "pass the sharded model the average was made from"
+            if stored
+            else "make the averager from the model as it is trained (after fully_shard); a full state loads "
+            "into it with load_state_dict"
         )
-    raise ValueError(
-        f"tensor {slot.name!r}: the average holds {what[stored]}, the model {what[given]}; build the averager "
-        "from the model as it is trained (after fully_shard), and load full weights with load_state_dict"
-    )
+        raise ValueError(
+            f"tensor {slot.name!r}: the average holds a {'DTensor' if stored else 'plain tensor'}, the model a "
+            f"{'DTensor' if given else 'plain tensor'}; {hint}"
+        )
+    if stored and not distributed.same_layout(slot.value, model_tensor):
+        layout = "{0.placements} on {0.device_mesh}"
+        raise ValueError(
+            f"tensor {slot.name!r}: the average is laid out as {layout.format(slot.value)}, the model as "
+            f"{layout.format(model_tensor)}; shard the model as when the average was made"
+        )
 
 
 @dataclass
@@ -261,6 +263,7 @@ class Shadow:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
 
+        distributed.reshard(module)  # FSDP2 keeps some parameters gathered after an evaluation forward
         found, _ = _walk(module)
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
         self._slots = self._allocate(chosen)
@@ -328,6 +331,7 @@ class Shadow:
         return plan
 
     def _build_plan(self, module: nn.Module) -> _Plan:
+        distributed.reshard(module)
         found, links = _walk(module)
         by_name = {f.name: f for f in found}
         missing = [slot.name for slot in self._slots if slot.name not in by_name]
@@ -419,7 +423,6 @@ class Shadow:
     def copy_to(self, module: nn.Module) -> None:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
-        distributed.reshard(module)  # FSDP2: gathered parameters would hide the new shards
         torch._foreach_copy_(plan.data, [slot.tensor for slot in self._slots])
 
     @contextmanager
@@ -432,7 +435,6 @@ class Shadow:
         """
         plan = self._plan_for(module)
         live = list(plan.data)
-        distributed.reshard(module)
         with torch.no_grad():
             backup = [t.clone() for t in live]
             torch._foreach_copy_(live, [slot.tensor for slot in self._slots])
