@@ -14,6 +14,7 @@ gathers the full average for export.
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -23,17 +24,20 @@ from torch import Tensor, nn
 
 __all__ = ["all_reduce_batchnorm_stats", "full_state_dict", "sync_buffers"]
 
-_DTensor: type | None = None
-if dist.is_available():  # else a torch build without distributed support: no tensor is a DTensor
-    from torch.distributed.tensor import DTensor as _DTensor
-
 
 # ---------------------------------------------------------------------- helpers for the shadow (not public)
 
 
+def _loaded(module: str, name: str) -> Any:
+    """``module.name`` if that module was imported, else None: nothing can be a DTensor (an FSDP2 module)
+    before torch.distributed.tensor (.fsdp) is imported, and importing it would slow ``import polyak``."""
+    return getattr(sys.modules.get(module), name, None)
+
+
 def is_dtensor(tensor: Any) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
-    return _DTensor is not None and isinstance(tensor, _DTensor)
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 # A DTensor's local shard: the same object on every call while the DTensor keeps its storage, so a cached
@@ -48,7 +52,9 @@ def local(tensor: Tensor) -> Tensor:
 
 def sharded_like(local_tensor: Tensor, model_tensor: Tensor) -> Tensor:
     """A DTensor over ``local_tensor`` (no copy) with ``model_tensor``'s mesh, placements, shape and stride."""
-    return _DTensor.from_local(  # type: ignore[union-attr]
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
         local_tensor,
         model_tensor.device_mesh,  # type: ignore[attr-defined]
         model_tensor.placements,  # type: ignore[attr-defined]
@@ -76,12 +82,11 @@ def reshard(module: nn.Module) -> None:
     FSDP2 keeps the root's parameters gathered after a forward without backward (evaluation); the shadow
     pairs with the shards, so it reshards first.
     """
-    if not dist.is_available():
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None:
         return
-    from torch.distributed.fsdp import FSDPModule
-
     for m in module.modules():
-        if isinstance(m, FSDPModule):
+        if isinstance(m, fsdp_module):
             m.reshard()
 
 
