@@ -241,7 +241,9 @@ def full_state_dict(state: Mapping[str, Any], *, rank0_only: bool = True, cpu_of
         if not isinstance(value, Tensor):
             return value
         full = value.full_tensor() if is_dtensor(value) else value  # type: ignore[attr-defined]
-        return full.cpu() if cpu_offload and keep else full
+        if not keep:
+            return None  # gathered for rank 0's sake; dropped at once
+        return full.cpu() if cpu_offload else full
 
     result = gather(state)
     return result if keep else {}
