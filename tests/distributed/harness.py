@@ -1,7 +1,7 @@
 """Launching real 2-rank gloo jobs from pytest, reliably, and counting collectives.
 
 - spawn (never fork: a parent that used OpenMP deadlocks forked children);
-- rendezvous through a fresh file in the test's tmp_path (no port to collide or cross-talk);
+- rendezvous through a fresh file in the test's tmp_path (no port to collide or cross-talk), gloo on loopback;
 - a timeout on the process group and on the whole launch; a failing rank fails the test at once;
 - each worker ends with ``os._exit(0)`` after teardown: gloo threads otherwise abort the process at exit
   now and then (SIGABRT, "terminate called without an active exception").
@@ -30,6 +30,8 @@ GROUP_TIMEOUT = timedelta(seconds=90)  # gloo's default is 30 minutes
 def entry(rank: int, fn: Callable[..., dict[str, Any]], world: int, out: str, spec: dict[str, Any]) -> None:
     """The spawned process: join the group, run ``fn``, save what it returns, leave without interpreter teardown."""
     torch.set_num_threads(1)  # 2 ranks on 2 cores
+    if Path("/sys/class/net/lo").exists():  # keep gloo on 127.0.0.1 even where the hostname resolves elsewhere
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world, timeout=GROUP_TIMEOUT
     )
