@@ -29,6 +29,8 @@ def test_bad_arguments_are_named():
         all_reduce_batchnorm_stats(model, count=0)
     with pytest.raises(ValueError, match="> 1 with unbiased=True; got 1"):
         all_reduce_batchnorm_stats(model, count=1, unbiased=True)
+    with pytest.raises(ValueError, match="unbiased=True applies to between_ranks=True only"):
+        all_reduce_batchnorm_stats(model, count=5, unbiased=True, between_ranks=False)
     with pytest.raises(TypeError, match="state must be a dict"):
         full_state_dict([torch.zeros(2)])  # type: ignore[arg-type]
 

@@ -147,32 +147,42 @@ def sync_buffers(
 
 @torch.no_grad()
 def all_reduce_batchnorm_stats(
-    module: nn.Module, count: float = 1.0, *, unbiased: bool = False, group: Any = None
+    module: nn.Module,
+    count: float = 1.0,
+    *,
+    between_ranks: bool = True,
+    unbiased: bool = False,
+    group: Any = None,
 ) -> None:
     """Pool the BatchNorm running statistics of all ranks, in place, so every rank ends with the same ones.
 
-    Each rank's ``running_mean`` m_r and ``running_var`` v_r describe ``count`` (n_r) samples. The pooled
-    statistics are those of all N = sum(n_r) samples together:
+    Each rank's ``running_mean`` m_r and ``running_var`` v_r stand for ``count`` (n_r) samples or batches;
+    N = sum(n_r). The pooled mean is sum(n_r * m_r) / N. The pooled variance is, with ``between_ranks=True``
+    (default), the variance of all samples together: the mean of the variances plus the variance of the
+    means across ranks,
 
-        mean = sum(n_r * m_r) / N
-        var  = (sum(n_r * v_r) + sum(n_r * (m_r - mean)**2)) / N                   (unbiased=False)
-        var  = (sum((n_r - 1) * v_r) + sum(n_r * (m_r - mean)**2)) / (N - 1)       (unbiased=True)
+        var = (sum(n_r * v_r) + sum(n_r * (m_r - mean)**2)) / N                    (unbiased=False)
+        var = (sum((n_r - 1) * v_r) + sum(n_r * (m_r - mean)**2)) / (N - 1)        (unbiased=True)
 
-    i.e. the mean of the variances plus the variance of the means across ranks. This is exact when each
-    v_r is the population (``unbiased=False``) or sample (``unbiased=True``) variance of that rank's
-    samples. ``num_batches_tracked`` becomes the sum over ranks. Works on any norm layer with running
-    statistics (BatchNorm, InstanceNorm with ``track_running_stats``); two collectives in all.
+    exact when each v_r is the population (or, ``unbiased=True``, sample) variance of the rank's n_r samples.
+    With ``between_ranks=False`` it is the weighted mean of the variances, sum(n_r * v_r) / N: what
+    ``update_bn`` (an average of per-batch statistics, as torch's) computes in one process over the batches
+    of all ranks, with ``count`` the rank's number of batches (or samples, for ``weighting="sample"``).
+    ``num_batches_tracked`` becomes the sum over ranks. Works on any norm layer with running statistics
+    (BatchNorm, InstanceNorm with ``track_running_stats``); two collectives in all.
 
     Args:
         module: the model (a DDP wrapper is fine).
-        count: the number of samples behind this rank's statistics (> 0; > 1 if ``unbiased``). The default
-            weights ranks equally.
-        unbiased: whether ``running_var`` holds sample variances (divided by n_r - 1), as BatchNorm's do.
+        count: this rank's weight n_r (> 0; > 1 with ``unbiased``). The default weighs ranks equally.
+        between_ranks: add the spread of the rank means to the variance (see above).
+        unbiased: ``running_var`` holds sample variances, divided by n_r - 1 (``between_ranks=True`` only).
         group: the process group (default: the whole world).
     """
+    if unbiased and not between_ranks:
+        raise ValueError("unbiased=True applies to between_ranks=True only (a mean of variances needs no correction)")
     if not (isinstance(count, (int, float)) and count > (1 if unbiased else 0)):
         raise ValueError(
-            f"count must be the number of samples behind this rank's statistics, > {1 if unbiased else 0}"
+            f"count must be this rank's number of samples (or batches), > {1 if unbiased else 0}"
             f"{' with unbiased=True' if unbiased else ''}; got {count!r}"
         )
     _world(group)
@@ -199,9 +209,10 @@ def all_reduce_batchnorm_stats(
     means = (first[1 : 1 + sum(sizes)] / total).split(sizes)
     # Second collective: the within-rank and between-rank sums of squares.
     within = count - 1 if unbiased else count
+    spread = count if between_ranks else 0.0
     second = torch.cat(
         [
-            within * var.to(f64) + count * (mean.to(f64) - pooled) ** 2
+            within * var.to(f64) + spread * (mean.to(f64) - pooled) ** 2
             for (mean, var, _), pooled in zip(norms, means, strict=True)
         ]
     )

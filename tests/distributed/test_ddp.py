@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from polyak import update_bn
+
 from .harness import launch
-from .workers import DECAY, LR, MOMENTUM, STEPS, batch, bn_net, ddp_job, norm_data
+from .workers import DECAY, LR, MOMENTUM, STEPS, batch, bn_loader, bn_net, ddp_job, norm_data
 
 
 def _reference(world: int) -> dict[str, torch.Tensor]:
@@ -60,6 +62,14 @@ def test_ddp_average_buffers_and_batchnorm_pooling(tmp_path):
                 pooled["running_var"].double(), data.var(0, correction=int(unbiased)), rtol=1e-6, atol=1e-6
             )
             assert pooled["num_batches_tracked"].item() == 1 + 2
+
+    # update_bn per rank + pooling (between_ranks=False) = update_bn over every rank's batches, in float64.
+    model = bn_net(seed=3).double()
+    update_bn([x for rank in range(len(ranks)) for x in bn_loader(rank, torch.float64)], model)
+    for r in ranks:
+        for name, expected in model.named_buffers():
+            actual = r["update_bn_pooled"][name]
+            torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=1e-5, atol=1e-6, msg=name)
 
     for name, value in r0["broadcast_buffers"].items():
         assert torch.equal(value, r1["broadcast_buffers"][name]), name

@@ -54,6 +54,11 @@ def norm_data(rank: int) -> torch.Tensor:
     return torch.randn(7 + 5 * rank, 3, generator=g, dtype=torch.float64) * (1 + rank) + 3 * rank
 
 
+def bn_loader(rank: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Rank r has 2 + r batches of inputs (unequal counts across ranks)."""
+    return [batch(100 + 10 * rank + i, rank, dtype)[0] * (1 + rank) for i in range(2 + rank)]
+
+
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, rank: int) -> None:
     x, y = batch(step, rank)
     optimizer.zero_grad()
@@ -101,6 +106,12 @@ def ddp_job(rank: int, world: int, out: Path) -> dict[str, Any]:
         all_reduce_batchnorm_stats(nn.Sequential(norm), count=len(data), unbiased=unbiased)
         pooled[unbiased] = {k: v.clone() for k, v in norm.state_dict().items()}
 
+    # update_bn on each rank's batches, then pooled: as update_bn over all ranks' batches in one process.
+    recomputed = bn_net(seed=3)
+    loader = bn_loader(rank)
+    polyak.update_bn(loader, recomputed)
+    all_reduce_batchnorm_stats(recomputed, count=len(loader), between_ranks=False)
+
     broadcast_model = bn_net(seed=rank)  # different buffers on each rank until broadcast
     broadcast_model[1].running_mean.normal_()
     sync_buffers(broadcast_model, "broadcast")
@@ -114,6 +125,7 @@ def ddp_job(rank: int, world: int, out: Path) -> dict[str, Any]:
         "control_collectives": control,
         "pooled": pooled,
         "broadcast_buffers": {k: v.clone() for k, v in broadcast_model.named_buffers()},
+        "update_bn_pooled": {k: v.clone() for k, v in recomputed.named_buffers()},
     }
 
 
