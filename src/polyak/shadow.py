@@ -235,7 +235,8 @@ class Shadow:
     """Averaged copies of a module's tensors, paired by qualified name.
 
     Args:
-        module: the model; wrappers (DDP, DataParallel, ``torch.compile``) are looked through.
+        module: the model; wrappers (DDP, DataParallel, ``torch.compile``) are looked through. Of a DTensor
+            (FSDP2) parameter only this rank's shard is stored, shown as a DTensor laid out like the parameter.
         buffers: floating buffers are ``"average"``-d (default), ``"copy"``-ed from the model at each update,
             or ``"skip"``-ped (left to the model). Integer and bool buffers are always copied, never averaged.
         frozen: parameters with ``requires_grad=False`` are ``"copy"``-ed (default), ``"average"``-d or

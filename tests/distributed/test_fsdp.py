@@ -80,6 +80,8 @@ def test_fsdp2_sharded_average(tmp_path):
     # The gathered average (rank 0 only) against the float64 reference.
     assert r1["full"] == {} and r1["full_at_save"] == {}
     _close(r0["full"], reference)
+    for r in ranks:
+        _equal(r["full_everywhere"], r0["full"])
     _close(r0["full_at_save"], _reference(SAVE_AT, world)[0])
     for name, full in r0["full"].items():  # the shards are the rows of the full tensor
         assert torch.equal(torch.cat([r0["shards"][name], r1["shards"][name]]), full), name

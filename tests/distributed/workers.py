@@ -169,6 +169,7 @@ def fsdp_job(rank: int, world: int, out: Path, single: str) -> dict[str, Any]:
     with count_collectives() as control:
         result["full"] = full_state_dict(ema.state_dict()["shadow"])
     result["control_collectives"] = control
+    result["full_everywhere"] = full_state_dict(ema.state_dict()["shadow"], rank0_only=False, cpu_offload=False)
     result["shards"] = _plain(ema.state_dict()["shadow"])
 
     # Evaluate with the averaged weights swapped in; the training shards come back.
