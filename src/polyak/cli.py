@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from . import __version__
 
 # name -> (module, one-line summary)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "average": ("polyak.commands.average", "average checkpoint files (uniform, weighted or EMA), streaming"),
+    "export": ("polyak.commands.export", "write the averaged weights of a checkpoint as a model-ready state dict"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:

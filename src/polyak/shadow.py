@@ -12,7 +12,10 @@ not by position, and knows nothing about which rule produced ``w``.
 from __future__ import annotations
 
 import copy
+import math
 import operator
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,15 +28,20 @@ from torch import Tensor, nn
 
 from . import distributed
 
-__all__ = ["Policy", "Shadow", "canonical_name", "copy_module", "unwrap"]
+__all__ = ["NonFinite", "Policy", "Shadow", "canonical_name", "copy_module", "is_swapped_state_dict", "unwrap"]
 
 Policy = Literal["average", "copy", "skip"]
 _POLICIES = ("average", "copy", "skip")
+NonFinite = Literal["propagate", "skip", "raise"]
+_NONFINITE = ("propagate", "skip", "raise")
 
 # Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 # A cast/offload update stages the model in chunks of this many elements (4 MiB in float32).
 _CHUNK = 1 << 20
+# Modules that hold swapped-in averaged weights right now (any Shadow's), and the state-dict marker key.
+_SWAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_SWAP_MARK = "polyak_swapped"
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -141,6 +149,29 @@ class _Plan:
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
+    guarded: list[_CastLerp] | None = None  # every averaged group staged, for nonfinite="skip"; built on demand
+
+    def staged(self) -> list[_CastLerp]:
+        """Every averaged group as a staged lerp, so that a skipped update can keep the shadow exactly."""
+        if self.guarded is None:
+            self.guarded = [_CastLerp(shadows, models) for shadows, models in self.lerps] + self.casts
+        return self.guarded
+
+    def finite(self) -> Tensor | None:
+        """0-d bool tensor: every averaged model value is finite (no host sync); None when nothing is averaged.
+
+        One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
+        accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
+        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.)
+        """
+        flag: Tensor | None = None
+        groups = [(shadows[0].device, models) for shadows, models in self.lerps]
+        groups += [(cast.scratch.device, cast.models) for cast in self.casts]
+        for device, models in groups:
+            wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
+            ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
+            flag = ok if flag is None else flag & ok.to(flag.device)
+        return flag
 
     def is_current(self) -> bool:
         """True when every model tensor and submodule is still the object the plan was built from."""
@@ -215,20 +246,51 @@ class _CastLerp:
                 target = targets
             self.batches.append((target, self.scratch[:offset], views, pieces))
 
-    def run(self, weight: float | Tensor) -> None:
-        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage)."""
+    def run(self, weight: float | Tensor, keep: Tensor | None = None) -> None:
+        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage).
+
+        With ``keep`` (a 0-d bool tensor, True to apply), a False flag stages the shadow's own values in place
+        of the model's, so the lerp leaves the shadow bit for bit as it was, whatever the model holds.
+        """
         models = self.models
         copy = isinstance(weight, float) and weight == 1.0
         for target, staged, views, pieces in self.batches:
             torch._foreach_copy_(
                 views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
             )
+            if keep is not None and isinstance(target, Tensor):
+                torch.where(keep, staged, target, out=staged)
+            elif keep is not None:
+                for view, piece in zip(views, target, strict=True):
+                    torch.where(keep, view, piece, out=view)
             if isinstance(target, Tensor):
                 target.copy_(staged) if copy else target.lerp_(staged, weight)
             elif copy:
                 torch._foreach_copy_(target, views)
             else:
                 torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]  # 0-d tensors work
+
+
+def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``torch._foreach_copy_`` that accepts empty lists (a shadow may hold no tensor at all)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
+def _mark_swapped(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
+    """State-dict hook while swapped: mark the module's metadata entry (kept by ``torch.save``) and warn."""
+    local_metadata[_SWAP_MARK] = True
+    warnings.warn(
+        f"state_dict() of {type(module).__name__} taken inside a `swapped()` block holds the averaged weights, "
+        "not the training weights; polyak.is_swapped_state_dict() tells such a state apart",
+        stacklevel=3,
+    )
+
+
+def is_swapped_state_dict(state: dict[str, Any]) -> bool:
+    """True when ``state`` (a module's ``state_dict()``) was taken while averaged weights were swapped in."""
+    metadata = getattr(state, "_metadata", None) or {}
+    return any(isinstance(entry, dict) and entry.get(_SWAP_MARK) is True for entry in metadata.values())
 
 
 class Shadow:
@@ -309,8 +371,8 @@ class Shadow:
     def _storage_dtype(self, tensor: Tensor, mode: Policy) -> torch.dtype:
         if mode == "copy":
             return tensor.dtype
-        if self.dtype is not None:
-            return self.dtype
+        if self.dtype is not None:  # the precision asked for; complex tensors keep their imaginary part
+            return self.dtype.to_complex() if tensor.is_complex() else self.dtype
         return torch.promote_types(tensor.dtype, torch.float32)
 
     def _allocate(self, chosen: Sequence[tuple[_Found, Policy]]) -> list[_Slot]:
@@ -337,6 +399,11 @@ class Shadow:
 
     def _plan_for(self, module: nn.Module) -> _Plan:
         """The cached pairing with ``module``, rebuilt (and checked) when the module changed."""
+        if _SWAPPED and unwrap(module) in _SWAPPED:
+            raise RuntimeError(
+                f"the {type(unwrap(module)).__name__} holds averaged weights swapped in by a `swapped()` block that "
+                "is still open; leave that block before updating, copying or swapping again"
+            )
         plan = self._plan
         if plan is not None and plan.root is module:
             if plan.is_current():
@@ -405,21 +472,56 @@ class Shadow:
     # ------------------------------------------------------------------ the update
 
     @torch.no_grad()
-    def update(self, module: nn.Module, weight: float | Tensor) -> None:
+    def update(self, module: nn.Module, weight: float | Tensor, *, nonfinite: NonFinite = "propagate") -> Tensor | None:
         """``shadow <- shadow + weight * (model - shadow)`` for averaged tensors; copy the copied ones.
 
         ``weight`` is a Python float in [0, 1] or a 0-d tensor on the shadow's device (no host sync either way).
+        ``nonfinite`` says what happens when an averaged model tensor holds inf or NaN:
+
+        - ``"propagate"`` (fastest): nothing is checked; the non-finite values enter the average.
+        - ``"skip"``: the averaged tensors keep their (finite) values bit for bit; copied tensors are still copied.
+          The check and the choice stay on the device: one fused norm per group, then every group is
+          staged through a small buffer where the shadow's own values replace the model's when the flag is
+          False (a lerp by weight 0 would not do: ``0 * NaN`` is NaN). Returns the 0-d bool flag, True when
+          the update was applied (None when nothing is averaged). An average kept on another device than the
+          model (``device="cpu"``) receives the flag with the staged values, a copy that waits anyway.
+        - ``"raise"``: ``RuntimeError`` naming the first non-finite tensor, before anything changes. Reading
+          the flag synchronises with the device.
         """
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         plan = self._plan_for(module)
+        if nonfinite == "skip":
+            keep = plan.finite()
+            if keep is not None:
+                for staged in plan.staged():
+                    staged.run(weight, keep)
+                if plan.copies[0]:
+                    torch._foreach_copy_(*plan.copies)
+                return keep
+        elif nonfinite == "raise":
+            keep = plan.finite()
+            if keep is not None and not bool(keep):
+                self._raise_nonfinite(plan)
         if isinstance(weight, float) and weight == 1.0:
             self._copy_all(plan)
-            return
+            return None
         for shadows, models in plan.lerps:
             torch._foreach_lerp_(shadows, models, weight)  # type: ignore[arg-type]  # 0-d tensors work
         for cast in plan.casts:
             cast.run(weight)
         if plan.copies[0]:
             torch._foreach_copy_(*plan.copies)
+        return None
+
+    def _raise_nonfinite(self, plan: _Plan) -> None:
+        for slot, tensor in zip(self._slots, plan.data, strict=True):  # local shards: no collective
+            if slot.mode == "average" and not bool(torch.isfinite(tensor).all()):
+                raise RuntimeError(
+                    f"model tensor {slot.name!r} holds inf or NaN ({int((~torch.isfinite(tensor)).sum())} of "
+                    f"{tensor.numel()} values); the average was not updated. Skip this step, or build the "
+                    'averager with nonfinite="skip" to leave such updates out'
+                )
 
     @torch.no_grad()
     def update_with(self, module: nn.Module, fn: Callable[..., Any], *, each: bool = False) -> None:
@@ -462,27 +564,38 @@ class Shadow:
     def copy_to(self, module: nn.Module) -> None:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
-        torch._foreach_copy_(plan.data, [slot.tensor for slot in self._slots])
+        _copy(plan.data, [slot.tensor for slot in self._slots])
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
         """Within the block, ``module`` holds the stored tensors; its own are restored on exit, even on error.
 
         The module's tensors are backed up (one copy in the model's dtype) and written back in place, so
-        compiled graphs and optimizers that hold the parameter objects keep working. Sharded (FSDP2)
-        parameters swap their local shards only; their gathered copies are dropped on entry and on exit.
+        compiled graphs and optimizers that hold the parameter objects keep working. While swapped, the
+        module refuses a second swap and updates or copies from any shadow (``RuntimeError``), and its
+        ``state_dict()`` warns and is marked: :func:`is_swapped_state_dict` tells such a state apart, also
+        after ``torch.save`` / ``torch.load``, so a checkpoint taken during evaluation is not mistaken for
+        the training weights. Like any ``state_dict()``, its tensors are views of the module's: save or clone
+        them inside the block (after it they read the training weights, and the mark stays, conservatively).
+        Sharded (FSDP2) parameters swap their local shards; their gathered copies are dropped on exit.
         """
         plan = self._plan_for(module)
+        target = unwrap(module)
         live = list(plan.data)
         with torch.no_grad():
             backup = [t.clone() for t in live]
-            torch._foreach_copy_(live, [slot.tensor for slot in self._slots])
+        _SWAPPED.add(target)
+        hook = target.register_state_dict_post_hook(_mark_swapped)
         try:
+            with torch.no_grad():
+                _copy(live, [slot.tensor for slot in self._slots])
             yield module
         finally:
             distributed.reshard(module)  # else FSDP2 would keep evaluating/training with the averaged weights
+            hook.remove()
+            _SWAPPED.discard(target)
             with torch.no_grad():
-                torch._foreach_copy_(live, backup)
+                _copy(live, backup)
 
     # ------------------------------------------------------------------ inspection and state
 
