@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from models import SmallCNN, train_steps
+from models import SmallCNN, TinyTransformer, train_steps
 from torch import nn
 
 import polyak
@@ -301,6 +301,17 @@ def test_other_profile_within_the_fit_bound(tmp_path, trained):
         closer += int((got - direct).norm() < (nearest - direct).norm())
         floating += 1
     assert closer >= 0.8 * floating  # and it is closer than the nearest stored width
+
+
+def test_tied_model_output_loads_strictly(tmp_path):
+    torch.manual_seed(0)
+    model = TinyTransformer()  # lm_head.weight is embed.weight
+    tracker = polyak.PostHocEMA(model, directory=tmp_path / "snaps", snapshot_every=4)
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, after_step=tracker.update)
+    reconstruct(tmp_path / "snaps", [0.07], [tmp_path / "out.safetensors"])
+    state = dict(open_safetensors(tmp_path / "out.safetensors"))
+    assert torch.equal(state["lm_head.weight"], state["embed.weight"])
+    TinyTransformer().load_state_dict(state, strict=True)
 
 
 def test_resume_writes_the_same_snapshots(tmp_path):

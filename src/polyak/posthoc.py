@@ -236,6 +236,7 @@ class PostHocEMA:
             "gammas": json.dumps([rule.gamma for rule in self.rules]),
             "names": json.dumps(list(modes)),
             "copied": json.dumps([name for name, mode in modes.items() if mode == "copy"]),
+            "aliases": json.dumps(self.shadows[0].aliases),  # other names of tied tensors
             "polyak_version": _version(),
         }
         layout, tensors = [], []
@@ -327,6 +328,7 @@ class Snapshot:
     sigma_rels: tuple[float, ...]
     names: tuple[str, ...]
     copied: frozenset[str]
+    aliases: dict[str, str]
     tensors: TensorFile
 
 
@@ -350,6 +352,7 @@ def find_snapshots(directory: str | Path) -> list[Snapshot]:
                 tuple(float(s) for s in json.loads(metadata["sigma_rels"])),
                 tuple(json.loads(metadata["names"])),
                 frozenset(json.loads(metadata["copied"])),
+                dict(json.loads(metadata["aliases"])),
                 tensors,
             )
         except (KeyError, ValueError, TypeError) as error:
@@ -404,15 +407,21 @@ def reconstruct(
     used = [i for i, snap in enumerate(snapshots) if snap.step <= step]
     last = snapshots[used[-1]]
     for i in used:
-        if snapshots[i].names != last.names or snapshots[i].copied != last.copied:
+        snap = snapshots[i]
+        if (snap.names, snap.copied, snap.aliases) != (last.names, last.copied, last.aliases):
             raise ValueError(
                 f"snapshots {str(snapshots[i].path)!r} and {str(last.path)!r} hold different tensors; "
                 "reconstruct from snapshots of one model only"
             )
-    layout = []
+    tied: dict[str, list[str]] = {}
+    for alias, name in last.aliases.items():
+        tied.setdefault(name, []).append(alias)
+    layout, sources = [], []  # a tied tensor is written under each of its names, so the output loads strictly
     for name in last.names:
         spec = last.tensors.specs[f"0/{name}"]
-        layout.append((name, spec.shape, spec.dtype if name in last.copied else dtype))
+        for out_name in (name, *tied.get(name, ())):
+            layout.append((out_name, spec.shape, spec.dtype if name in last.copied else dtype))
+            sources.append(name)
     live = [(row, i, k) for row, (i, k) in enumerate(rows) if np.any(coefficients[row] != 0)]
     with ExitStack() as stack:
         writers = []
@@ -436,7 +445,7 @@ def reconstruct(
                 buffers[dtype] = torch.empty(_CHUNK, dtype=dtype)
             return buffers[dtype][:n]
 
-        for name, shape, out_dtype in layout:
+        for (_, shape, out_dtype), name in zip(layout, sources, strict=True):
             numel = math.prod(shape)
             for start in range(0, numel, _CHUNK):
                 stop = min(numel, start + _CHUNK)
