@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .data import mnist1d
+from .data import Dataset, mnist1d
 from .train import BATCH_SIZE, LEARNING_RATE, METHODS, SETTINGS, WIDTH, train
 
 EVALUATIONS = 40  # test-set evaluations per run, for the plot
@@ -76,14 +76,24 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else chosen["seeds"]
     steps = args.steps if args.steps is not None else chosen["steps"]
 
-    from tqdm import tqdm
-
     began = time.perf_counter()
     data = mnist1d()
+    results = _train_all(data, seeds, steps)
+    text = _write(results, data, seeds, steps, args.out)
+    print(f"\n{text}\n")
+    for what, name in (("plot", "accuracy.png"), ("table", "table.md"), ("data", "results.json")):
+        print(f"{what + ':':6} {args.out / name}")
+    print(f"wall time: {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+def _train_all(data: Dataset, seeds: int, steps: int) -> report.Results:
+    """Every setting for seeds 0..seeds-1, behind one progress bar."""
+    from tqdm import tqdm
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # the model is tiny: threads cost more than they give, and the numbers do not depend on the core count
+    # The model is tiny: threads cost more than they give, and one thread keeps the numbers machine-independent.
+    torch.set_num_threads(1)
     try:
         results: report.Results = {}
         with tqdm(total=len(SETTINGS) * seeds * steps, unit="step", desc="polyak demo") as bar:
@@ -92,28 +102,24 @@ def run(args: argparse.Namespace) -> int:
                 results[setting.name] = [
                     train(data, setting, seed, steps, EVALUATIONS, bar.update) for seed in range(seeds)
                 ]
+        return results
     finally:
         torch.set_num_threads(threads)
 
+
+def _write(results: report.Results, data: Dataset, seeds: int, steps: int, out: Path) -> str:
+    """Write the plot, the JSON record and the table (with its reading) to ``out``; return the table's text."""
     recipe = (
-        f"MLP {data.x.shape[1]}-{WIDTH}-{WIDTH}-{data.classes}, plain SGD lr {LEARNING_RATE} "
+        f"MLP {data.x.shape[1]}-{WIDTH}-{WIDTH}-{data.classes} (no BatchNorm), plain SGD lr {LEARNING_RATE} "
         f"(decaying: cosine to 0), batch {BATCH_SIZE}, {steps} steps, seeds 0..{seeds - 1}"
     )
-    table = report.table(results)
-    verdicts = [report.verdict(name, runs, len(data.y_test)) for name, runs in results.items()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    report.plot(results, f"{data.source}\n{recipe}", args.out / "accuracy.png")
-    report.record(
-        results,
-        {"dataset": data.source, "recipe": recipe, "methods": [m.name for m in METHODS]},
-        args.out / "results.json",
-    )
-    header = f"Test accuracy (%), mean ± std over {seeds} seeds, at the end of training.\n{data.source}.\n{recipe}."
-    text = "\n\n".join([header, table, "\n".join(verdicts), report.NOISE_NOTE])
-    (args.out / "table.md").write_text(text + "\n")
-    print(f"\n{text}\n")
-    print(f"plot:  {args.out / 'accuracy.png'}")
-    print(f"table: {args.out / 'table.md'}")
-    print(f"data:  {args.out / 'results.json'}")
-    print(f"wall time: {time.perf_counter() - began:.0f} s")
-    return 0
+    out.mkdir(parents=True, exist_ok=True)
+    report.plot(results, f"{data.source}\n{recipe}", out / "accuracy.png")
+    about = {"dataset": data.source, "recipe": recipe, "methods": [m.name for m in METHODS]}
+    report.record(results, about, out / "results.json")
+    over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    header = f"Test accuracy (%) at the end of training, {over}.\n{data.source}.\n{recipe}."
+    verdicts = "\n".join(report.verdict(name, runs, len(data.y_test)) for name, runs in results.items())
+    text = "\n\n".join([header, report.table(results), verdicts, report.NOISE_NOTE])
+    (out / "table.md").write_text(text + "\n")
+    return text

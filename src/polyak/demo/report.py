@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ def table(results: Results) -> str:
 
 NOISE_NOTE = (
     "Noise level: the larger of two standard errors of the mean gain over seeds and one standard error of the "
-    "last iterate's accuracy on the test set; a gain within it is not told apart from chance."
+    "last iterate's accuracy on the test set; a gain within it is not told apart from chance. The best average "
+    "is picked after the fact, which flatters it slightly."
 )
 
 
@@ -89,7 +91,7 @@ def plot(results: Results, title: str, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def record(results: Results, about: dict[str, object], path: Path) -> None:
+def record(results: Results, about: Mapping[str, object], path: Path) -> None:
     """Every evaluation of every run as JSON: ``settings[setting][method][seed][i]`` (%, null before an
     average starts) at optimizer step ``steps[i]``."""
     settings = {
