@@ -40,6 +40,7 @@ class Method:
     make: Callable[[nn.Module, int], Tracker]
 
 
+# One line per row. Any front end with ``attach``, ``swapped`` and ``num_updates`` fits as is (e.g. BEMA).
 METHODS: tuple[Method, ...] = (
     Method("EMA 0.99", lambda model, steps: polyak.EMA(model, decay=0.99)),
     Method("EMA 0.999", lambda model, steps: polyak.EMA(model, decay=0.999)),
