@@ -3,10 +3,11 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import rules
+from . import rules, swa_utils
+from .bn import update_bn
 from .ema import EMA, SWA, Averager
 from .shadow import Shadow
 
-__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "rules"]
+__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "rules", "swa_utils", "update_bn"]
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Policy", "Shadow", "canonical_name", "unwrap"]
+__all__ = ["Policy", "Shadow", "canonical_name", "copy_module", "unwrap"]
 
 Policy = Literal["average", "copy", "skip"]
 _POLICIES = ("average", "copy", "skip")
@@ -151,11 +151,18 @@ class _CastLerp:
     """
 
     def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor]) -> None:
+        self.shadows = list(shadows)
         self.models = list(models)
         sizes = [s.numel() for s in shadows]
-        self.scratch = torch.empty(min(sum(sizes), _CHUNK), dtype=shadows[0].dtype, device=shadows[0].device)
-        contiguous = all(a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows))
-        flat = shadows[0]._base if shadows[0]._base is not None else shadows[0]
+        # A shadow that is not contiguous (an adopted channels_last weight) cannot be cut into flat pieces.
+        unsplittable = max((n for s, n in zip(shadows, sizes, strict=True) if not s.is_contiguous()), default=0)
+        capacity = max(min(sum(sizes), _CHUNK), unsplittable)
+        self.scratch = torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device)
+        # Views into one flat buffer, back to back (adopted tensors are not views: handled tensor by tensor).
+        flat = shadows[0]._base
+        contiguous = all(s._base is flat for s in shadows) and all(
+            a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows)
+        )
         # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
         # tensor, and the model pieces (tensor index, start, stop, whole tensor?).
         self.batches: list[tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]]]] = []
@@ -171,7 +178,7 @@ class _CastLerp:
                 targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
                 pieces.append((i, a, b, whole))
                 offset += b - a
-            if contiguous:
+            if contiguous and flat is not None:
                 start = shadows[batch[0][0]].storage_offset() + batch[0][1]
                 target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
             else:
@@ -208,6 +215,8 @@ class Shadow:
         dtype: storage dtype of averaged tensors. Default: the model's dtype promoted to at least float32,
             so a bf16/fp16 model gets a float32 average. A lower precision is an explicit opt-in.
         device: where the shadow lives. Default: beside each model tensor.
+        adopt: store nothing of its own: ``module``'s tensors are the storage, so an update writes into
+            ``module`` (which is then the average, not the model). ``dtype`` and ``device`` must be None.
     """
 
     def __init__(
@@ -220,7 +229,10 @@ class Shadow:
         include_nonpersistent: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        adopt: bool = False,
     ) -> None:
+        if adopt and (dtype is not None or device is not None):
+            raise ValueError("Shadow(adopt=True) stores the module's own tensors: leave dtype and device as None")
         for arg, value in (("buffers", buffers), ("frozen", frozen)):
             if value not in _POLICIES:
                 raise ValueError(f"{arg} must be one of {_POLICIES}, got {value!r}")
@@ -235,10 +247,14 @@ class Shadow:
 
         found, _ = _walk(module)
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
-        self._slots = self._allocate(chosen)
+        if adopt:
+            self._slots = [_Slot(f.name, mode, f.tensor.detach(), f.tensor.dtype) for f, mode in chosen]
+        else:
+            self._slots = self._allocate(chosen)
         self._by_name = {slot.name: slot for slot in self._slots}
         self._plan: _Plan | None = None
-        self.copy_from(module)
+        if not adopt:
+            self.copy_from(module)
 
     # ------------------------------------------------------------------ selection and storage
 
@@ -322,20 +338,19 @@ class Shadow:
             [f.tensor for _, f in pairs],
             links,
         )
-        # Group consecutive slots that share storage and kernel (slots are laid out group by group).
-        groups: dict[tuple[int, Any], tuple[list[Tensor], list[Tensor]]] = {}
+        # One kernel per (shadow device and dtype, model device and dtype): each flat buffer is one such group.
+        groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
         for slot, f in pairs:
             if slot.mode == "copy":
                 plan.copies[0].append(slot.tensor)
                 plan.copies[1].append(f.tensor)
                 continue
-            same = slot.tensor.dtype == f.tensor.dtype and slot.tensor.device == f.tensor.device
-            key = (id(slot.tensor.untyped_storage()), same)
+            key = (slot.tensor.device, slot.tensor.dtype, f.tensor.device, f.tensor.dtype)
             groups.setdefault(key, ([], []))
             groups[key][0].append(slot.tensor)
             groups[key][1].append(f.tensor)
-        for (_, same), (shadows, models) in groups.items():
-            if same:
+        for (device, dtype, model_device, model_dtype), (shadows, models) in groups.items():
+            if device == model_device and dtype == model_dtype:
                 plan.lerps.append((shadows, models))
             else:
                 plan.casts.append(_CastLerp(shadows, models))
@@ -357,6 +372,28 @@ class Shadow:
             torch._foreach_lerp_(shadows, models, weight)  # type: ignore[arg-type]  # 0-d tensors work
         for cast in plan.casts:
             cast.run(weight)
+        if plan.copies[0]:
+            torch._foreach_copy_(*plan.copies)
+
+    @torch.no_grad()
+    def update_with(self, module: nn.Module, fn: Callable[..., Any], *, each: bool = False) -> None:
+        """Like :meth:`update`, with a caller's function in place of the lerp; copied tensors are copied.
+
+        ``fn(shadows, models)`` updates one group of averaged tensors in place (one call per device and dtype);
+        with ``each=True``, ``fn(shadow, model)`` returns the new value of one tensor. Model tensors of another
+        dtype or device than the shadow are passed as converted copies.
+        """
+        plan = self._plan_for(module)
+        groups = plan.lerps + [
+            (cast.shadows, [m.to(s.device, s.dtype) for s, m in zip(cast.shadows, cast.models, strict=True)])
+            for cast in plan.casts
+        ]
+        for shadows, models in groups:
+            if each:
+                for shadow, model in zip(shadows, models, strict=True):
+                    shadow.copy_(fn(shadow, model))
+            else:
+                fn(shadows, models)
         if plan.copies[0]:
             torch._foreach_copy_(*plan.copies)
 
@@ -459,15 +496,32 @@ class Shadow:
 
     def clone_module(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` (unwrapped) holding the stored tensors."""
-        inner = unwrap(module)
-        try:
-            duplicate = copy.deepcopy(inner)
-        except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
-            raise RuntimeError(
-                f"cannot build an averaged model: copy.deepcopy({type(inner).__name__}) failed ({error}). "
-                "Use swapped(model) or copy_to(model) instead, which need no copy of the model."
-            ) from error
+        duplicate = copy_module(module)
         self._plan = None
         self.copy_to(duplicate)
         self._plan = None
         return duplicate
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` (unwrapped from DDP / ``torch.compile``).
+
+    Tensors that a module keeps as plain attributes and computes in its forward (the old hook-based
+    ``torch.nn.utils.weight_norm`` stores ``weight`` so) are copied detached, which ``copy.deepcopy`` alone
+    refuses; the module's hooks recompute them. Raises ``RuntimeError`` when the module cannot be copied.
+    """
+    inner = unwrap(module)
+    memo: dict[int, Any] = {
+        id(value): value.detach().clone()
+        for child in inner.modules()
+        for value in vars(child).values()
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    }
+    try:
+        return copy.deepcopy(inner, memo)
+    except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
+        raise RuntimeError(
+            f"cannot copy the model: copy.deepcopy({type(inner).__name__}) failed ({error}). "
+            "Use polyak.EMA / polyak.SWA, which keep only the averaged tensors and need no copy of the model "
+            "(evaluate with `with ema.swapped(model): ...` or export with `ema.copy_to(model)`)."
+        ) from error
