@@ -3,11 +3,29 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import rules, swa_utils
+from . import distributed, rules, swa_utils
 from .bn import update_bn
-from .ema import EMA, SWA, Averager
-from .shadow import Shadow
+from .checkpoints import average_checkpoints, export_weights
+from .ema import EMA, SWA, Averager, load_state
+from .io import CheckpointError, save_state_dict
+from .shadow import Shadow, is_swapped_state_dict
 
-__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "rules", "swa_utils", "update_bn"]
+__all__ = [
+    "EMA",
+    "SWA",
+    "Averager",
+    "CheckpointError",
+    "Shadow",
+    "__version__",
+    "average_checkpoints",
+    "distributed",
+    "export_weights",
+    "is_swapped_state_dict",
+    "load_state",
+    "rules",
+    "save_state_dict",
+    "swa_utils",
+    "update_bn",
+]
 
 __version__ = "0.1.0"

@@ -12,7 +12,10 @@ not by position, and knows nothing about which rule produced ``w``.
 from __future__ import annotations
 
 import copy
+import math
 import operator
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,15 +26,22 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Policy", "Shadow", "canonical_name", "copy_module", "unwrap"]
+from . import distributed
+
+__all__ = ["NonFinite", "Policy", "Shadow", "canonical_name", "copy_module", "is_swapped_state_dict", "unwrap"]
 
 Policy = Literal["average", "copy", "skip"]
 _POLICIES = ("average", "copy", "skip")
+NonFinite = Literal["propagate", "skip", "raise"]
+_NONFINITE = ("propagate", "skip", "raise")
 
 # Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 # A cast/offload update stages the model in chunks of this many elements (4 MiB in float32).
 _CHUNK = 1 << 20
+# Modules that hold swapped-in averaged weights right now (any Shadow's), and the state-dict marker key.
+_SWAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_SWAP_MARK = "polyak_swapped"
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -97,8 +107,31 @@ class _Slot:
 
     name: str
     mode: Policy  # "average" or "copy"
-    tensor: Tensor  # the shadow's copy (a view into a flat buffer)
+    tensor: Tensor  # the shadow's copy (a view into a flat buffer); of a DTensor, this rank's shard
     model_dtype: torch.dtype
+    value: Tensor  # what users see: ``tensor``, or a DTensor over it laid out like the model's
+
+
+def _check_layout(slot: _Slot, model_tensor: Tensor) -> None:
+    """Raise unless ``model_tensor`` is sharded (a DTensor) exactly when, and as, the stored tensor is."""
+    stored, given = slot.value is not slot.tensor, distributed.is_dtensor(model_tensor)
+    if stored != given:
+        hint = (
+            "pass the sharded model the average was made from"
+            if stored
+            else "make the averager from the model as it is trained (after fully_shard); a full state loads "
+            "into it with load_state_dict"
+        )
+        raise ValueError(
+            f"tensor {slot.name!r}: the average holds a {'DTensor' if stored else 'plain tensor'}, the model a "
+            f"{'DTensor' if given else 'plain tensor'}; {hint}"
+        )
+    if stored and not distributed.same_layout(slot.value, model_tensor):
+        layout = "{0.placements} on {0.device_mesh}"
+        raise ValueError(
+            f"tensor {slot.name!r}: the average is laid out as {layout.format(slot.value)}, the model as "
+            f"{layout.format(model_tensor)}; shard the model as when the average was made"
+        )
 
 
 @dataclass
@@ -110,15 +143,43 @@ class _Plan:
     keys: list[str]
     live: list[Tensor]  # model tensors, in the shadow's storage order
     links: list[tuple[dict[str, Any], str, nn.Module]]
+    data: list[Tensor]  # what the kernels read and write: ``live``, with DTensors replaced by their local shards
+    dtensors: list[Tensor] = field(default_factory=list)  # the DTensors of ``live`` ...
+    shards: list[Tensor] = field(default_factory=list)  # ... and their local shards, as paired
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
+    guarded: list[_CastLerp] | None = None  # every averaged group staged, for nonfinite="skip"; built on demand
+
+    def staged(self) -> list[_CastLerp]:
+        """Every averaged group as a staged lerp, so that a skipped update can keep the shadow exactly."""
+        if self.guarded is None:
+            self.guarded = [_CastLerp(shadows, models) for shadows, models in self.lerps] + self.casts
+        return self.guarded
+
+    def finite(self) -> Tensor | None:
+        """0-d bool tensor: every averaged model value is finite (no host sync); None when nothing is averaged.
+
+        One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
+        accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
+        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.)
+        """
+        flag: Tensor | None = None
+        groups = [(shadows[0].device, models) for shadows, models in self.lerps]
+        groups += [(cast.scratch.device, cast.models) for cast in self.casts]
+        for device, models in groups:
+            wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
+            ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
+            flag = ok if flag is None else flag & ok.to(flag.device)
+        return flag
 
     def is_current(self) -> bool:
         """True when every model tensor and submodule is still the object the plan was built from."""
         getitem, is_ = operator.getitem, operator.is_
         if not all(map(is_, map(getitem, self.owners, self.keys), self.live)):
             return False
+        if not all(map(is_, map(distributed.local_shard, self.dtensors), self.shards)):
+            return False  # a DTensor got new local storage (e.g. FSDP2's lazy init re-pads its shards)
         dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
         return all(map(is_, map(getitem, dicts, names), children))
 
@@ -185,14 +246,23 @@ class _CastLerp:
                 target = targets
             self.batches.append((target, self.scratch[:offset], views, pieces))
 
-    def run(self, weight: float | Tensor) -> None:
-        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage)."""
+    def run(self, weight: float | Tensor, keep: Tensor | None = None) -> None:
+        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage).
+
+        With ``keep`` (a 0-d bool tensor, True to apply), a False flag stages the shadow's own values in place
+        of the model's, so the lerp leaves the shadow bit for bit as it was, whatever the model holds.
+        """
         models = self.models
         copy = isinstance(weight, float) and weight == 1.0
         for target, staged, views, pieces in self.batches:
             torch._foreach_copy_(
                 views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
             )
+            if keep is not None and isinstance(target, Tensor):
+                torch.where(keep, staged, target, out=staged)
+            elif keep is not None:
+                for view, piece in zip(views, target, strict=True):
+                    torch.where(keep, view, piece, out=view)
             if isinstance(target, Tensor):
                 target.copy_(staged) if copy else target.lerp_(staged, weight)
             elif copy:
@@ -201,11 +271,34 @@ class _CastLerp:
                 torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]  # 0-d tensors work
 
 
+def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``torch._foreach_copy_`` that accepts empty lists (a shadow may hold no tensor at all)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
+def _mark_swapped(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
+    """State-dict hook while swapped: mark the module's metadata entry (kept by ``torch.save``) and warn."""
+    local_metadata[_SWAP_MARK] = True
+    warnings.warn(
+        f"state_dict() of {type(module).__name__} taken inside a `swapped()` block holds the averaged weights, "
+        "not the training weights; polyak.is_swapped_state_dict() tells such a state apart",
+        stacklevel=3,
+    )
+
+
+def is_swapped_state_dict(state: dict[str, Any]) -> bool:
+    """True when ``state`` (a module's ``state_dict()``) was taken while averaged weights were swapped in."""
+    metadata = getattr(state, "_metadata", None) or {}
+    return any(isinstance(entry, dict) and entry.get(_SWAP_MARK) is True for entry in metadata.values())
+
+
 class Shadow:
     """Averaged copies of a module's tensors, paired by qualified name.
 
     Args:
-        module: the model; wrappers (DDP, DataParallel, ``torch.compile``) are looked through.
+        module: the model; wrappers (DDP, DataParallel, ``torch.compile``) are looked through. Of a DTensor
+            (FSDP2) parameter only this rank's shard is stored, shown as a DTensor laid out like the parameter.
         buffers: floating buffers are ``"average"``-d (default), ``"copy"``-ed from the model at each update,
             or ``"skip"``-ped (left to the model). Integer and bool buffers are always copied, never averaged.
         frozen: parameters with ``requires_grad=False`` are ``"copy"``-ed (default), ``"average"``-d or
@@ -245,10 +338,12 @@ class Shadow:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
 
+        distributed.reshard(module)  # FSDP2 keeps some parameters gathered after an evaluation forward
         found, _ = _walk(module)
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
         if adopt:
-            self._slots = [_Slot(f.name, mode, f.tensor.detach(), f.tensor.dtype) for f, mode in chosen]
+            detached = [(f, mode, f.tensor.detach()) for f, mode in chosen]
+            self._slots = [_Slot(f.name, mode, distributed.local(t), f.tensor.dtype, t) for f, mode, t in detached]
         else:
             self._slots = self._allocate(chosen)
         self._by_name = {slot.name: slot for slot in self._slots}
@@ -276,8 +371,8 @@ class Shadow:
     def _storage_dtype(self, tensor: Tensor, mode: Policy) -> torch.dtype:
         if mode == "copy":
             return tensor.dtype
-        if self.dtype is not None:
-            return self.dtype
+        if self.dtype is not None:  # the precision asked for; complex tensors keep their imaginary part
+            return self.dtype.to_complex() if tensor.is_complex() else self.dtype
         return torch.promote_types(tensor.dtype, torch.float32)
 
     def _allocate(self, chosen: Sequence[tuple[_Found, Policy]]) -> list[_Slot]:
@@ -289,11 +384,14 @@ class Shadow:
             groups.setdefault(key, []).append((f, mode))
         slots: list[_Slot] = []
         for (device, dtype, mode, model_dtype, _), members in groups.items():
-            flat = torch.empty(sum(f.tensor.numel() for f, _ in members), dtype=dtype, device=device)
+            shards = [distributed.local(f.tensor) for f, _ in members]  # a DTensor stores its local shard only
+            flat = torch.empty(sum(t.numel() for t in shards), dtype=dtype, device=device)
             offset = 0
-            for f, _ in members:
-                n = f.tensor.numel()
-                slots.append(_Slot(f.name, mode, flat[offset : offset + n].view(f.tensor.shape), model_dtype))
+            for (f, _), shard in zip(members, shards, strict=True):
+                n = shard.numel()
+                view = flat[offset : offset + n].view(shard.shape)
+                value = distributed.sharded_like(view, f.tensor) if shard is not f.tensor else view
+                slots.append(_Slot(f.name, mode, view, model_dtype, value))
                 offset += n
         return slots
 
@@ -301,13 +399,24 @@ class Shadow:
 
     def _plan_for(self, module: nn.Module) -> _Plan:
         """The cached pairing with ``module``, rebuilt (and checked) when the module changed."""
+        if _SWAPPED and unwrap(module) in _SWAPPED:
+            raise RuntimeError(
+                f"the {type(unwrap(module)).__name__} holds averaged weights swapped in by a `swapped()` block that "
+                "is still open; leave that block before updating, copying or swapping again"
+            )
         plan = self._plan
-        if plan is not None and plan.root is module and plan.is_current():
-            return plan
+        if plan is not None and plan.root is module:
+            if plan.is_current():
+                return plan
+            if plan.dtensors:  # FSDP2 may hold gathered parameters after a forward without backward
+                distributed.reshard(module)
+                if plan.is_current():
+                    return plan
         plan = self._plan = self._build_plan(module)
         return plan
 
     def _build_plan(self, module: nn.Module) -> _Plan:
+        distributed.reshard(module)
         found, links = _walk(module)
         by_name = {f.name: f for f in found}
         missing = [slot.name for slot in self._slots if slot.name not in by_name]
@@ -324,31 +433,35 @@ class Shadow:
             )
         pairs = [(slot, by_name[slot.name]) for slot in self._slots]
         for slot, f in pairs:
-            if f.tensor.shape != slot.tensor.shape:
+            if f.tensor.shape != slot.value.shape:
                 raise ValueError(
-                    f"tensor {slot.name!r}: the average has shape {tuple(slot.tensor.shape)}, "
+                    f"tensor {slot.name!r}: the average has shape {tuple(slot.value.shape)}, "
                     f"the model has {tuple(f.tensor.shape)}"
                 )
             if slot.mode == "average" and not (f.tensor.is_floating_point() or f.tensor.is_complex()):
                 raise ValueError(f"tensor {slot.name!r} is averaged but the model holds it as {f.tensor.dtype}")
+            _check_layout(slot, f.tensor)
         plan = _Plan(
             module,
             [f.owner for _, f in pairs],
             [f.key for _, f in pairs],
             [f.tensor for _, f in pairs],
             links,
+            [distributed.local(f.tensor) for _, f in pairs],
         )
+        plan.dtensors = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor)]
+        plan.shards = [distributed.local(t) for t in plan.dtensors]
         # One kernel per (shadow device and dtype, model device and dtype): each flat buffer is one such group.
         groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
-        for slot, f in pairs:
+        for (slot, _), data in zip(pairs, plan.data, strict=True):
             if slot.mode == "copy":
                 plan.copies[0].append(slot.tensor)
-                plan.copies[1].append(f.tensor)
+                plan.copies[1].append(data)
                 continue
-            key = (slot.tensor.device, slot.tensor.dtype, f.tensor.device, f.tensor.dtype)
+            key = (slot.tensor.device, slot.tensor.dtype, data.device, data.dtype)
             groups.setdefault(key, ([], []))
             groups[key][0].append(slot.tensor)
-            groups[key][1].append(f.tensor)
+            groups[key][1].append(data)
         for (device, dtype, model_device, model_dtype), (shadows, models) in groups.items():
             if device == model_device and dtype == model_dtype:
                 plan.lerps.append((shadows, models))
@@ -359,21 +472,56 @@ class Shadow:
     # ------------------------------------------------------------------ the update
 
     @torch.no_grad()
-    def update(self, module: nn.Module, weight: float | Tensor) -> None:
+    def update(self, module: nn.Module, weight: float | Tensor, *, nonfinite: NonFinite = "propagate") -> Tensor | None:
         """``shadow <- shadow + weight * (model - shadow)`` for averaged tensors; copy the copied ones.
 
         ``weight`` is a Python float in [0, 1] or a 0-d tensor on the shadow's device (no host sync either way).
+        ``nonfinite`` says what happens when an averaged model tensor holds inf or NaN:
+
+        - ``"propagate"`` (fastest): nothing is checked; the non-finite values enter the average.
+        - ``"skip"``: the averaged tensors keep their (finite) values bit for bit; copied tensors are still copied.
+          The check and the choice stay on the device: one fused norm per group, then every group is
+          staged through a small buffer where the shadow's own values replace the model's when the flag is
+          False (a lerp by weight 0 would not do: ``0 * NaN`` is NaN). Returns the 0-d bool flag, True when
+          the update was applied (None when nothing is averaged). An average kept on another device than the
+          model (``device="cpu"``) receives the flag with the staged values, a copy that waits anyway.
+        - ``"raise"``: ``RuntimeError`` naming the first non-finite tensor, before anything changes. Reading
+          the flag synchronises with the device.
         """
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         plan = self._plan_for(module)
+        if nonfinite == "skip":
+            keep = plan.finite()
+            if keep is not None:
+                for staged in plan.staged():
+                    staged.run(weight, keep)
+                if plan.copies[0]:
+                    torch._foreach_copy_(*plan.copies)
+                return keep
+        elif nonfinite == "raise":
+            keep = plan.finite()
+            if keep is not None and not bool(keep):
+                self._raise_nonfinite(plan)
         if isinstance(weight, float) and weight == 1.0:
             self._copy_all(plan)
-            return
+            return None
         for shadows, models in plan.lerps:
             torch._foreach_lerp_(shadows, models, weight)  # type: ignore[arg-type]  # 0-d tensors work
         for cast in plan.casts:
             cast.run(weight)
         if plan.copies[0]:
             torch._foreach_copy_(*plan.copies)
+        return None
+
+    def _raise_nonfinite(self, plan: _Plan) -> None:
+        for slot, tensor in zip(self._slots, plan.data, strict=True):  # local shards: no collective
+            if slot.mode == "average" and not bool(torch.isfinite(tensor).all()):
+                raise RuntimeError(
+                    f"model tensor {slot.name!r} holds inf or NaN ({int((~torch.isfinite(tensor)).sum())} of "
+                    f"{tensor.numel()} values); the average was not updated. Skip this step, or build the "
+                    'averager with nonfinite="skip" to leave such updates out'
+                )
 
     @torch.no_grad()
     def update_with(self, module: nn.Module, fn: Callable[..., Any], *, each: bool = False) -> None:
@@ -416,25 +564,38 @@ class Shadow:
     def copy_to(self, module: nn.Module) -> None:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
-        torch._foreach_copy_(plan.live, [slot.tensor for slot in self._slots])
+        _copy(plan.data, [slot.tensor for slot in self._slots])
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
         """Within the block, ``module`` holds the stored tensors; its own are restored on exit, even on error.
 
         The module's tensors are backed up (one copy in the model's dtype) and written back in place, so
-        compiled graphs and optimizers that hold the parameter objects keep working.
+        compiled graphs and optimizers that hold the parameter objects keep working. While swapped, the
+        module refuses a second swap and updates or copies from any shadow (``RuntimeError``), and its
+        ``state_dict()`` warns and is marked: :func:`is_swapped_state_dict` tells such a state apart, also
+        after ``torch.save`` / ``torch.load``, so a checkpoint taken during evaluation is not mistaken for
+        the training weights. Like any ``state_dict()``, its tensors are views of the module's: save or clone
+        them inside the block (after it they read the training weights, and the mark stays, conservatively).
+        Sharded (FSDP2) parameters swap their local shards; their gathered copies are dropped on exit.
         """
         plan = self._plan_for(module)
-        live = list(plan.live)
+        target = unwrap(module)
+        live = list(plan.data)
         with torch.no_grad():
             backup = [t.clone() for t in live]
-            torch._foreach_copy_(live, [slot.tensor for slot in self._slots])
+        _SWAPPED.add(target)
+        hook = target.register_state_dict_post_hook(_mark_swapped)
         try:
+            with torch.no_grad():
+                _copy(live, [slot.tensor for slot in self._slots])
             yield module
         finally:
+            distributed.reshard(module)  # else FSDP2 would keep evaluating/training with the averaged weights
+            hook.remove()
+            _SWAPPED.discard(target)
             with torch.no_grad():
-                torch._foreach_copy_(live, backup)
+                _copy(live, backup)
 
     # ------------------------------------------------------------------ inspection and state
 
@@ -444,8 +605,8 @@ class Shadow:
         return [slot.name for slot in self._slots]
 
     def tensors(self) -> dict[str, Tensor]:
-        """The stored tensors by qualified name (references, not copies)."""
-        return {slot.name: slot.tensor for slot in self._slots}
+        """The stored tensors by qualified name (references, not copies; DTensors where the model has them)."""
+        return {slot.name: slot.value for slot in self._slots}
 
     def modes(self) -> dict[str, Policy]:
         """``"average"`` or ``"copy"`` for each stored tensor."""
@@ -481,10 +642,10 @@ class Shadow:
             value = state[name]
             if not isinstance(value, Tensor):
                 raise TypeError(f"saved tensor {name!r} is a {type(value).__name__}, not a tensor")
-            if value.shape != slot.tensor.shape or value.dtype != slot.tensor.dtype:
+            if value.shape != slot.value.shape or value.dtype != slot.tensor.dtype:
                 raise ValueError(
                     f"saved tensor {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}; this average "
-                    f"holds shape {tuple(slot.tensor.shape)} and dtype {slot.tensor.dtype}"
+                    f"holds shape {tuple(slot.value.shape)} and dtype {slot.tensor.dtype}"
                 )
 
     @torch.no_grad()
@@ -492,10 +653,21 @@ class Shadow:
         """Copy saved tensors in place, after checking all of them (nothing changes on error)."""
         self.check_state_dict(state)
         for name, slot in self._by_name.items():
-            slot.tensor.copy_(state[name])
+            value = state[name]
+            if slot.value is not slot.tensor and not distributed.is_dtensor(value):
+                value = distributed.shard_of(value, slot.value)  # a full tensor: keep this rank's shard
+            slot.value.copy_(value)
 
     def clone_module(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` (unwrapped) holding the stored tensors."""
+        sharded = [slot.name for slot in self._slots if slot.value is not slot.tensor]
+        if sharded:
+            raise RuntimeError(
+                f"cannot build an averaged model: the average is sharded across ranks ({sharded[0]!r} is a "
+                "DTensor) and a sharded (FSDP2) model cannot be deep-copied. Use swapped(model) to evaluate with "
+                "the averaged weights, or polyak.distributed.full_state_dict(averager.state_dict()['shadow']) to "
+                "gather them on rank 0 for an unsharded model."
+            )
         duplicate = copy_module(module)
         self._plan = None
         self.copy_to(duplicate)

@@ -183,8 +183,13 @@ class AveragedModel(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self.module = copy_module(model)
-        if device is not None or dtype is not None:
-            self.module.to(device=device, dtype=dtype)
+        if device is not None:
+            self.module.to(device=device)
+        if (
+            dtype is not None
+        ):  # not Module.to(dtype): it would cast complex tensors to real, dropping their imaginary part
+            wanted = {True: dtype.to_complex(), False: dtype}
+            self.module._apply(lambda t: t.to(wanted[t.is_complex()]) if t.is_floating_point() or t.is_complex() else t)
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
         self.avg_fn = avg_fn
         self.multi_avg_fn = multi_avg_fn
