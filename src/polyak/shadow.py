@@ -113,11 +113,20 @@ class _Plan:
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
+    # Model tensors read through a merged flat run (see _merge_runs), and their data pointers at build time.
+    watched: list[Tensor] = field(default_factory=list)
+    pointers: list[int] = field(default_factory=list)
 
     def is_current(self) -> bool:
-        """True when every model tensor and submodule is still the object the plan was built from."""
+        """True when every model tensor and submodule is still the object the plan was built from.
+
+        Tensors read through a merged run must also still own the same memory: ``model.to(...)`` and
+        ``p.data = ...`` keep the object but replace its storage.
+        """
         getitem, is_ = operator.getitem, operator.is_
         if not all(map(is_, map(getitem, self.owners, self.keys), self.live)):
+            return False
+        if self.watched and list(map(Tensor.data_ptr, self.watched)) != self.pointers:
             return False
         dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
         return all(map(is_, map(getitem, dicts, names), children))
@@ -140,6 +149,52 @@ def _batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, in
             used += b - a
     if batch:
         yield batch
+
+
+def _adjacent(a: Tensor, b: Tensor) -> bool:
+    """True when contiguous ``b`` starts where contiguous ``a`` ends, in the same storage and dtype."""
+    return (
+        a.dtype == b.dtype
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() + a.numel() == b.storage_offset()
+    )
+
+
+def _flat(first: Tensor, numel: int) -> Tensor:
+    """A 1-d view of ``numel`` elements of ``first``'s storage, starting at ``first``."""
+    return first.detach().as_strided((numel,), (1,), first.storage_offset())
+
+
+def _merge_runs(plan: _Plan, shadows: list[Tensor], models: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Merge consecutive pairs whose shadows and model tensors both tile one storage into one flat pair.
+
+    A model laid out by :func:`polyak.flatten_parameters` becomes a single pair per group: one kernel per
+    update. The model tensors of merged runs are added to ``plan.watched`` so that a changed layout is
+    noticed and the plan rebuilt.
+    """
+    merged_shadows: list[Tensor] = []
+    merged_models: list[Tensor] = []
+    start = 0
+    for stop in range(1, len(shadows) + 1):
+        if (
+            stop < len(shadows)
+            and _adjacent(shadows[stop - 1], shadows[stop])
+            and _adjacent(models[stop - 1], models[stop])
+        ):
+            continue
+        if stop - start == 1:
+            merged_shadows.append(shadows[start])
+            merged_models.append(models[start])
+        else:
+            numel = sum(t.numel() for t in models[start:stop])
+            merged_shadows.append(_flat(shadows[start], numel))
+            merged_models.append(_flat(models[start], numel))
+            plan.watched.extend(models[start:stop])
+        start = stop
+    plan.pointers = [t.data_ptr() for t in plan.watched]
+    return merged_shadows, merged_models
 
 
 class _CastLerp:
@@ -336,9 +391,11 @@ class Shadow:
             groups[key][1].append(f.tensor)
         for (_, same), (shadows, models) in groups.items():
             if same:
-                plan.lerps.append((shadows, models))
+                plan.lerps.append(_merge_runs(plan, shadows, models))
             else:
                 plan.casts.append(_CastLerp(shadows, models))
+        if plan.copies[0]:
+            plan.copies = _merge_runs(plan, *plan.copies)
         return plan
 
     # ------------------------------------------------------------------ the update
