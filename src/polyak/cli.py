@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from . import __version__
 
 # name -> (module, one-line summary)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("polyak.bench", "time the averaging update against the memory-bandwidth floor and other libraries"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
