@@ -151,6 +151,14 @@ def _batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, in
         yield batch
 
 
+def _foreach_lerp(shadows: list[Tensor], models: list[Tensor], weight: float | Tensor) -> None:
+    """``_foreach_lerp_`` by a float or a 0-d tensor; a tensor goes per tensor (as a Scalar it would sync)."""
+    if isinstance(weight, Tensor):
+        torch._foreach_lerp_(shadows, models, [weight] * len(shadows))
+    else:
+        torch._foreach_lerp_(shadows, models, weight)
+
+
 def _adjacent(a: Tensor, b: Tensor) -> bool:
     """True when contiguous ``b`` starts where contiguous ``a`` ends, in the same storage and dtype."""
     return (
@@ -246,7 +254,7 @@ class _CastLerp:
             elif copy:
                 torch._foreach_copy_(target, views)
             else:
-                torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]  # 0-d tensors work
+                _foreach_lerp(target, views, weight)
 
 
 class Shadow:
@@ -411,7 +419,7 @@ class Shadow:
             self._copy_all(plan)
             return
         for shadows, models in plan.lerps:
-            torch._foreach_lerp_(shadows, models, weight)  # type: ignore[arg-type]  # 0-d tensors work
+            _foreach_lerp(shadows, models, weight)
         for cast in plan.casts:
             cast.run(weight)
         if plan.copies[0]:
