@@ -64,3 +64,22 @@ def test_update_every_costs_one_update_per_k_calls():
     every = census_of_updates(EMA(model, decay=0.99, update_every=4), calls=8)
     once = census_of_updates(EMA(copy.deepcopy(model), decay=0.99))
     assert every.ops == 2 * once.ops
+
+
+def test_offload_double_buffering_on_cpu(monkeypatch):
+    """The overlapped offload schedule (copy batch b+1, then lerp batch b), run with a CPU stand-in for the GPU."""
+    monkeypatch.setattr("polyak.shadow._CHUNK", 64)
+    monkeypatch.setattr("polyak.shadow._offloaded", lambda shadow, model: True)
+    model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 3), nn.Linear(3, 1)).to(torch.bfloat16)
+    ema, reference = EMA(model, decay=0.5), EMA(copy.deepcopy(model), decay=0.5, dtype=torch.float64)
+    assert len(ema.shadow._plan.casts[0].scratches) == 2 and len(ema.shadow._plan.casts[0].batches) > 4
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), reference.model.parameters(), strict=True):
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype))
+                q.copy_(p)
+        ema.update()
+        reference.update()
+    for name, value in ema.shadow.tensors().items():
+        torch.testing.assert_close(value.double(), reference.shadow.tensors()[name], msg=name)

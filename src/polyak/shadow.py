@@ -205,31 +205,46 @@ def _merge_runs(plan: _Plan, shadows: list[Tensor], models: list[Tensor]) -> tup
     return merged_shadows, merged_models
 
 
+def _offloaded(shadow: Tensor, model: Tensor) -> bool:
+    """True when the shadow is in host memory and the model on a GPU: copies can overlap the CPU's lerps."""
+    return shadow.device.type == "cpu" and model.device.type == "cuda"
+
+
 class _CastLerp:
     """Lerp of shadows from model tensors of another dtype or device, staged through a small buffer.
 
     Reads the model once and the shadow once, with no full-size temporary: batches of whole tensors (or
     pieces of large ones) are copied into a reusable buffer of at most ``_CHUNK`` elements, then each batch
-    is one lerp over the contiguous range of the shadow's flat buffer that it covers.
+    is one lerp over the contiguous range of the shadow's flat buffer that it covers. For a shadow offloaded
+    to the CPU, two pinned buffers alternate: batch b+1 is copied from the GPU (non-blocking) while the CPU
+    lerps batch b, and nothing is staged in GPU memory.
     """
 
     def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor]) -> None:
         self.models = list(models)
         sizes = [s.numel() for s in shadows]
-        self.scratch = torch.empty(min(sum(sizes), _CHUNK), dtype=shadows[0].dtype, device=shadows[0].device)
+        self.overlap = _offloaded(shadows[0], models[0])
+        cuda = models[0].device.type == "cuda"
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.overlap and cuda else []
+        capacity = min(sum(sizes), _CHUNK)
+        self.scratches = [
+            torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device, pin_memory=self.overlap and cuda)
+            for _ in range(2 if self.overlap else 1)
+        ]
         contiguous = all(a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows))
         flat = shadows[0]._base if shadows[0]._base is not None else shadows[0]
         # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
         # tensor, and the model pieces (tensor index, start, stop, whole tensor?).
         self.batches: list[tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]]]] = []
-        for batch in _batches(sizes, max(self.scratch.numel(), 1)):
+        for number, batch in enumerate(_batches(sizes, max(capacity, 1))):
+            scratch = self.scratches[number % len(self.scratches)]
             views: list[Tensor] = []
             targets: list[Tensor] = []
             pieces: list[tuple[int, int, int, bool]] = []
             offset = 0
             for i, a, b in batch:
                 whole = (a, b) == (0, sizes[i])
-                view = self.scratch[offset : offset + b - a]
+                view = scratch[offset : offset + b - a]
                 views.append(view.view(shadows[i].shape) if whole else view)
                 targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
                 pieces.append((i, a, b, whole))
@@ -239,22 +254,36 @@ class _CastLerp:
                 target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
             else:
                 target = targets
-            self.batches.append((target, self.scratch[:offset], views, pieces))
+            self.batches.append((target, scratch[:offset], views, pieces))
 
     def run(self, weight: float | Tensor) -> None:
         """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage)."""
         models = self.models
+        for number, (_, _, views, pieces) in enumerate(self.batches):
+            sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+            torch._foreach_copy_(views, sources, non_blocking=self.overlap)
+            if not self.overlap:
+                self._fold(number, weight)
+                continue
+            if self.events:
+                self.events[number % 2].record()
+            if number:  # lerp the previous batch while this one is in flight
+                self._fold(number - 1, weight)
+        if self.overlap and self.batches:
+            self._fold(len(self.batches) - 1, weight)
+
+    def _fold(self, number: int, weight: float | Tensor) -> None:
+        """Lerp (or copy, for a weight of 1.0) the staged batch ``number`` into the shadow."""
+        target, staged, views, _ = self.batches[number]
+        if self.events:
+            self.events[number % 2].synchronize()  # its copy from the GPU has landed
         copy = isinstance(weight, float) and weight == 1.0
-        for target, staged, views, pieces in self.batches:
-            torch._foreach_copy_(
-                views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-            )
-            if isinstance(target, Tensor):
-                target.copy_(staged) if copy else target.lerp_(staged, weight)
-            elif copy:
-                torch._foreach_copy_(target, views)
-            else:
-                _foreach_lerp(target, views, weight)
+        if isinstance(target, Tensor):
+            target.copy_(staged) if copy else target.lerp_(staged, weight)
+        elif copy:
+            torch._foreach_copy_(target, views)
+        else:
+            _foreach_lerp(target, views, weight)
 
 
 class Shadow:
