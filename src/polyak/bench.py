@@ -410,6 +410,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     header = f"polyak bench on {device.type} ({machine}), torch {torch.__version__}, decay {DECAY}"
+    if args.quick:
+        header += " (--quick: small shapes, where per-call overhead dominates; the goals are for the full shapes)"
     if args.json:
         data = {
             "machine": header,
