@@ -53,6 +53,12 @@ def test_flat_model_updates_with_one_kernel_per_group():
     assert shadow._plan is not None and len(shadow._plan.lerps[0][0]) == len(shadow._plan.copies[0]) == 1
 
 
+def test_flat_bf16_model_is_staged_with_one_copy_per_batch():
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(300)]).to(torch.bfloat16)
+    flatten_parameters(model)
+    assert update_ops(Shadow(model), model) == ["aten.copy_.default", "aten.lerp_.Scalar"]
+
+
 def test_frozen_tensors_split_the_run_but_stay_correct():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].requires_grad_(False)  # copied, not averaged: the averaged run has a gap
@@ -76,8 +82,10 @@ def test_frozen_tensors_split_the_run_but_stay_correct():
         lambda m: None,  # no change: still flat
     ],
 )
-def test_broken_layout_falls_back_correctly(breaks):
-    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_broken_layout_falls_back_correctly(breaks, dtype, monkeypatch):
+    monkeypatch.setattr("polyak.shadow._CHUNK", 16)  # bf16: staged in several batches, some across tensors
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)).to(dtype)
     flatten_parameters(model)
     ema = EMA(model, decay=0.5)
     ema.update()

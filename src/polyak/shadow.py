@@ -170,9 +170,16 @@ def _adjacent(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def _flat(first: Tensor, numel: int) -> Tensor:
-    """A 1-d view of ``numel`` elements of ``first``'s storage, starting at ``first``."""
-    return first.detach().as_strided((numel,), (1,), first.storage_offset())
+def _flat(first: Tensor, numel: int, skip: int = 0) -> Tensor:
+    """A 1-d view of ``numel`` elements of ``first``'s storage, starting ``skip`` elements into ``first``."""
+    return first.detach().as_strided((numel,), (1,), first.storage_offset() + skip)
+
+
+def _tiled(models: Sequence[Tensor], batch: Sequence[tuple[int, int, int]], sizes: Sequence[int]) -> bool:
+    """True when the pieces ``(index, start, stop)`` of ``models`` follow each other in one storage."""
+    return models[batch[0][0]].is_contiguous() and all(
+        b == sizes[i] and c == 0 and _adjacent(models[i], models[j]) for (i, _, b), (j, c, _) in pairwise(batch)
+    )
 
 
 def _merge_runs(plan: _Plan, shadows: list[Tensor], models: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -201,7 +208,6 @@ def _merge_runs(plan: _Plan, shadows: list[Tensor], models: list[Tensor]) -> tup
             merged_models.append(_flat(models[start], numel))
             plan.watched.extend(models[start:stop])
         start = stop
-    plan.pointers = [t.data_ptr() for t in plan.watched]
     return merged_shadows, merged_models
 
 
@@ -215,7 +221,8 @@ class _CastLerp:
 
     Reads the model once and the shadow once, with no full-size temporary: batches of whole tensors (or
     pieces of large ones) are copied into a reusable buffer of at most ``_CHUNK`` elements, then each batch
-    is one lerp over the contiguous range of the shadow's flat buffer that it covers. For a shadow offloaded
+    is one lerp over the contiguous range of the shadow's flat buffer that it covers. A batch whose model
+    tensors tile one storage (see :func:`polyak.flatten_parameters`) is staged with one copy. For a shadow offloaded
     to the CPU, two pinned buffers alternate: batch b+1 is copied from the GPU (non-blocking) while the CPU
     lerps batch b, and nothing is staged in GPU memory.
     """
@@ -234,8 +241,12 @@ class _CastLerp:
         contiguous = all(a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows))
         flat = shadows[0]._base if shadows[0]._base is not None else shadows[0]
         # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
-        # tensor, and the model pieces (tensor index, start, stop, whole tensor?).
-        self.batches: list[tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]]]] = []
+        # tensor, the model pieces (tensor index, start, stop, whole tensor?), and the model range when the
+        # pieces tile one storage (its tensors are then watched by the plan).
+        self.batches: list[
+            tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]], Tensor | None]
+        ] = []
+        self.watched: list[Tensor] = []
         for number, batch in enumerate(_batches(sizes, max(capacity, 1))):
             scratch = self.scratches[number % len(self.scratches)]
             views: list[Tensor] = []
@@ -254,14 +265,21 @@ class _CastLerp:
                 target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
             else:
                 target = targets
-            self.batches.append((target, scratch[:offset], views, pieces))
+            source = None
+            if len(batch) > 1 and _tiled(self.models, batch, sizes):
+                source = _flat(self.models[batch[0][0]], offset, batch[0][1])
+                self.watched.extend(self.models[i] for i, _, _ in batch)
+            self.batches.append((target, scratch[:offset], views, pieces, source))
 
     def run(self, weight: float | Tensor) -> None:
         """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage)."""
         models = self.models
-        for number, (_, _, views, pieces) in enumerate(self.batches):
-            sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-            torch._foreach_copy_(views, sources, non_blocking=self.overlap)
+        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
+            if source is not None:
+                staged.copy_(source, non_blocking=self.overlap)
+            else:
+                sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+                torch._foreach_copy_(views, sources, non_blocking=self.overlap)
             if not self.overlap:
                 self._fold(number, weight)
                 continue
@@ -274,7 +292,7 @@ class _CastLerp:
 
     def _fold(self, number: int, weight: float | Tensor) -> None:
         """Lerp (or copy, for a weight of 1.0) the staged batch ``number`` into the shadow."""
-        target, staged, views, _ = self.batches[number]
+        target, staged, views, _, _ = self.batches[number]
         if self.events:
             self.events[number % 2].synchronize()  # its copy from the GPU has landed
         copy = isinstance(weight, float) and weight == 1.0
@@ -431,8 +449,10 @@ class Shadow:
                 plan.lerps.append(_merge_runs(plan, shadows, models))
             else:
                 plan.casts.append(_CastLerp(shadows, models))
+                plan.watched.extend(plan.casts[-1].watched)
         if plan.copies[0]:
             plan.copies = _merge_runs(plan, *plan.copies)
+        plan.pointers = [t.data_ptr() for t in plan.watched]
         return plan
 
     # ------------------------------------------------------------------ the update
