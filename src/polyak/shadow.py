@@ -113,7 +113,8 @@ class _Plan:
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
-    # Model tensors read through a merged flat run (see _merge_runs), and their data pointers at build time.
+    # Model tensors read through a flat view of their storage (merged runs, tiled cast batches), and their
+    # data pointers when the plan was built.
     watched: list[Tensor] = field(default_factory=list)
     pointers: list[int] = field(default_factory=list)
 
@@ -222,9 +223,9 @@ class _CastLerp:
     Reads the model once and the shadow once, with no full-size temporary: batches of whole tensors (or
     pieces of large ones) are copied into a reusable buffer of at most ``_CHUNK`` elements, then each batch
     is one lerp over the contiguous range of the shadow's flat buffer that it covers. A batch whose model
-    tensors tile one storage (see :func:`polyak.flatten_parameters`) is staged with one copy. For a shadow offloaded
-    to the CPU, two pinned buffers alternate: batch b+1 is copied from the GPU (non-blocking) while the CPU
-    lerps batch b, and nothing is staged in GPU memory.
+    tensors tile one storage (see :func:`polyak.flatten_parameters`) is staged with one copy. For a shadow
+    offloaded to the CPU, two pinned buffers alternate: batch b+1 is copied from the GPU (non-blocking) while
+    the CPU lerps batch b; GPU memory holds at most one chunk in transit (a dtype conversion on the way).
     """
 
     def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor]) -> None:
