@@ -2,9 +2,10 @@
 
 An EMA update reads the model once and reads and writes the average once. The floor is one ``lerp_`` over a
 single contiguous float32 buffer with as many elements as the model averages: no update can move less memory.
-Every implementation is timed in the same rounds as the floor, in rotating order, and reported as the median
-over rounds of (its time / the floor's time in that round), so machine load cancels out. Operations, host
-syncs and allocations are counted at the ATen dispatcher; memory is what the implementation keeps alive.
+Every implementation is timed between two runs of the floor, in an order that rotates from round to round,
+and reported as the median over rounds of its time over the floors' geometric mean, with the quartiles, so
+load that changes over seconds cancels out. Operations, host syncs and allocations are counted at the ATen
+dispatcher; memory is what the implementation keeps alive, found by scanning the live tensors.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Result:
     name: str
     ms: float  # median time per call (per optimizer step), in milliseconds
     ratio: float  # median over rounds of time / floor time
+    ratio_quartiles: tuple[float, float]  # the spread of that ratio over rounds
+    rounds: int  # timed rounds
     gb_per_s: float  # the update's minimum traffic divided by its time
     ops: float  # ATen operations per call
     syncs: float  # host synchronisations (_local_scalar_dense) per call
@@ -309,6 +312,8 @@ def measure(model: nn.Module, chosen: Sequence[Contender], repeats: int, budget_
                 contender.name,
                 median * 1e3,
                 statistics.median(ratio),
+                _quartiles(ratio),
+                r,
                 nbytes / median / 1e9,
                 ops,
                 syncs,
@@ -318,6 +323,13 @@ def measure(model: nn.Module, chosen: Sequence[Contender], repeats: int, budget_
             )
         )
     return results
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    low, _, high = statistics.quantiles(values, n=4)
+    return low, high
 
 
 # ---------------------------------------------------------------------- goals and output
@@ -364,15 +376,18 @@ def _markdown(reports: Sequence[ShapeReport], header: str, skipped: Sequence[str
     out = [header, ""]
     for report in reports:
         out += [
-            f"### {SHAPES[report.shape][2]}: {report.tensors} tensors, {report.elements / 1e6:.2f}M averaged elements",
+            f"### {SHAPES[report.shape][2]}: {report.tensors} tensors, {report.elements / 1e6:.2f}M averaged elements,"
+            f" {report.results[0].rounds} rounds",
             "",
-            "| implementation | ms/step | x floor | GB/s | aten ops | syncs | alloc MB | extra memory (x params) |",
+            "| implementation | ms/step | x floor (quartiles) | GB/s | aten ops | syncs | alloc MB | extra memory"
+            " (x params) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in report.results:
             name = f"{r.name} ({r.note})" if r.note else r.name
             out.append(
-                f"| {name} | {r.ms:.2f} | {r.ratio:.2f} | {r.gb_per_s:.1f} | {r.ops:g} | {r.syncs:g} | "
+                f"| {name} | {r.ms:.2f} | {r.ratio:.2f} ({r.ratio_quartiles[0]:.2f}-{r.ratio_quartiles[1]:.2f}) |"
+                f" {r.gb_per_s:.1f} | {r.ops:g} | {r.syncs:g} | "
                 f"{r.alloc_mb:.1f} | {r.extra_memory:.2f} |"
             )
         out.append("")
