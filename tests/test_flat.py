@@ -102,3 +102,5 @@ def test_broken_layout_falls_back_correctly(breaks, dtype, monkeypatch):
 def test_bad_input_is_named():
     with pytest.raises(TypeError, match="model must be a torch"):
         flatten_parameters([torch.zeros(2)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"cannot flatten 1\.weight: it is a UninitializedParameter"):
+        flatten_parameters(nn.Sequential(nn.Linear(2, 2), nn.LazyLinear(3)))

@@ -35,13 +35,20 @@ def flatten_parameters(model: nn.Module, *, buffers: bool = True) -> dict[tuple[
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     tensors: list[Tensor] = []
     seen: set[int] = set()
-    for module in unwrap(model).modules():
+    for prefix, module in unwrap(model).named_modules():
         owners = (module._parameters, module._buffers) if buffers else (module._parameters,)
         for owner in owners:
-            for tensor in owner.values():
-                if tensor is not None and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    tensors.append(tensor)
+            for key, tensor in owner.items():
+                if tensor is None or id(tensor) in seen:
+                    continue
+                if type(tensor) not in (Tensor, nn.Parameter):
+                    raise TypeError(
+                        f"cannot flatten {prefix + '.' if prefix else ''}{key}: it is a {type(tensor).__name__}, "
+                        "which manages its own storage (DTensor, lazy and other tensor subclasses); "
+                        "use the model as it is"
+                    )
+                seen.add(id(tensor))
+                tensors.append(tensor)
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
