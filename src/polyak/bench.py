@@ -36,6 +36,7 @@ from .flat import flatten_parameters
 __all__ = ["Census", "Contender", "configure", "contenders", "measure", "run"]
 
 DECAY = 0.999
+_SAMPLE_S = 0.05  # shortest timed sample, in seconds
 Step = Callable[[], None]
 
 
@@ -269,19 +270,25 @@ def measure(model: nn.Module, chosen: Sequence[Contender], repeats: int, budget_
         with Census() as census:
             for _ in range(contender.calls):
                 step()
-        calls = contender.calls
+        n = contender.calls
         extra = kept / _parameter_bytes(subject)
-        counts.append((census.ops / calls, census.syncs / calls, census.allocated / calls / 1e6, extra))
+        counts.append((census.ops / n, census.syncs / n, census.allocated / n / 1e6, extra))
         steps.append(step)
     _synchronize(device)
+
+    calls = [contender.calls for contender in chosen]
 
     def timed(i: int) -> float:
         _synchronize(device)
         start = time.perf_counter()
-        for _ in range(chosen[i].calls):
+        for _ in range(calls[i]):
             steps[i]()
         _synchronize(device)
-        return (time.perf_counter() - start) / chosen[i].calls
+        return (time.perf_counter() - start) / calls[i]
+
+    # A sample lasts at least _SAMPLE_S, so that a time slice lent to another process is a small part of it.
+    for i, contender in enumerate(chosen):
+        calls[i] = contender.calls * max(1, math.ceil(_SAMPLE_S / max(timed(i) * contender.calls, 1e-9)))
 
     # Each contender is timed between two floor runs and compared with their geometric mean, so load that
     # changes over seconds cancels out; the order rotates from round to round.
