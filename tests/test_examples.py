@@ -20,3 +20,9 @@ def test_quickstart_runs():
     results = load("quickstart").main(steps=300)
     assert set(results) == {"last iterate", "EMA 0.99", "SWA (2nd half)"}
     assert all(math.isfinite(v) and v > 0 for v in results.values())
+
+
+def test_swa_mnist1d_runs():
+    results = load("swa_mnist1d").main(epochs=2, num_samples=600)
+    assert len(results) == 3
+    assert all(0.0 <= v <= 1.0 for v in results.values())

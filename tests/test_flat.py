@@ -104,3 +104,27 @@ def test_bad_input_is_named():
         flatten_parameters([torch.zeros(2)])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"cannot flatten 1\.weight: it is a UninitializedParameter"):
         flatten_parameters(nn.Sequential(nn.Linear(2, 2), nn.LazyLinear(3)))
+
+
+@pytest.mark.parametrize("offload_stand_in", [False, True])
+def test_flat_model_with_nonfinite_skip(offload_stand_in, monkeypatch):
+    """A skipped update keeps the average bit for bit through merged runs and the double-buffered schedule."""
+    monkeypatch.setattr("polyak.shadow._CHUNK", 16)
+    if offload_stand_in:
+        monkeypatch.setattr("polyak.shadow._offloaded", lambda shadow, model: True)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    flatten_parameters(model)
+    ema = EMA(model, decay=0.5, nonfinite="skip")
+    ema.update()
+    before = {k: v.clone() for k, v in ema.shadow.tensors().items()}
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    ema.update()
+    for name, value in ema.shadow.tensors().items():
+        assert torch.equal(value, before[name]), name
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3.0)
+    ema.update()
+    for name, value in ema.shadow.tensors().items():
+        torch.testing.assert_close(value, (before[name] + 3.0) / 2, msg=name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from models import FrozenBackbone, SmallCNN, TinyTransformer, train_steps
@@ -215,3 +217,44 @@ def test_bad_options_are_named():
         Shadow(SmallCNN(), buffers="mean")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="dtype"):
         Shadow(SmallCNN(), dtype=torch.int32)
+
+
+def test_adopted_storage_is_the_module_and_one_kernel_per_group():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    average = copy.deepcopy(model)
+    shadow = Shadow(average, adopt=True)
+    assert all(shadow.tensors()[n].data_ptr() == t.data_ptr() for n, t in average.state_dict().items())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref: dict[str, torch.Tensor] = {}
+    float64_reference(model, shadow, 1.0, ref)
+    shadow.update(model, 1.0)
+    for _ in range(5):
+        train_steps(model, optimizer, 1)
+        shadow.update(model, 0.3)
+        float64_reference(model, shadow, 0.3, ref)
+    for name, value in average.state_dict().items():
+        torch.testing.assert_close(value.double(), ref[name].double(), rtol=1e-6, atol=1e-6)
+    wide = nn.Sequential(*[nn.Linear(4, 4) for _ in range(200)])
+    adopted = Shadow(copy.deepcopy(wide), adopt=True)
+    adopted.update(wide, 0.5)
+    with OpCounter() as counter:
+        adopted.update(wide, 0.5)
+    assert len(counter.ops) == 1, counter.ops
+    with pytest.raises(ValueError, match="adopt"):
+        Shadow(wide, adopt=True, dtype=torch.float64)
+
+
+def test_update_with_calls_the_function_once_per_group():
+    model = FrozenBackbone()
+    shadow = Shadow(model.double(), dtype=torch.float64)
+    calls = []
+
+    def halve(shadows, models):
+        calls.append(len(shadows))
+        torch._foreach_lerp_(shadows, models, 0.5)
+
+    shadow.update_with(model.float(), halve)  # averaged tensors are float64, the model float32: passed converted
+    assert calls == [3]  # head.weight, head.bias, scale
+    shadow.update_with(model, lambda s, m: m * 2, each=True)
+    torch.testing.assert_close(shadow.tensors()["head.bias"], model.head.bias.double() * 2)

@@ -3,11 +3,24 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import rules
-from .ema import EMA, SWA, Averager
+from . import rules, swa_utils
+from .bn import update_bn
+from .ema import EMA, SWA, Averager, load_state
 from .flat import flatten_parameters
-from .shadow import Shadow
+from .shadow import Shadow, is_swapped_state_dict
 
-__all__ = ["EMA", "SWA", "Averager", "Shadow", "__version__", "flatten_parameters", "rules"]
+__all__ = [
+    "EMA",
+    "SWA",
+    "Averager",
+    "Shadow",
+    "__version__",
+    "flatten_parameters",
+    "is_swapped_state_dict",
+    "load_state",
+    "rules",
+    "swa_utils",
+    "update_bn",
+]
 
 __version__ = "0.1.0"

@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
-from .shadow import Policy, Shadow
+from .shadow import _NONFINITE, NonFinite, Policy, Shadow
 
-__all__ = ["EMA", "SWA", "Averager"]
+__all__ = ["EMA", "SWA", "Averager", "load_state"]
 
 _FORMAT = "polyak.averager/1"
+_COUNTERS = ("step", "num_updates", "last_update_step", "skipped_updates")
+
+
+def load_state(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Read an averager state saved with ``torch.save(averager.state_dict(), path)``, safely.
+
+    Only tensors and plain Python values are unpickled (``weights_only=True``). A file that is missing,
+    truncated, corrupt or not a polyak state raises a one-line ``ValueError`` (``FileNotFoundError`` if absent).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no averager state at {os.fspath(path)!r}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... from deep inside
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"cannot read averager state {os.fspath(path)!r}: the file is truncated, corrupt or holds "
+            f"objects other than tensors and plain values ({type(error).__name__}: {reason[:200]})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{os.fspath(path)!r} is not a polyak averager state (format {found!r}, expected {_FORMAT!r})")
+    return state
 
 
 class Averager:
@@ -31,6 +55,12 @@ class Averager:
         rule: the weight schedule.
         update_every: optimizer steps between updates (>= 1).
         start_step: optimizer steps to wait before averaging begins (>= 0).
+        nonfinite: what an update does when an averaged model tensor holds inf or NaN: ``"propagate"``
+            (default, no check: the average turns non-finite too, visibly), ``"skip"`` (the average keeps
+            its values, :attr:`skipped_updates` counts it; decided on the device, no host sync) or
+            ``"raise"`` (``RuntimeError`` naming the tensor before anything changes; syncs with the device).
+            A skipped update still counts as a step in time; a refused one (``"raise"``) does not count at
+            all. Steps that ``GradScaler`` skips never reach an attached averager, so they are no steps.
         buffers, frozen, exclude, include_nonpersistent, dtype, device: what is averaged and how it is
             stored; see :class:`~polyak.shadow.Shadow`. By default the average is float32 or wider.
     """
@@ -42,6 +72,7 @@ class Averager:
         *,
         update_every: int = 1,
         start_step: int = 0,
+        nonfinite: NonFinite = "propagate",
         buffers: Policy = "average",
         frozen: Policy = "copy",
         exclude: Iterable[str] = (),
@@ -59,10 +90,13 @@ class Averager:
             )
         if not (isinstance(start_step, int) and start_step >= 0):
             raise ValueError(f"start_step must be an int >= 0 (optimizer steps), got {start_step!r}")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         self.model = model
         self.rule = rule
         self.update_every = update_every
         self.start_step = start_step
+        self.nonfinite: NonFinite = nonfinite
         self.shadow = Shadow(
             model,
             buffers=buffers,
@@ -75,6 +109,7 @@ class Averager:
         self.step = 0  # optimizer steps seen (calls to update)
         self.num_updates = 0  # updates folded into the average
         self.last_update_step = 0  # averaging time (step - start_step) of the last update
+        self._skipped: int | Tensor = 0  # updates skipped for non-finite values (a device tensor once counted)
         self._swapped = False
 
     # ------------------------------------------------------------------ updating
@@ -92,14 +127,20 @@ class Averager:
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; on every ``update_every``-th step, fold ``model`` into the average."""
         self._check_not_swapped("update")
+        t = self.step + 1 - self.start_step
+        if t >= 1 and t % self.update_every == 0:
+            weight = self.rule.weight(t, t - self.last_update_step)
+            applied = self.shadow.update(self._model(model), weight, nonfinite=self.nonfinite)
+            if applied is not None:
+                self._skipped = self._skipped + ~applied
+            self.last_update_step = t
+            self.num_updates += 1
         self.step += 1
-        t = self.step - self.start_step
-        if t < 1 or t % self.update_every:
-            return
-        weight = self.rule.weight(t, t - self.last_update_step)
-        self.shadow.update(self._model(model), weight)
-        self.last_update_step = t
-        self.num_updates += 1
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates left out for non-finite values (``nonfinite="skip"``); reading it syncs with the device."""
+        return int(self._skipped)
 
     def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
         """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle.
@@ -121,7 +162,12 @@ class Averager:
 
     @contextmanager
     def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """Within the block the model holds the averaged weights; its own come back on exit, even on error."""
+        """Within the block the model holds the averaged weights; its own come back on exit, even on error.
+
+        Refused (``RuntimeError``) before the first update and while the model is already swapped (by this or
+        any other averager). Inside the block, ``model.state_dict()`` warns and is marked as holding the
+        average: check a checkpoint with :func:`polyak.is_swapped_state_dict`.
+        """
         self._check_ready("swap")
         self._swapped = True
         try:
@@ -160,6 +206,7 @@ class Averager:
             "step": self.step,
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
+            "skipped_updates": self.skipped_updates,
             "shadow": self.shadow.state_dict(),
         }
 
@@ -176,10 +223,17 @@ class Averager:
                     f"saved averager has {key}={state.get(key)!r} but this one has {key}={value!r}; "
                     "build the averager with the same settings before loading"
                 )
-        self.shadow.load_state_dict(state["shadow"])
-        self.step = int(state["step"])
-        self.num_updates = int(state["num_updates"])
-        self.last_update_step = int(state["last_update_step"])
+        counters = {}
+        for key in _COUNTERS:
+            value = state.get(key)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"saved averager has {key}={value!r}; expected an int >= 0. The state is damaged")
+            counters[key] = value
+        self.shadow.load_state_dict(state.get("shadow"))  # type: ignore[arg-type]  # checked there
+        self.step = counters["step"]
+        self.num_updates = counters["num_updates"]
+        self.last_update_step = counters["last_update_step"]
+        self._skipped = counters["skipped_updates"]
 
     def __repr__(self) -> str:
         return (

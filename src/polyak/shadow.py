@@ -12,8 +12,11 @@ not by position, and knows nothing about which rule produced ``w``.
 from __future__ import annotations
 
 import copy
+import math
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -23,15 +26,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Policy", "Shadow", "canonical_name", "unwrap"]
+__all__ = ["NonFinite", "Policy", "Shadow", "canonical_name", "copy_module", "is_swapped_state_dict", "unwrap"]
 
 Policy = Literal["average", "copy", "skip"]
 _POLICIES = ("average", "copy", "skip")
+NonFinite = Literal["propagate", "skip", "raise"]
+_NONFINITE = ("propagate", "skip", "raise")
 
 # Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 # A cast/offload update stages the model in chunks of this many elements (4 MiB in float32).
 _CHUNK = 1 << 20
+# Modules that hold swapped-in averaged weights right now (any Shadow's), and the state-dict marker key.
+_SWAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_SWAP_MARK = "polyak_swapped"
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -117,6 +125,33 @@ class _Plan:
     # data pointers when the plan was built.
     watched: list[Tensor] = field(default_factory=list)
     pointers: list[int] = field(default_factory=list)
+    guarded: list[_CastLerp] | None = None  # every averaged group staged, for nonfinite="skip"; built on demand
+
+    def staged(self) -> list[_CastLerp]:
+        """Every averaged group as a staged lerp, so that a skipped update can keep the shadow exactly."""
+        if self.guarded is None:
+            staged = [_CastLerp(shadows, models) for shadows, models in self.lerps]
+            for cast in staged:  # a cast may read a flat model range: watch it like the plan's own
+                self.watched.extend(cast.watched)
+            self.pointers = [t.data_ptr() for t in self.watched]
+            self.guarded = staged + self.casts
+        return self.guarded
+
+    def finite(self) -> Tensor | None:
+        """0-d bool tensor: every averaged model value is finite (no host sync); None when nothing is averaged.
+
+        One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
+        accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
+        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.)
+        """
+        flag: Tensor | None = None
+        groups = [(shadows[0].device, models) for shadows, models in self.lerps]
+        groups += [(cast.shadows[0].device, cast.models) for cast in self.casts]
+        for device, models in groups:
+            wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
+            ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
+            flag = ok if flag is None else flag & ok.to(flag.device)
+        return flag
 
     def is_current(self) -> bool:
         """True when every model tensor and submodule is still the object the plan was built from.
@@ -172,8 +207,12 @@ def _adjacent(a: Tensor, b: Tensor) -> bool:
 
 
 def _flat(first: Tensor, numel: int, skip: int = 0) -> Tensor:
-    """A 1-d view of ``numel`` elements of ``first``'s storage, starting ``skip`` elements into ``first``."""
-    return first.detach().as_strided((numel,), (1,), first.storage_offset() + skip)
+    """``numel`` elements of ``first``'s storage, starting ``skip`` elements into ``first``, as a 1-d tensor.
+
+    It shares the storage but is not a view (``_base`` is None), so nothing mistakes it for a whole buffer.
+    """
+    flat = torch.empty(0, dtype=first.dtype, device=first.device)
+    return flat.set_(first.untyped_storage(), first.storage_offset() + skip, (numel,), (1,))
 
 
 def _tiled(models: Sequence[Tensor], batch: Sequence[tuple[int, int, int]], sizes: Sequence[int]) -> bool:
@@ -229,18 +268,24 @@ class _CastLerp:
     """
 
     def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor]) -> None:
+        self.shadows = list(shadows)
         self.models = list(models)
         sizes = [s.numel() for s in shadows]
         self.overlap = _offloaded(shadows[0], models[0])
         cuda = models[0].device.type == "cuda"
         self.events = [torch.cuda.Event() for _ in range(2)] if self.overlap and cuda else []
-        capacity = min(sum(sizes), _CHUNK)
+        # A shadow that is not contiguous (an adopted channels_last weight) cannot be cut into flat pieces.
+        unsplittable = max((n for s, n in zip(shadows, sizes, strict=True) if not s.is_contiguous()), default=0)
+        capacity = max(min(sum(sizes), _CHUNK), unsplittable)
         self.scratches = [
             torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device, pin_memory=self.overlap and cuda)
             for _ in range(2 if self.overlap else 1)
         ]
-        contiguous = all(a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows))
-        flat = shadows[0]._base if shadows[0]._base is not None else shadows[0]
+        # Views into one flat buffer, back to back (adopted tensors are not views: handled tensor by tensor).
+        flat = shadows[0]._base
+        contiguous = all(s._base is flat for s in shadows) and all(
+            a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows)
+        )
         # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
         # tensor, the model pieces (tensor index, start, stop, whole tensor?), and the model range when the
         # pieces tile one storage (its tensors are then watched by the plan).
@@ -261,7 +306,7 @@ class _CastLerp:
                 targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
                 pieces.append((i, a, b, whole))
                 offset += b - a
-            if contiguous:
+            if contiguous and flat is not None:
                 start = shadows[batch[0][0]].storage_offset() + batch[0][1]
                 target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
             else:
@@ -272,8 +317,12 @@ class _CastLerp:
                 self.watched.extend(self.models[i] for i, _, _ in batch)
             self.batches.append((target, scratch[:offset], views, pieces, source))
 
-    def run(self, weight: float | Tensor) -> None:
-        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage)."""
+    def run(self, weight: float | Tensor, keep: Tensor | None = None) -> None:
+        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage).
+
+        With ``keep`` (a 0-d bool tensor, True to apply), a False flag stages the shadow's own values in place
+        of the model's, so the lerp leaves the shadow bit for bit as it was, whatever the model holds.
+        """
         models = self.models
         for number, (_, staged, views, pieces, source) in enumerate(self.batches):
             if source is not None:
@@ -282,20 +331,25 @@ class _CastLerp:
                 sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
                 torch._foreach_copy_(views, sources, non_blocking=self.overlap)
             if not self.overlap:
-                self._fold(number, weight)
+                self._fold(number, weight, keep)
                 continue
             if self.events:
                 self.events[number % 2].record()
             if number:  # lerp the previous batch while this one is in flight
-                self._fold(number - 1, weight)
+                self._fold(number - 1, weight, keep)
         if self.overlap and self.batches:
-            self._fold(len(self.batches) - 1, weight)
+            self._fold(len(self.batches) - 1, weight, keep)
 
-    def _fold(self, number: int, weight: float | Tensor) -> None:
+    def _fold(self, number: int, weight: float | Tensor, keep: Tensor | None) -> None:
         """Lerp (or copy, for a weight of 1.0) the staged batch ``number`` into the shadow."""
         target, staged, views, _, _ = self.batches[number]
         if self.events:
             self.events[number % 2].synchronize()  # its copy from the GPU has landed
+        if keep is not None and isinstance(target, Tensor):
+            torch.where(keep, staged, target, out=staged)
+        elif keep is not None:
+            for view, piece in zip(views, target, strict=True):
+                torch.where(keep, view, piece, out=view)
         copy = isinstance(weight, float) and weight == 1.0
         if isinstance(target, Tensor):
             target.copy_(staged) if copy else target.lerp_(staged, weight)
@@ -303,6 +357,28 @@ class _CastLerp:
             torch._foreach_copy_(target, views)
         else:
             _foreach_lerp(target, views, weight)
+
+
+def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``torch._foreach_copy_`` that accepts empty lists (a shadow may hold no tensor at all)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
+def _mark_swapped(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
+    """State-dict hook while swapped: mark the module's metadata entry (kept by ``torch.save``) and warn."""
+    local_metadata[_SWAP_MARK] = True
+    warnings.warn(
+        f"state_dict() of {type(module).__name__} taken inside a `swapped()` block holds the averaged weights, "
+        "not the training weights; polyak.is_swapped_state_dict() tells such a state apart",
+        stacklevel=3,
+    )
+
+
+def is_swapped_state_dict(state: dict[str, Any]) -> bool:
+    """True when ``state`` (a module's ``state_dict()``) was taken while averaged weights were swapped in."""
+    metadata = getattr(state, "_metadata", None) or {}
+    return any(isinstance(entry, dict) and entry.get(_SWAP_MARK) is True for entry in metadata.values())
 
 
 class Shadow:
@@ -319,6 +395,8 @@ class Shadow:
         dtype: storage dtype of averaged tensors. Default: the model's dtype promoted to at least float32,
             so a bf16/fp16 model gets a float32 average. A lower precision is an explicit opt-in.
         device: where the shadow lives. Default: beside each model tensor.
+        adopt: store nothing of its own: ``module``'s tensors are the storage, so an update writes into
+            ``module`` (which is then the average, not the model). ``dtype`` and ``device`` must be None.
     """
 
     def __init__(
@@ -331,7 +409,10 @@ class Shadow:
         include_nonpersistent: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        adopt: bool = False,
     ) -> None:
+        if adopt and (dtype is not None or device is not None):
+            raise ValueError("Shadow(adopt=True) stores the module's own tensors: leave dtype and device as None")
         for arg, value in (("buffers", buffers), ("frozen", frozen)):
             if value not in _POLICIES:
                 raise ValueError(f"{arg} must be one of {_POLICIES}, got {value!r}")
@@ -346,10 +427,14 @@ class Shadow:
 
         found, _ = _walk(module)
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
-        self._slots = self._allocate(chosen)
+        if adopt:
+            self._slots = [_Slot(f.name, mode, f.tensor.detach(), f.tensor.dtype) for f, mode in chosen]
+        else:
+            self._slots = self._allocate(chosen)
         self._by_name = {slot.name: slot for slot in self._slots}
         self._plan: _Plan | None = None
-        self.copy_from(module)
+        if not adopt:
+            self.copy_from(module)
 
     # ------------------------------------------------------------------ selection and storage
 
@@ -371,8 +456,8 @@ class Shadow:
     def _storage_dtype(self, tensor: Tensor, mode: Policy) -> torch.dtype:
         if mode == "copy":
             return tensor.dtype
-        if self.dtype is not None:
-            return self.dtype
+        if self.dtype is not None:  # the precision asked for; complex tensors keep their imaginary part
+            return self.dtype.to_complex() if tensor.is_complex() else self.dtype
         return torch.promote_types(tensor.dtype, torch.float32)
 
     def _allocate(self, chosen: Sequence[tuple[_Found, Policy]]) -> list[_Slot]:
@@ -396,6 +481,11 @@ class Shadow:
 
     def _plan_for(self, module: nn.Module) -> _Plan:
         """The cached pairing with ``module``, rebuilt (and checked) when the module changed."""
+        if _SWAPPED and unwrap(module) in _SWAPPED:
+            raise RuntimeError(
+                f"the {type(unwrap(module)).__name__} holds averaged weights swapped in by a `swapped()` block that "
+                "is still open; leave that block before updating, copying or swapping again"
+            )
         plan = self._plan
         if plan is not None and plan.root is module and plan.is_current():
             return plan
@@ -433,20 +523,19 @@ class Shadow:
             [f.tensor for _, f in pairs],
             links,
         )
-        # Group consecutive slots that share storage and kernel (slots are laid out group by group).
-        groups: dict[tuple[int, Any], tuple[list[Tensor], list[Tensor]]] = {}
+        # One kernel per (shadow device and dtype, model device and dtype): each flat buffer is one such group.
+        groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
         for slot, f in pairs:
             if slot.mode == "copy":
                 plan.copies[0].append(slot.tensor)
                 plan.copies[1].append(f.tensor)
                 continue
-            same = slot.tensor.dtype == f.tensor.dtype and slot.tensor.device == f.tensor.device
-            key = (id(slot.tensor.untyped_storage()), same)
+            key = (slot.tensor.device, slot.tensor.dtype, f.tensor.device, f.tensor.dtype)
             groups.setdefault(key, ([], []))
             groups[key][0].append(slot.tensor)
             groups[key][1].append(f.tensor)
-        for (_, same), (shadows, models) in groups.items():
-            if same:
+        for (device, dtype, model_device, model_dtype), (shadows, models) in groups.items():
+            if device == model_device and dtype == model_dtype:
                 plan.lerps.append(_merge_runs(plan, shadows, models))
             else:
                 plan.casts.append(_CastLerp(shadows, models))
@@ -459,19 +548,76 @@ class Shadow:
     # ------------------------------------------------------------------ the update
 
     @torch.no_grad()
-    def update(self, module: nn.Module, weight: float | Tensor) -> None:
+    def update(self, module: nn.Module, weight: float | Tensor, *, nonfinite: NonFinite = "propagate") -> Tensor | None:
         """``shadow <- shadow + weight * (model - shadow)`` for averaged tensors; copy the copied ones.
 
         ``weight`` is a Python float in [0, 1] or a 0-d tensor on the shadow's device (no host sync either way).
+        ``nonfinite`` says what happens when an averaged model tensor holds inf or NaN:
+
+        - ``"propagate"`` (fastest): nothing is checked; the non-finite values enter the average.
+        - ``"skip"``: the averaged tensors keep their (finite) values bit for bit; copied tensors are still copied.
+          The check and the choice stay on the device: one fused norm per group, then every group is
+          staged through a small buffer where the shadow's own values replace the model's when the flag is
+          False (a lerp by weight 0 would not do: ``0 * NaN`` is NaN). Returns the 0-d bool flag, True when
+          the update was applied (None when nothing is averaged). An average kept on another device than the
+          model (``device="cpu"``) receives the flag with the staged values, a copy that waits anyway.
+        - ``"raise"``: ``RuntimeError`` naming the first non-finite tensor, before anything changes. Reading
+          the flag synchronises with the device.
         """
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         plan = self._plan_for(module)
+        if nonfinite == "skip":
+            keep = plan.finite()
+            if keep is not None:
+                for staged in plan.staged():
+                    staged.run(weight, keep)
+                if plan.copies[0]:
+                    torch._foreach_copy_(*plan.copies)
+                return keep
+        elif nonfinite == "raise":
+            keep = plan.finite()
+            if keep is not None and not bool(keep):
+                self._raise_nonfinite(plan)
         if isinstance(weight, float) and weight == 1.0:
             self._copy_all(plan)
-            return
+            return None
         for shadows, models in plan.lerps:
             _foreach_lerp(shadows, models, weight)
         for cast in plan.casts:
             cast.run(weight)
+        if plan.copies[0]:
+            torch._foreach_copy_(*plan.copies)
+        return None
+
+    def _raise_nonfinite(self, plan: _Plan) -> None:
+        for slot, tensor in zip(self._slots, plan.live, strict=True):
+            if slot.mode == "average" and not bool(torch.isfinite(tensor).all()):
+                raise RuntimeError(
+                    f"model tensor {slot.name!r} holds inf or NaN ({int((~torch.isfinite(tensor)).sum())} of "
+                    f"{tensor.numel()} values); the average was not updated. Skip this step, or build the "
+                    'averager with nonfinite="skip" to leave such updates out'
+                )
+
+    @torch.no_grad()
+    def update_with(self, module: nn.Module, fn: Callable[..., Any], *, each: bool = False) -> None:
+        """Like :meth:`update`, with a caller's function in place of the lerp; copied tensors are copied.
+
+        ``fn(shadows, models)`` updates one group of averaged tensors in place (one call per device and dtype);
+        with ``each=True``, ``fn(shadow, model)`` returns the new value of one tensor. Model tensors of another
+        dtype or device than the shadow are passed as converted copies.
+        """
+        plan = self._plan_for(module)
+        groups = plan.lerps + [
+            (cast.shadows, [m.to(s.device, s.dtype) for s, m in zip(cast.shadows, cast.models, strict=True)])
+            for cast in plan.casts
+        ]
+        for shadows, models in groups:
+            if each:
+                for shadow, model in zip(shadows, models, strict=True):
+                    shadow.copy_(fn(shadow, model))
+            else:
+                fn(shadows, models)
         if plan.copies[0]:
             torch._foreach_copy_(*plan.copies)
 
@@ -494,25 +640,36 @@ class Shadow:
     def copy_to(self, module: nn.Module) -> None:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
-        torch._foreach_copy_(plan.live, [slot.tensor for slot in self._slots])
+        _copy(plan.live, [slot.tensor for slot in self._slots])
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
         """Within the block, ``module`` holds the stored tensors; its own are restored on exit, even on error.
 
         The module's tensors are backed up (one copy in the model's dtype) and written back in place, so
-        compiled graphs and optimizers that hold the parameter objects keep working.
+        compiled graphs and optimizers that hold the parameter objects keep working. While swapped, the
+        module refuses a second swap and updates or copies from any shadow (``RuntimeError``), and its
+        ``state_dict()`` warns and is marked: :func:`is_swapped_state_dict` tells such a state apart, also
+        after ``torch.save`` / ``torch.load``, so a checkpoint taken during evaluation is not mistaken for
+        the training weights. Like any ``state_dict()``, its tensors are views of the module's: save or clone
+        them inside the block (after it they read the training weights, and the mark stays, conservatively).
         """
         plan = self._plan_for(module)
+        target = unwrap(module)
         live = list(plan.live)
         with torch.no_grad():
             backup = [t.clone() for t in live]
-            torch._foreach_copy_(live, [slot.tensor for slot in self._slots])
+        _SWAPPED.add(target)
+        hook = target.register_state_dict_post_hook(_mark_swapped)
         try:
+            with torch.no_grad():
+                _copy(live, [slot.tensor for slot in self._slots])
             yield module
         finally:
+            hook.remove()
+            _SWAPPED.discard(target)
             with torch.no_grad():
-                torch._foreach_copy_(live, backup)
+                _copy(live, backup)
 
     # ------------------------------------------------------------------ inspection and state
 
@@ -574,15 +731,32 @@ class Shadow:
 
     def clone_module(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` (unwrapped) holding the stored tensors."""
-        inner = unwrap(module)
-        try:
-            duplicate = copy.deepcopy(inner)
-        except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
-            raise RuntimeError(
-                f"cannot build an averaged model: copy.deepcopy({type(inner).__name__}) failed ({error}). "
-                "Use swapped(model) or copy_to(model) instead, which need no copy of the model."
-            ) from error
+        duplicate = copy_module(module)
         self._plan = None
         self.copy_to(duplicate)
         self._plan = None
         return duplicate
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` (unwrapped from DDP / ``torch.compile``).
+
+    Tensors that a module keeps as plain attributes and computes in its forward (the old hook-based
+    ``torch.nn.utils.weight_norm`` stores ``weight`` so) are copied detached, which ``copy.deepcopy`` alone
+    refuses; the module's hooks recompute them. Raises ``RuntimeError`` when the module cannot be copied.
+    """
+    inner = unwrap(module)
+    memo: dict[int, Any] = {
+        id(value): value.detach().clone()
+        for child in inner.modules()
+        for value in vars(child).values()
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    }
+    try:
+        return copy.deepcopy(inner, memo)
+    except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
+        raise RuntimeError(
+            f"cannot copy the model: copy.deepcopy({type(inner).__name__}) failed ({error}). "
+            "Use polyak.EMA / polyak.SWA, which keep only the averaged tensors and need no copy of the model "
+            "(evaluate with `with ema.swapped(model): ...` or export with `ema.copy_to(model)`)."
+        ) from error

@@ -1,0 +1,226 @@
+"""Non-finite model values: nonfinite="propagate" | "skip" | "raise", the skip counter, GradScaler steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import FrozenBackbone, SmallCNN, TinyTransformer, train_steps
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import polyak
+from polyak import Shadow
+
+BAD = [float("nan"), float("inf"), float("-inf")]
+
+
+def bf16_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(torch.bfloat16)
+
+
+def mixed() -> nn.Module:
+    """A float32 part (direct lerp), a bf16 part (staged cast) and an empty weight."""
+    return nn.ModuleDict({"f32": nn.Linear(4, 3), "bf16": nn.Linear(3, 2).to(torch.bfloat16), "empty": nn.Linear(0, 2)})
+
+
+def snapshot(averager: polyak.Averager) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in averager.shadow.tensors().items()}
+
+
+def poison(model: nn.Module, value: float, index: int = 0) -> str:
+    """Write ``value`` into one element of the ``index``-th trainable parameter; returns its name."""
+    name, param = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel()][index]
+    with torch.no_grad():
+        param.view(-1)[param.numel() // 2] = value
+    return name
+
+
+def perturb(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator).to(p.dtype))
+
+
+@pytest.mark.parametrize("factory", [SmallCNN, TinyTransformer, FrozenBackbone, bf16_mlp, mixed])
+@pytest.mark.parametrize("bad", BAD)
+def test_skip_keeps_average_bit_for_bit_then_tracks_float64(factory, bad):
+    torch.manual_seed(0)
+    model = factory()
+    ema = polyak.EMA(model, decay=0.9, nonfinite="skip")
+    modes = ema.shadow.modes()
+    reference: dict[str, torch.Tensor] = {}
+    for step in range(6):
+        perturb(model, step)
+        ema.update()
+        live = {n: t.detach() for n, t in model.state_dict(keep_vars=True).items()}
+        for name, mode in modes.items():
+            if mode == "copy" or step == 0:
+                reference[name] = live[name].double() if mode == "average" else live[name].clone()
+            else:
+                reference[name] += (1 - 0.9) * (live[name].double() - reference[name])
+        if step == 2:  # a bad step: the average must not move, the counter must
+            before = snapshot(ema)
+            name = poison(model, bad, index=step % 2)
+            ema.update()
+            assert ema.skipped_updates == 1
+            for key, value in ema.shadow.tensors().items():
+                if modes[key] == "average":
+                    assert torch.equal(value, before[key]), (name, key)
+            perturb(model, 100)  # repair the model for the rest of the run
+            with torch.no_grad():
+                for key, p in model.named_parameters():
+                    p.nan_to_num_(0.0, 0.0, 0.0) if key == name else None
+    assert ema.skipped_updates == 1 and ema.num_updates == 7 and ema.step == 7
+    for name, value in ema.shadow.tensors().items():
+        if modes[name] == "copy":
+            assert torch.equal(value, reference[name]), name
+        else:
+            torch.testing.assert_close(value.double(), reference[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_skip_on_the_first_update_keeps_the_initial_copy():
+    model = nn.Linear(3, 2)
+    ema = polyak.EMA(model, decay=0.99, nonfinite="skip")
+    initial = snapshot(ema)
+    poison(model, float("nan"))
+    ema.update()  # weight 1.0: would copy the model
+    assert ema.skipped_updates == 1 and ema.num_updates == 1
+    assert all(torch.equal(v, initial[k]) for k, v in ema.shadow.tensors().items())
+
+
+def test_skip_counts_without_host_sync_and_ops_do_not_grow_with_tensors():
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def ops_for(model: nn.Module) -> list[str]:
+        ema = polyak.EMA(model, decay=0.9, nonfinite="skip")
+        ema.update()
+        ema.update()  # plan and staging built
+        with Ops() as counter:
+            ema.update()
+        return counter.ops
+
+    narrow = ops_for(nn.Sequential(*[nn.Linear(4, 4) for _ in range(2)]))
+    wide = ops_for(nn.Sequential(*[nn.Linear(4, 4) for _ in range(300)]))
+    assert narrow == wide, (narrow, wide)
+    assert not any("_local_scalar_dense" in op or "item" in op for op in wide), wide
+    # flag: norm, stack, lt, all; stage: copy, where, lerp; counter: not, add
+    assert len(wide) <= 9, wide
+
+
+def test_propagate_is_the_default_and_lets_nan_in():
+    model = nn.Linear(3, 2)
+    ema = polyak.EMA(model, decay=0.9)
+    assert ema.nonfinite == "propagate"
+    ema.update()
+    name = poison(model, float("nan"))
+    ema.update()
+    assert torch.isnan(ema.shadow.tensors()[name]).sum() == 1
+    assert ema.skipped_updates == 0
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_raise_names_the_tensor_and_changes_nothing(bad):
+    model = mixed()
+    ema = polyak.EMA(model, decay=0.9, nonfinite="raise")
+    ema.update()
+    before = snapshot(ema)
+    name = poison(model, bad, index=2)
+    with pytest.raises(RuntimeError, match=rf"model tensor '{name}' holds inf or NaN \(1 of"):
+        ema.update()
+    assert ema.step == 1 and ema.num_updates == 1
+    assert all(torch.equal(v, before[k]) for k, v in ema.shadow.tensors().items())
+
+
+def test_shadow_skip_with_tensor_weight_and_nothing_averaged():
+    model = mixed()
+    shadow = Shadow(model)
+    weight = torch.tensor(0.25)
+    before = {k: v.clone() for k, v in shadow.tensors().items()}
+    poison(model, float("inf"), index=1)
+    applied = shadow.update(model, weight, nonfinite="skip")
+    assert applied is not None and applied.dtype == torch.bool and applied.dim() == 0 and not applied
+    assert all(torch.equal(v, before[k]) for k, v in shadow.tensors().items())
+    only_copies = Shadow(FrozenBackbone(), buffers="skip", frozen="copy", exclude=["head.*"])
+    assert set(only_copies.modes().values()) == {"copy"}
+    assert only_copies.update(FrozenBackbone(), 0.5, nonfinite="skip") is None
+
+
+def test_skip_counter_survives_state_dict():
+    model = nn.Linear(3, 2)
+    ema = polyak.EMA(model, decay=0.9, nonfinite="skip")
+    ema.update()
+    poison(model, float("nan"))
+    ema.update()
+    ema.update()
+    state = ema.state_dict()
+    assert state["skipped_updates"] == 2
+    other = polyak.EMA(nn.Linear(3, 2), decay=0.9, nonfinite="skip")
+    other.load_state_dict(state)
+    assert other.skipped_updates == 2
+    state["skipped_updates"] = -1
+    with pytest.raises(ValueError, match="skipped_updates=-1; expected an int >= 0"):
+        other.load_state_dict(state)
+
+
+def test_bad_option_is_named():
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        polyak.EMA(nn.Linear(2, 2), decay=0.9, nonfinite="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        Shadow(nn.Linear(2, 2)).update(nn.Linear(2, 2), 0.5, nonfinite="drop")  # type: ignore[arg-type]
+
+
+def test_grad_scaler_skipped_step_is_not_a_step():
+    """GradScaler skips optimizer.step() on inf/NaN gradients: the hook does not fire, time does not advance."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    ema = polyak.EMA(model, decay=0.5, nonfinite="skip")
+    ema.attach(optimizer)
+    steps = []
+    for i in range(4):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+        if i == 1:
+            model.weight.grad[0, 0] = float("nan")
+        scaler.step(optimizer)
+        scaler.update()
+        steps.append(ema.step)
+    assert steps == [1, 1, 2, 3]
+    assert ema.skipped_updates == 0 and torch.isfinite(ema.shadow.tensors()["weight"]).all()
+
+
+def test_diverging_optimizer_step_is_skipped_from_the_hook():
+    """An optimizer step that does run but leaves inf in the weights is counted and left out."""
+    model = nn.Linear(6, 1)  # train_steps feeds it batches of 6 features
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    ema = polyak.EMA(model, decay=0.5, nonfinite="skip")
+    ema.attach(optimizer)
+    train_steps(model, optimizer, 2)
+    before = snapshot(ema)
+    model.weight.grad = torch.full_like(model.weight, float("-inf"))
+    model.bias.grad = torch.zeros_like(model.bias)
+    optimizer.step()  # SGD without a scaler applies the inf gradient
+    assert not torch.isfinite(model.weight).all()
+    assert ema.step == 3 and ema.skipped_updates == 1
+    assert all(torch.equal(v, before[k]) for k, v in ema.shadow.tensors().items())
+
+
+def test_large_finite_half_precision_model_is_not_skipped():
+    """The finiteness check must not overflow: this float16 weight's 2-norm (~1e5) is beyond float16's range."""
+    model = nn.Linear(400, 300, bias=False).half()
+    ema = polyak.EMA(model, decay=0.5, nonfinite="skip")
+    with torch.no_grad():
+        model.weight.fill_(300.0)
+    ema.update()
+    ema.update()
+    assert ema.skipped_updates == 0
+    assert torch.equal(ema.shadow.tensors()["weight"], torch.full((300, 400), 300.0))

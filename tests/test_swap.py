@@ -1,0 +1,135 @@
+"""Swaps: exact restore on any exit, refused nesting, marked state dicts, refused before the first update."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from models import FrozenBackbone, SmallCNN, TinyTransformer, train_steps
+from torch import nn
+
+import polyak
+
+
+def trained(factory):
+    torch.manual_seed(0)
+    model = factory()
+    ema = polyak.EMA(model, decay=0.5)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    train_steps(model, optimizer, 3, after_step=ema.update)
+    train_steps(model, optimizer, 1, seed=1)  # the model now differs from the average
+    return model, ema
+
+
+def exact_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def assert_holds(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    for name, value in model.state_dict(keep_vars=True).items():
+        assert torch.equal(value, expected[name]), name
+
+
+@pytest.mark.parametrize("factory", [SmallCNN, TinyTransformer, FrozenBackbone])
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_any_exception_restores_training_weights_exactly(factory, error):
+    model, ema = trained(factory)
+    before = exact_copy(model)
+    parameters = [id(p) for p in model.parameters()]
+    with pytest.raises(error), ema.swapped():
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)  # evaluation code that even writes to the weights
+        raise error("boom")
+    assert_holds(model, before)
+    assert [id(p) for p in model.parameters()] == parameters  # same objects: optimizers keep working
+    with ema.swapped():  # and the averager is usable again
+        pass
+
+
+def test_failure_while_swapping_in_restores(monkeypatch):
+    model, ema = trained(SmallCNN)
+    before = exact_copy(model)
+    real = torch._foreach_copy_
+
+    def fails_half_way(targets, sources):
+        real(targets[:2], sources[:2])
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "_foreach_copy_", fails_half_way)
+        with pytest.raises(RuntimeError, match="device lost"), ema.swapped():
+            pass
+    assert_holds(model, before)
+    with ema.swapped():  # nothing is left marked as swapped
+        pass
+
+
+def test_nested_and_cross_averager_swaps_and_updates_are_refused():
+    model, ema = trained(SmallCNN)
+    swa = polyak.SWA(model)
+    swa.update()
+    before = exact_copy(model)
+    with ema.swapped():
+        with pytest.raises(RuntimeError, match=r"swapped"), ema.swapped():
+            pass
+        with pytest.raises(RuntimeError, match=r"`swapped\(\)` block that is still open"), swa.swapped():
+            pass
+        with pytest.raises(RuntimeError, match="still open"):
+            swa.update()  # would average the EMA weights into the SWA
+        with pytest.raises(RuntimeError, match="still open"):
+            swa.copy_to(model)  # would be undone silently on exit
+        with pytest.raises(RuntimeError, match="still open"):
+            polyak.Shadow(model).update(model, 0.5)
+    assert_holds(model, before)
+    assert swa.num_updates == 1 and swa.step == 1
+    swa.update()
+
+
+def test_swap_before_first_update_is_refused():
+    model = nn.Linear(3, 2)
+    ema = polyak.EMA(model, decay=0.9, start_step=2)
+    ema.update()
+    ema.update()
+    with pytest.raises(RuntimeError, match=r"before the first update.*step=2, start_step=2"), ema.swapped():
+        pass
+    ema.update()
+    with ema.swapped():
+        pass
+
+
+def test_state_dict_taken_while_swapped_is_marked_and_warns():
+    model, ema = trained(TinyTransformer)
+    assert not polyak.is_swapped_state_dict(model.state_dict())
+    training = exact_copy(model)
+    wrapper = nn.DataParallel(model)  # a checkpoint of a wrapper contains the swapped model too
+    buffer = io.BytesIO()
+    with ema.swapped(), pytest.warns(UserWarning, match="inside a `swapped\\(\\)` block"):
+        inside = model.state_dict()
+        wrapped = wrapper.state_dict()
+        for name, value in ema.shadow.tensors().items():
+            assert torch.equal(inside[name], value.to(inside[name].dtype))
+        torch.save(inside, buffer)
+    assert polyak.is_swapped_state_dict(inside) and polyak.is_swapped_state_dict(wrapped)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert polyak.is_swapped_state_dict(saved)
+    assert not torch.equal(saved["embed.weight"], training["embed.weight"])
+    # as with any state_dict(), the tensors are views of the model's: after the block they read the training
+    # weights again, while the mark still (conservatively) says the state was taken inside the block
+    assert_holds(model, training)
+    assert all(torch.equal(value, training[name]) for name, value in inside.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        after = model.state_dict()  # the hook is gone
+    assert not polyak.is_swapped_state_dict(after)
+    assert not polyak.is_swapped_state_dict({"weight": torch.zeros(1)})
+    fresh = TinyTransformer()
+    fresh.load_state_dict(inside)  # the mark does not get in the way of loading
+
+
+def test_averager_state_is_not_saved_while_swapped():
+    _, ema = trained(SmallCNN)
+    with ema.swapped(), pytest.raises(RuntimeError, match="cannot save the average while"):
+        ema.state_dict()
