@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import importlib.util
 import json
@@ -128,6 +129,7 @@ def _averaged_model(multi: bool) -> Callable[[nn.Module], Step]:
     return build
 
 
+@functools.cache
 def _timm_model_ema_v3() -> type | None:
     """timm's ``ModelEmaV3``, loaded from its own file: ``import timm`` needs torchvision, the file only torch."""
     spec = importlib.util.find_spec("timm")
@@ -138,7 +140,10 @@ def _timm_model_ema_v3() -> type | None:
     if file_spec is None or file_spec.loader is None:
         return None
     module = importlib.util.module_from_spec(file_spec)
-    file_spec.loader.exec_module(module)
+    try:
+        file_spec.loader.exec_module(module)
+    except (ImportError, OSError):  # another timm version may import more than torch there
+        return None
     return getattr(module, "ModelEmaV3", None)
 
 
