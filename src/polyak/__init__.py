@@ -5,20 +5,26 @@ The public API is re-exported here; see the README for a tour.
 
 from . import rules, swa_utils
 from .bn import update_bn
+from .checkpoints import average_checkpoints, export_weights
 from .ema import EMA, SWA, Averager, load_state
 from .flat import flatten_parameters
+from .io import CheckpointError, save_state_dict
 from .shadow import Shadow, is_swapped_state_dict
 
 __all__ = [
     "EMA",
     "SWA",
     "Averager",
+    "CheckpointError",
     "Shadow",
     "__version__",
+    "average_checkpoints",
+    "export_weights",
     "flatten_parameters",
     "is_swapped_state_dict",
     "load_state",
     "rules",
+    "save_state_dict",
     "swa_utils",
     "update_bn",
 ]

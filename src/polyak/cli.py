@@ -15,6 +15,8 @@ from . import __version__
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "average": ("polyak.commands.average", "average checkpoint files (uniform, weighted or EMA), streaming"),
+    "export": ("polyak.commands.export", "write the averaged weights of a checkpoint as a model-ready state dict"),
     "bench": ("polyak.bench", "time the averaging update against the memory-bandwidth floor and other libraries"),
 }
 

@@ -1,0 +1,102 @@
+"""``polyak average``: the (weighted, or EMA) average of checkpoint files, written atomically."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..checkpoints import average_checkpoints, newest_checkpoints
+from ..io import CheckpointError, output_format, save_state_dict
+from . import DTYPES, guarded, say, size
+
+EXAMPLES = """\
+examples:
+  polyak average run/ckpt_8000.pt run/ckpt_9000.pt run/ckpt_10000.pt -o averaged.safetensors
+  polyak average --last 5 run/ -o last5.safetensors              # newest 5 by step number in the name
+  polyak average --last 3 'out/checkpoint-*/model.safetensors' -o avg.safetensors
+  polyak average --last 3 'out/checkpoint-*/model.safetensors.index.json' -o avg.safetensors   # sharded
+  polyak average a.pt b.pt --weights 1 3 -o soup.pt              # 0.25 a + 0.75 b, written for torch.load
+  polyak average --last 10 run/ --ema 0.9 --key model -o ema.safetensors
+
+Floating-point tensors are averaged in float32 (float64 for float64 inputs) and stored in the inputs'
+dtype unless --dtype is given; integer and bool tensors are copied from the last (newest) file. Weights
+are normalised to sum to 1. --ema D weighs file i of N (oldest first) by (1-D)*D^(N-1-i), the first by
+D^(N-1): an EMA started from the first file. Memory: about one output tensor (one output model for .pt).
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument(
+        "checkpoints", nargs="*", metavar="CKPT", help="checkpoint files (or a sharded one's .index.json), oldest first"
+    )
+    parser.add_argument("-o", "--output", required=True, help="output file: .safetensors (default) or .pt/.pth/.bin")
+    parser.add_argument(
+        "--last", nargs=2, metavar=("N", "DIR"), help="the newest N checkpoints in folder DIR (or a quoted glob)"
+    )
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per file (normalised)")
+    how.add_argument("--ema", type=float, metavar="DECAY", help="EMA over the files in order, decay per file")
+    parser.add_argument("--key", help="state dict inside a training checkpoint, e.g. model, state_dict, ema")
+    parser.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="require the same tensors in every file (default); --no-strict averages the common ones",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the averaged tensors (default: as input)")
+    parser.add_argument("--format", choices=("safetensors", "pt"), help="output format (default: from -o's suffix)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report")
+
+
+def run(args: argparse.Namespace) -> int:
+    return guarded("average", lambda: _average(args))
+
+
+def _average(args: argparse.Namespace) -> None:
+    report = (lambda _: None) if args.quiet else say
+    paths = list(args.checkpoints)
+    if args.last:
+        if paths:
+            raise CheckpointError("give checkpoint files or --last N DIR, not both")
+        try:
+            count = int(args.last[0])
+        except ValueError:
+            raise CheckpointError(f"--last needs a number of checkpoints, got {args.last[0]!r}") from None
+        paths, how = newest_checkpoints(args.last[1], count)
+        report(f"newest {count} by {how}: " + ", ".join(str(p) for p in paths))
+    if not paths:
+        raise CheckpointError("no checkpoints given; pass files or --last N DIR")
+    started = time.perf_counter()
+    average = average_checkpoints(
+        paths,
+        weights=args.weights,
+        ema_decay=args.ema,
+        key=args.key,
+        strict=args.strict,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+    )
+    notes: dict[str, list[str]] = {}
+    for opened in average.inputs:
+        if opened.note:
+            notes.setdefault(opened.note, []).append(str(opened.path))
+    for note, where in notes.items():
+        report(f"{where[0] if len(where) == 1 else f'{len(where)} checkpoints'}: {note}")
+    if average.left_out:
+        shown = "; ".join(list(average.left_out.values())[:3])
+        report(f"left out {len(average.left_out)} tensor(s) not shared by every file: {shown}")
+    if not average.specs:
+        raise CheckpointError("no tensor is common to all the checkpoints; nothing to write")
+    weights = ", ".join(f"{w:.4g}" for w in average.weights)
+    report(f"averaging {len(paths)} checkpoints with weights {weights}")
+    metadata = {"polyak": json.dumps({"average": [Path(p).name for p in paths], "weights": average.weights})}
+    save_state_dict(average, args.output, format=args.format, metadata=metadata, progress=not args.quiet)
+    read = sum(s.nbytes for f in average.inputs for n, s in f.specs.items() if n in average.specs)
+    seconds = time.perf_counter() - started
+    report(
+        f"wrote {args.output} ({args.format or output_format(args.output)}, {len(average)} tensors, "
+        f"{size(sum(s.nbytes for s in average.specs.values()))}) from {size(read)} of inputs in {seconds:.1f} s"
+    )

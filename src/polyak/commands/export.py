@@ -1,0 +1,53 @@
+"""``polyak export``: the averaged weights of a checkpoint as a model-ready state dict, written atomically."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..checkpoints import export_weights
+from ..io import output_format, save_state_dict
+from . import DTYPES, guarded, say, size
+
+EXAMPLES = """\
+examples:
+  polyak export last.pt -o model_ema.safetensors          # finds the EMA weights in a training checkpoint
+  polyak export swa.pt -o model.pt                         # an AveragedModel state: module. and n_averaged dropped
+  polyak export lightning.ckpt --key state_dict --strip-prefix model. -o model.safetensors
+  polyak export ema_state.pt --dtype bfloat16 -o model_bf16.safetensors
+
+Reads a polyak EMA/SWA state (its averaged tensors), a torch.optim.swa_utils.AveragedModel state, or a
+plain state dict, alone or inside a training checkpoint; removes wrapper prefixes (module., _orig_mod.);
+writes a state dict that model.load_state_dict() accepts.
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file (.pt/.pth/.bin/.ckpt/.safetensors)")
+    parser.add_argument("-o", "--output", required=True, help="output file: .safetensors (default) or .pt/.pth/.bin")
+    parser.add_argument("--key", help="state dict inside a training checkpoint (default: the averaged weights)")
+    parser.add_argument("--strip-prefix", metavar="PREFIX", help="remove this prefix from names, e.g. model.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point tensors (default: keep)")
+    parser.add_argument("--format", choices=("safetensors", "pt"), help="output format (default: from -o's suffix)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no report")
+
+
+def run(args: argparse.Namespace) -> int:
+    return guarded("export", lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> None:
+    exported = export_weights(
+        args.checkpoint,
+        key=args.key,
+        strip_prefix=args.strip_prefix,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+    )
+    source = exported.source
+    if not args.quiet:
+        say(f"{args.checkpoint}: {source.note or 'using ' + repr(source.key or 'the whole file')}")
+    save_state_dict(exported, args.output, format=args.format, progress=not args.quiet)
+    if not args.quiet:
+        total = size(sum(s.nbytes for s in exported.specs.values()))
+        say(f"wrote {args.output} ({args.format or output_format(args.output)}, {len(exported)} tensors, {total})")

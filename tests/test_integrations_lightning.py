@@ -1,0 +1,360 @@
+"""The Lightning callback in real Trainer runs on a tiny model.
+
+References are computed from the iterates the optimizer actually produced (recorded by a step hook), in float64,
+or by polyak's own averager replayed over those iterates in a plain loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import socket
+import sys
+import traceback
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import polyak  # noqa: E402
+from polyak.integrations.lightning import AveragingCallback  # noqa: E402
+
+DECAY = 0.8
+
+
+def loader(n: int = 16, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+
+
+class Regression(pl.LightningModule):
+    """A small MLP that records its weights after every optimizer step and at the start of every validation."""
+
+    def __init__(self, bn: bool = False, save_during_validation: str | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(4, 8), nn.BatchNorm1d(8) if bn else nn.Identity(), nn.Tanh(), nn.Linear(8, 1)
+        )
+        self.iterates: list[dict[str, torch.Tensor]] = []
+        self.validated: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.save_during_validation = save_during_validation
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.validated.append((self.trainer.global_step, self.weights()))
+            if self.save_during_validation and self.trainer.global_step > 0 and not self.trainer.sanity_checking:
+                self.trainer.save_checkpoint(self.save_during_validation)
+                self.after_save = self.weights()
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.2)
+        optimizer.register_step_post_hook(lambda *_: self.iterates.append(self.weights()))
+        return optimizer
+
+
+def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    options = dict(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def ema_reference(iterates: list[dict[str, torch.Tensor]], decay: float = DECAY) -> dict[str, torch.Tensor]:
+    """Float64 EMA over the iterates; the first copies."""
+    average = {k: v.double() for k, v in iterates[0].items()}
+    for it in iterates[1:]:
+        average = {k: decay * average[k] + (1 - decay) * it[k].double() for k in average}
+    return average
+
+
+def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(actual[k].double(), expected[k].double(), rtol=tol, atol=tol, msg=k)
+
+
+def assert_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(actual[k], expected[k]), k
+
+
+def averaged(callback: AveragingCallback) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in callback.averager.averaged_model().state_dict().items()}
+
+
+def ema(model: nn.Module) -> polyak.EMA:
+    return polyak.EMA(model, decay=DECAY)
+
+
+def test_updates_per_optimizer_step_and_validates_the_average(tmp_path):
+    """Gradient accumulation (pain point 20) and validation before the first update (Lightning#21724)."""
+    model = Regression()
+    initial = model.weights()
+    callback = AveragingCallback(ema)
+    t = trainer(tmp_path, [callback], accumulate_grad_batches=2, num_sanity_val_steps=1)
+    t.fit(model, loader(), loader(8, seed=1))
+
+    # 3 epochs x 4 batches, accumulating 2: 6 optimizer steps, one update each.
+    assert len(model.iterates) == t.global_step == 6
+    assert callback.averager.step == callback.averager.num_updates == 6
+    assert_close(averaged(callback), ema_reference(model.iterates))
+
+    # The sanity check ran before any update: it saw the training weights, not an un-averaged copy.
+    (step0, seen0), *later = model.validated
+    assert step0 == 0
+    assert_equal(seen0, initial)
+    assert [step for step, _ in later] == [2, 4, 6]
+    for step, seen in later:
+        assert_close(seen, ema_reference(model.iterates[:step]))
+    # The training weights came back after each validation: the model ends on the last iterate.
+    assert_equal(model.weights(), model.iterates[-1])
+
+    # trainer.test uses the average as well.
+    model.validated.clear()
+    t.test(model, loader(8, seed=1), verbose=False)
+    assert_close(model.validated[0][1], ema_reference(model.iterates))
+    assert_equal(model.weights(), model.iterates[-1])
+
+
+def test_checkpoints_hold_training_weights_and_resume_exactly(tmp_path):
+    """Checkpoints taken at validation end or during the swap (nequip#590), and exact resume (pain point 14)."""
+    during = tmp_path / "during_validation.ckpt"
+    model = Regression(save_during_validation=str(during))
+    callback = AveragingCallback(ema)
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=False
+    )
+    t = trainer(tmp_path, [callback, checkpoints], enable_checkpointing=True)
+    t.fit(model, loader(), loader(8, seed=1))
+    assert t.global_step == 12
+
+    for epoch in range(3):
+        saved = torch.load(tmp_path / "ckpt" / f"epoch={epoch}.ckpt", weights_only=False)
+        step = saved["global_step"]
+        assert step == 4 * (epoch + 1)
+        assert_equal(saved["state_dict"], model.iterates[step - 1])
+        state = saved["callbacks"][callback.state_key]
+        assert state["step"] == state["num_updates"] == step
+        assert_close(state["shadow"], ema_reference(model.iterates[:step]))
+
+    saved = torch.load(during, weights_only=False)  # written from inside validation_step, while swapped
+    step = saved["global_step"]
+    assert_equal(saved["state_dict"], model.iterates[step - 1])
+    assert_close(saved["callbacks"][callback.state_key]["shadow"], ema_reference(model.iterates[:step]))
+    assert_close(model.after_save, ema_reference(model.iterates[:step]))  # validation went on with the average
+
+    # Resume from the first epoch's checkpoint: the average continues bit for bit.
+    resumed = Regression()
+    callback2 = AveragingCallback(ema)
+    t2 = trainer(tmp_path, [callback2])
+    t2.fit(resumed, loader(), loader(8, seed=1), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    assert t2.global_step == 12
+    assert_equal(resumed.weights(), model.weights())
+    final, final2 = callback.averager.state_dict(), callback2.averager.state_dict()
+    assert (final2["step"], final2["num_updates"]) == (final["step"], final["num_updates"]) == (12, 12)
+    assert_equal(final2["shadow"], final["shadow"])
+
+    # Testing from a checkpoint with a fresh callback evaluates the saved average (pain point 25).
+    tested = Regression()
+    trainer(tmp_path, [AveragingCallback(ema)]).test(
+        tested, loader(8, seed=1), ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt", verbose=False
+    )
+    assert_close(tested.validated[0][1], ema_reference(model.iterates))
+    assert_equal(tested.weights(), model.iterates[-1])
+
+    # A checkpoint without this callback's state is an error, not a silent restart of the average.
+    t3 = trainer(tmp_path, [AveragingCallback(ema, name="other")], max_epochs=4)
+    with pytest.raises(RuntimeError, match="no state for"):
+        t3.fit(Regression(), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt")
+
+
+def test_any_averager_and_several_callbacks(tmp_path):
+    """SWA and power-function EMA through the same factory interface, side by side."""
+    model = Regression()
+    swa = AveragingCallback(lambda m: polyak.SWA(m, start_step=2), name="swa")
+    rule = polyak.rules.PowerFunction(sigma_rel=0.2)
+    power = AveragingCallback(lambda m: polyak.EMA(m, rule=rule), evaluate=False, name="power")
+    t = trainer(tmp_path, [swa, power], max_epochs=2)
+    t.fit(model, loader(), loader(8, seed=1))
+    assert len(model.iterates) == 8
+
+    tail = model.iterates[2:]
+    mean = {k: sum(it[k].double() for it in tail) / len(tail) for k in tail[0]}
+    assert_close(averaged(swa), mean)
+    # Validation saw the SWA average (the evaluating callback) after epoch 2.
+    assert_close(model.validated[-1][1], mean)
+
+    # Power EMA: polyak's own averager replayed over the same iterates in a plain loop.
+    replica = copy.deepcopy(model.net)
+    reference = polyak.EMA(replica, rule=rule)
+    for it in model.iterates:
+        replica.load_state_dict({k[len("net.") :]: v for k, v in it.items()})
+        reference.update()
+    expected = {f"net.{k}": v for k, v in reference.averaged_model().state_dict().items()}
+    assert_equal(averaged(power), expected)
+
+    with pytest.raises(ValueError, match="only one can"):
+        trainer(tmp_path, [AveragingCallback(ema), AveragingCallback(ema, name="b")]).fit(Regression(), loader())
+
+
+def test_update_bn_and_save_at_end(tmp_path):
+    """At the end: the average goes into the model, BatchNorm statistics are recomputed, the file holds them."""
+    model = Regression(bn=True)
+    path = tmp_path / "averaged.safetensors"
+    callback = AveragingCallback(ema, update_bn=True, save_to=path)
+    data = loader()
+    trainer(tmp_path, [callback], max_epochs=2).fit(model, data)
+
+    expected = ema_reference(model.iterates)
+    after = model.weights()
+    params = {k for k, _ in model.named_parameters()}
+    assert_close({k: after[k] for k in params}, {k: expected[k] for k in params})
+    # BatchNorm statistics by hand: cumulative averages over the training batches of the averaged first layer.
+    w, b = expected["net.0.weight"], expected["net.0.bias"]
+    hidden = [x.double() @ w.T + b for x, _ in data]
+    mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
+    var = torch.stack([h.var(0, unbiased=True) for h in hidden]).mean(0)
+    torch.testing.assert_close(after["net.1.running_mean"].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after["net.1.running_var"].double(), var, rtol=1e-5, atol=1e-6)
+
+    from safetensors.torch import load_file
+
+    assert_equal(load_file(path), after)
+
+
+def test_compiled_module(tmp_path):
+    """A torch.compile'd LightningModule: pairing survives the wrapper, validation sees the swap (pain point 17)."""
+    model = Regression()
+    callback = AveragingCallback(ema)
+    t = trainer(tmp_path, [callback], max_epochs=1)
+    # backend="eager": dynamo capture and guards without inductor code generation (~90 s on a shared CPU).
+    t.fit(torch.compile(model, backend="eager"), loader(), loader(8, seed=1))
+    assert callback.averager.num_updates == len(model.iterates) == 4
+    assert_close(averaged(callback), ema_reference(model.iterates))
+    assert_close(model.validated[-1][1], ema_reference(model.iterates))
+    # The compiled validation_step computed with the averaged weights.
+    check = Regression()
+    check.load_state_dict({k: v.float() for k, v in ema_reference(model.iterates).items()})
+    x, y = loader(8, seed=1).dataset.tensors
+    expected = nn.functional.mse_loss(check(x), y)
+    torch.testing.assert_close(t.callback_metrics["val_loss"], expected.detach(), rtol=1e-5, atol=1e-7)
+    assert_equal(model.weights(), model.iterates[-1])
+
+
+class FailingValidation(Regression):
+    def validation_step(self, batch, batch_idx):
+        if self.trainer.current_epoch == 1:
+            raise RuntimeError("failure in the middle of a validation")
+        super().validation_step(batch, batch_idx)
+
+
+def test_error_during_validation_restores_training_weights(tmp_path):
+    """An interrupted validation must not leave the average in the model (pain point 15)."""
+    model = FailingValidation()
+    callback = AveragingCallback(ema)
+    t = trainer(tmp_path, [callback])
+    with pytest.raises(RuntimeError, match="middle of a validation"):
+        t.fit(model, loader(), loader(8, seed=1))
+    assert len(model.iterates) == 8  # the failure came in the second epoch's validation, with the average in
+    assert_equal(model.weights(), model.iterates[-1])
+    assert callback._swap is None
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="function model -> averager"):
+        AveragingCallback(polyak.EMA(nn.Linear(2, 2), decay=0.9))  # an instance, not a factory
+    assert isinstance(AveragingCallback(polyak.SWA)._ready(Regression()), polyak.SWA)  # a class is a factory
+    callback = AveragingCallback(lambda m: object())
+    with pytest.raises(TypeError, match="lacks"):
+        callback._ready(Regression())
+
+
+def test_missing_lightning_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning", None)
+    monkeypatch.delitem(sys.modules, "polyak.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install polyak\[lightning\]"):
+        importlib.import_module("polyak.integrations.lightning")
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    """One rank of a 2-process DDP run, launched by the test (Lightning sees LOCAL_RANK and does not spawn)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        model = Regression()
+        callback = AveragingCallback(ema)
+        t = trainer(out_dir, [callback], max_epochs=2, strategy="ddp", devices=2)
+        t.fit(model, loader(), loader(8, seed=1))
+        state = callback.averager.state_dict()
+        torch.save(
+            {"global_step": t.global_step, "averager": state, "iterates": model.iterates}, f"{out_dir}/rank{rank}.pt"
+        )
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skip interpreter shutdown after gloo: it sometimes aborts (research/distributed.md 5.4)
+
+
+@pytest.mark.slow
+def test_ddp_strategy(tmp_path):
+    """Two CPU ranks under strategy="ddp": identical averages on both, the EMA of the iterates."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = torch.multiprocessing.start_processes(
+        _ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    for _ in range(24):  # at most 2 minutes
+        if context.join(timeout=5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the DDP run did not finish within 2 minutes")
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert states[0]["global_step"] == states[1]["global_step"] == 4  # 2 epochs x 2 batches of 4 per rank
+    first, second = (s["averager"] for s in states)
+    assert first["step"] == first["num_updates"] == 4
+    assert_equal(first["shadow"], second["shadow"])
+    assert set(first["shadow"]) == {k for k, _ in Regression().named_parameters()}  # no "module." prefix
+
+    # The average is the EMA of the iterates the DDP run produced (recorded on rank 0).
+    assert len(states[0]["iterates"]) == 4
+    assert_close(first["shadow"], ema_reference(states[0]["iterates"]))
