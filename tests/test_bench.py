@@ -7,10 +7,11 @@ import json
 from polyak.cli import main
 
 
-def test_quick_bench_runs_and_reports_measured_columns(capsys):
-    assert main(["bench", "--quick", "--shapes", "many", "gpt2", "--repeats", "1", "--json"]) == 0
+def test_quick_bench_runs_and_reports_measured_columns(capsys, monkeypatch):
+    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)  # timings are not checked: keep samples short
+    assert main(["bench", "--quick", "--shapes", "many", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [shape["shape"] for shape in report["shapes"]] == ["many", "gpt2"]
+    assert [shape["shape"] for shape in report["shapes"]] == ["many"]
     for shape in report["shapes"]:
         results = {r["name"]: r for r in shape["results"]}
         floor = results["floor: one lerp_ over a flat buffer"]
@@ -24,7 +25,8 @@ def test_quick_bench_runs_and_reports_measured_columns(capsys):
     assert any("update_every=4" in line for line in report["goals"])
 
 
-def test_markdown_table(capsys):
-    assert main(["bench", "--quick", "--shapes", "resnet50", "--repeats", "1"]) == 0
+def test_markdown_table(capsys, monkeypatch):
+    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)
+    assert main(["bench", "--quick", "--shapes", "gpt2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| polyak EMA |" in out and "x floor" in out and "Goals" in out
