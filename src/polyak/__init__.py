@@ -3,7 +3,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import rules, swa_utils
+from . import distributed, rules, swa_utils
 from .bn import update_bn
 from .checkpoints import average_checkpoints, export_weights
 from .ema import EMA, SWA, Averager, load_state
@@ -19,6 +19,7 @@ __all__ = [
     "Shadow",
     "__version__",
     "average_checkpoints",
+    "distributed",
     "export_weights",
     "flatten_parameters",
     "is_swapped_state_dict",

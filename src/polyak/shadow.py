@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import distributed
+
 __all__ = ["NonFinite", "Policy", "Shadow", "canonical_name", "copy_module", "is_swapped_state_dict", "unwrap"]
 
 Policy = Literal["average", "copy", "skip"]
@@ -105,8 +107,31 @@ class _Slot:
 
     name: str
     mode: Policy  # "average" or "copy"
-    tensor: Tensor  # the shadow's copy (a view into a flat buffer)
+    tensor: Tensor  # the shadow's copy (a view into a flat buffer); of a DTensor, this rank's shard
     model_dtype: torch.dtype
+    value: Tensor  # what users see: ``tensor``, or a DTensor over it laid out like the model's
+
+
+def _check_layout(slot: _Slot, model_tensor: Tensor) -> None:
+    """Raise unless ``model_tensor`` is sharded (a DTensor) exactly when, and as, the stored tensor is."""
+    stored, given = slot.value is not slot.tensor, distributed.is_dtensor(model_tensor)
+    if stored != given:
+        hint = (
+            "pass the sharded model the average was made from"
+            if stored
+            else "make the averager from the model as it is trained (after fully_shard); a full state loads "
+            "into it with load_state_dict"
+        )
+        raise ValueError(
+            f"tensor {slot.name!r}: the average holds a {'DTensor' if stored else 'plain tensor'}, the model a "
+            f"{'DTensor' if given else 'plain tensor'}; {hint}"
+        )
+    if stored and not distributed.same_layout(slot.value, model_tensor):
+        layout = "{0.placements} on {0.device_mesh}"
+        raise ValueError(
+            f"tensor {slot.name!r}: the average is laid out as {layout.format(slot.value)}, the model as "
+            f"{layout.format(model_tensor)}; shard the model as when the average was made"
+        )
 
 
 @dataclass
@@ -118,6 +143,9 @@ class _Plan:
     keys: list[str]
     live: list[Tensor]  # model tensors, in the shadow's storage order
     links: list[tuple[dict[str, Any], str, nn.Module]]
+    data: list[Tensor]  # what the kernels read and write: ``live``, with DTensors replaced by their local shards
+    dtensors: list[Tensor] = field(default_factory=list)  # the DTensors of ``live`` ...
+    shards: list[Tensor] = field(default_factory=list)  # ... and their local shards, as paired
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
@@ -162,6 +190,8 @@ class _Plan:
         getitem, is_ = operator.getitem, operator.is_
         if not all(map(is_, map(getitem, self.owners, self.keys), self.live)):
             return False
+        if not all(map(is_, map(distributed.local_shard, self.dtensors), self.shards)):
+            return False  # a DTensor got new local storage (e.g. FSDP2's lazy init re-pads its shards)
         if self.watched and list(map(Tensor.data_ptr, self.watched)) != self.pointers:
             return False
         dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
@@ -385,7 +415,8 @@ class Shadow:
     """Averaged copies of a module's tensors, paired by qualified name.
 
     Args:
-        module: the model; wrappers (DDP, DataParallel, ``torch.compile``) are looked through.
+        module: the model; wrappers (DDP, DataParallel, ``torch.compile``) are looked through. Of a DTensor
+            (FSDP2) parameter only this rank's shard is stored, shown as a DTensor laid out like the parameter.
         buffers: floating buffers are ``"average"``-d (default), ``"copy"``-ed from the model at each update,
             or ``"skip"``-ped (left to the model). Integer and bool buffers are always copied, never averaged.
         frozen: parameters with ``requires_grad=False`` are ``"copy"``-ed (default), ``"average"``-d or
@@ -425,10 +456,12 @@ class Shadow:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
 
+        distributed.reshard(module)  # FSDP2 keeps some parameters gathered after an evaluation forward
         found, _ = _walk(module)
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
         if adopt:
-            self._slots = [_Slot(f.name, mode, f.tensor.detach(), f.tensor.dtype) for f, mode in chosen]
+            detached = [(f, mode, f.tensor.detach()) for f, mode in chosen]
+            self._slots = [_Slot(f.name, mode, distributed.local(t), f.tensor.dtype, t) for f, mode, t in detached]
         else:
             self._slots = self._allocate(chosen)
         self._by_name = {slot.name: slot for slot in self._slots}
@@ -469,11 +502,14 @@ class Shadow:
             groups.setdefault(key, []).append((f, mode))
         slots: list[_Slot] = []
         for (device, dtype, mode, model_dtype, _), members in groups.items():
-            flat = torch.empty(sum(f.tensor.numel() for f, _ in members), dtype=dtype, device=device)
+            shards = [distributed.local(f.tensor) for f, _ in members]  # a DTensor stores its local shard only
+            flat = torch.empty(sum(t.numel() for t in shards), dtype=dtype, device=device)
             offset = 0
-            for f, _ in members:
-                n = f.tensor.numel()
-                slots.append(_Slot(f.name, mode, flat[offset : offset + n].view(f.tensor.shape), model_dtype))
+            for (f, _), shard in zip(members, shards, strict=True):
+                n = shard.numel()
+                view = flat[offset : offset + n].view(shard.shape)
+                value = distributed.sharded_like(view, f.tensor) if shard is not f.tensor else view
+                slots.append(_Slot(f.name, mode, view, model_dtype, value))
                 offset += n
         return slots
 
@@ -487,12 +523,18 @@ class Shadow:
                 "is still open; leave that block before updating, copying or swapping again"
             )
         plan = self._plan
-        if plan is not None and plan.root is module and plan.is_current():
-            return plan
+        if plan is not None and plan.root is module:
+            if plan.is_current():
+                return plan
+            if plan.dtensors:  # FSDP2 may hold gathered parameters after a forward without backward
+                distributed.reshard(module)
+                if plan.is_current():
+                    return plan
         plan = self._plan = self._build_plan(module)
         return plan
 
     def _build_plan(self, module: nn.Module) -> _Plan:
+        distributed.reshard(module)
         found, links = _walk(module)
         by_name = {f.name: f for f in found}
         missing = [slot.name for slot in self._slots if slot.name not in by_name]
@@ -509,31 +551,35 @@ class Shadow:
             )
         pairs = [(slot, by_name[slot.name]) for slot in self._slots]
         for slot, f in pairs:
-            if f.tensor.shape != slot.tensor.shape:
+            if f.tensor.shape != slot.value.shape:
                 raise ValueError(
-                    f"tensor {slot.name!r}: the average has shape {tuple(slot.tensor.shape)}, "
+                    f"tensor {slot.name!r}: the average has shape {tuple(slot.value.shape)}, "
                     f"the model has {tuple(f.tensor.shape)}"
                 )
             if slot.mode == "average" and not (f.tensor.is_floating_point() or f.tensor.is_complex()):
                 raise ValueError(f"tensor {slot.name!r} is averaged but the model holds it as {f.tensor.dtype}")
+            _check_layout(slot, f.tensor)
         plan = _Plan(
             module,
             [f.owner for _, f in pairs],
             [f.key for _, f in pairs],
             [f.tensor for _, f in pairs],
             links,
+            [distributed.local(f.tensor) for _, f in pairs],
         )
+        plan.dtensors = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor)]
+        plan.shards = [distributed.local(t) for t in plan.dtensors]
         # One kernel per (shadow device and dtype, model device and dtype): each flat buffer is one such group.
         groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
-        for slot, f in pairs:
+        for (slot, _), data in zip(pairs, plan.data, strict=True):
             if slot.mode == "copy":
                 plan.copies[0].append(slot.tensor)
-                plan.copies[1].append(f.tensor)
+                plan.copies[1].append(data)
                 continue
-            key = (slot.tensor.device, slot.tensor.dtype, f.tensor.device, f.tensor.dtype)
+            key = (slot.tensor.device, slot.tensor.dtype, data.device, data.dtype)
             groups.setdefault(key, ([], []))
             groups[key][0].append(slot.tensor)
-            groups[key][1].append(f.tensor)
+            groups[key][1].append(data)
         for (device, dtype, model_device, model_dtype), (shadows, models) in groups.items():
             if device == model_device and dtype == model_dtype:
                 plan.lerps.append(_merge_runs(plan, shadows, models))
@@ -591,7 +637,7 @@ class Shadow:
         return None
 
     def _raise_nonfinite(self, plan: _Plan) -> None:
-        for slot, tensor in zip(self._slots, plan.live, strict=True):
+        for slot, tensor in zip(self._slots, plan.data, strict=True):  # local shards: no collective
             if slot.mode == "average" and not bool(torch.isfinite(tensor).all()):
                 raise RuntimeError(
                     f"model tensor {slot.name!r} holds inf or NaN ({int((~torch.isfinite(tensor)).sum())} of "
@@ -640,7 +686,7 @@ class Shadow:
     def copy_to(self, module: nn.Module) -> None:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
-        _copy(plan.live, [slot.tensor for slot in self._slots])
+        _copy(plan.data, [slot.tensor for slot in self._slots])
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -653,10 +699,11 @@ class Shadow:
         after ``torch.save`` / ``torch.load``, so a checkpoint taken during evaluation is not mistaken for
         the training weights. Like any ``state_dict()``, its tensors are views of the module's: save or clone
         them inside the block (after it they read the training weights, and the mark stays, conservatively).
+        Sharded (FSDP2) parameters swap their local shards; their gathered copies are dropped on exit.
         """
         plan = self._plan_for(module)
         target = unwrap(module)
-        live = list(plan.live)
+        live = list(plan.data)
         with torch.no_grad():
             backup = [t.clone() for t in live]
         _SWAPPED.add(target)
@@ -666,6 +713,7 @@ class Shadow:
                 _copy(live, [slot.tensor for slot in self._slots])
             yield module
         finally:
+            distributed.reshard(module)  # else FSDP2 would keep evaluating/training with the averaged weights
             hook.remove()
             _SWAPPED.discard(target)
             with torch.no_grad():
@@ -679,8 +727,8 @@ class Shadow:
         return [slot.name for slot in self._slots]
 
     def tensors(self) -> dict[str, Tensor]:
-        """The stored tensors by qualified name (references, not copies)."""
-        return {slot.name: slot.tensor for slot in self._slots}
+        """The stored tensors by qualified name (references, not copies; DTensors where the model has them)."""
+        return {slot.name: slot.value for slot in self._slots}
 
     def modes(self) -> dict[str, Policy]:
         """``"average"`` or ``"copy"`` for each stored tensor."""
@@ -716,10 +764,10 @@ class Shadow:
             value = state[name]
             if not isinstance(value, Tensor):
                 raise TypeError(f"saved tensor {name!r} is a {type(value).__name__}, not a tensor")
-            if value.shape != slot.tensor.shape or value.dtype != slot.tensor.dtype:
+            if value.shape != slot.value.shape or value.dtype != slot.tensor.dtype:
                 raise ValueError(
                     f"saved tensor {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}; this average "
-                    f"holds shape {tuple(slot.tensor.shape)} and dtype {slot.tensor.dtype}"
+                    f"holds shape {tuple(slot.value.shape)} and dtype {slot.tensor.dtype}"
                 )
 
     @torch.no_grad()
@@ -727,10 +775,21 @@ class Shadow:
         """Copy saved tensors in place, after checking all of them (nothing changes on error)."""
         self.check_state_dict(state)
         for name, slot in self._by_name.items():
-            slot.tensor.copy_(state[name])
+            value = state[name]
+            if slot.value is not slot.tensor and not distributed.is_dtensor(value):
+                value = distributed.shard_of(value, slot.value)  # a full tensor: keep this rank's shard
+            slot.value.copy_(value)
 
     def clone_module(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` (unwrapped) holding the stored tensors."""
+        sharded = [slot.name for slot in self._slots if slot.value is not slot.tensor]
+        if sharded:
+            raise RuntimeError(
+                f"cannot build an averaged model: the average is sharded across ranks ({sharded[0]!r} is a "
+                "DTensor) and a sharded (FSDP2) model cannot be deep-copied. Use swapped(model) to evaluate with "
+                "the averaged weights, or polyak.distributed.full_state_dict(averager.state_dict()['shadow']) to "
+                "gather them on rank 0 for an unsharded model."
+            )
         duplicate = copy_module(module)
         self._plan = None
         self.copy_to(duplicate)
