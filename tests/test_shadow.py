@@ -258,3 +258,15 @@ def test_update_with_calls_the_function_once_per_group():
     assert calls == [3]  # head.weight, head.bias, scale
     shadow.update_with(model, lambda s, m: m * 2, each=True)
     torch.testing.assert_close(shadow.tensors()["head.bias"], model.head.bias.double() * 2)
+
+
+def test_tied_names_are_saved_as_aliases_and_load_strictly():
+    model = TinyTransformer()
+    shadow = Shadow(model)
+    state = shadow.state_dict()
+    assert shadow.aliases == {"lm_head.weight": "embed.weight"}
+    assert state["lm_head.weight"] is state["embed.weight"]
+    fresh = TinyTransformer()
+    fresh.load_state_dict(state)  # strict: every name of the model is there
+    assert torch.equal(fresh.lm_head.weight, state["embed.weight"])
+    Shadow(TinyTransformer()).load_state_dict(state)  # the alias is accepted, not reported as unexpected

@@ -65,6 +65,7 @@ def update_bn(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     weighting: Literal["batch", "sample"] = "batch",
+    sync_ranks: bool | None = None,
 ) -> None:
     """Recompute the running mean and variance of ``model``'s normalisation layers with one pass over ``loader``.
 
@@ -90,9 +91,12 @@ def update_bn(
             weighs its batch size (the first dimension of the layer's input), as the original SWA code's
             ``bn_update``, so the running mean is the mean over the whole dataset even when batch sizes differ.
 
-    Under ``torch.distributed``, ``SyncBatchNorm`` layers reduce their batch statistics across ranks in every
-    call, so every rank must run the same number of batches (``max_batches`` helps); plain BatchNorm layers
-    keep each rank's own statistics, as in torch.
+        sync_ranks: under ``torch.distributed``, pool the recomputed statistics of all ranks at the end (two
+            collectives, :func:`polyak.distributed.all_reduce_batchnorm_stats` weighted by each rank's batches,
+            or samples with ``weighting="sample"``), so every rank ends with the statistics one process would
+            compute over all ranks' batches. Default: on when a process group with more than one rank is
+            initialised. Every rank must call ``update_bn`` then. ``SyncBatchNorm`` layers are already
+            identical across ranks and stay so.
 
     A model without such layers warns and is left unchanged; an empty loader raises ``ValueError`` before
     anything changes. An error during the pass leaves the statistics partly updated, modes and momenta restored.
@@ -157,6 +161,11 @@ def update_bn(
             if max_batches is not None and count >= max_batches:
                 break
             batch = next(iterator, _EMPTY)
+        if _pool_across_ranks(sync_ranks):
+            from .distributed import all_reduce_batchnorm_stats
+
+            weight = count if not by_sample else max(seen.values(), default=count)
+            all_reduce_batchnorm_stats(model, count=float(weight), between_ranks=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -170,6 +179,14 @@ def update_bn(
 
 
 _EMPTY = object()
+
+
+def _pool_across_ranks(sync_ranks: bool | None) -> bool:
+    """Whether to pool statistics across ranks: as asked, or by default when several ranks are running."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if sync_ranks and not initialised:
+        raise RuntimeError("update_bn(sync_ranks=True) needs an initialised torch.distributed process group")
+    return initialised and torch.distributed.get_world_size() > 1 if sync_ranks is None else sync_ranks
 
 
 def _device_type(model: nn.Module) -> str:

@@ -198,8 +198,11 @@ class Averager:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: counters, configuration (checked on load), tensors."""
-        self._check_not_swapped("save the average")
+        """Everything needed to continue exactly: counters, configuration (checked on load), tensors.
+
+        Allowed inside ``swapped()``: a swap backs the model up and leaves the average itself untouched, so
+        a checkpoint taken during evaluation holds the same average as one taken outside.
+        """
         return {
             "format": _FORMAT,
             **self._config(),

@@ -72,14 +72,17 @@ class _Found:
     persistent: bool
 
 
-def _walk(root: nn.Module) -> tuple[list[_Found], list[tuple[dict[str, Any], str, nn.Module]]]:
+def _walk(
+    root: nn.Module, aliases: dict[str, str] | None = None
+) -> tuple[list[_Found], list[tuple[dict[str, Any], str, nn.Module]]]:
     """Every distinct tensor of ``root`` (tied tensors once, first name wins), and the module links.
 
-    The links ``(parent._modules, name, child)`` let a cached plan notice a replaced submodule.
+    The links ``(parent._modules, name, child)`` let a cached plan notice a replaced submodule. If given,
+    ``aliases`` receives the other names of tied tensors, mapped to the name that was kept.
     """
     found: list[_Found] = []
     links: list[tuple[dict[str, Any], str, nn.Module]] = []
-    seen_tensors: set[int] = set()
+    seen_tensors: dict[int, str] = {}
     seen_modules: set[int] = set()
     stack: list[tuple[nn.Module, str]] = [(unwrap(root), "")]
     while stack:
@@ -89,11 +92,16 @@ def _walk(root: nn.Module) -> tuple[list[_Found], list[tuple[dict[str, Any], str
         seen_modules.add(id(module))
         for owner, is_param in ((module._parameters, True), (module._buffers, False)):
             for key, tensor in owner.items():
-                if tensor is None or id(tensor) in seen_tensors:
+                if tensor is None:
                     continue
-                seen_tensors.add(id(tensor))
+                name = canonical_name(prefix + key)
+                if id(tensor) in seen_tensors:
+                    if aliases is not None:
+                        aliases[name] = seen_tensors[id(tensor)]
+                    continue
+                seen_tensors[id(tensor)] = name
                 persistent = is_param or key not in module._non_persistent_buffers_set
-                found.append(_Found(canonical_name(prefix + key), owner, key, tensor, is_param, persistent))
+                found.append(_Found(name, owner, key, tensor, is_param, persistent))
         children = [(key, child) for key, child in module._modules.items() if child is not None]
         for key, child in children:
             links.append((module._modules, key, child))
@@ -457,7 +465,8 @@ class Shadow:
         self.device = torch.device(device) if device is not None else None
 
         distributed.reshard(module)  # FSDP2 keeps some parameters gathered after an evaluation forward
-        found, _ = _walk(module)
+        aliases: dict[str, str] = {}
+        found, _ = _walk(module, aliases)
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
         if adopt:
             detached = [(f, mode, f.tensor.detach()) for f, mode in chosen]
@@ -465,6 +474,8 @@ class Shadow:
         else:
             self._slots = self._allocate(chosen)
         self._by_name = {slot.name: slot for slot in self._slots}
+        # other names of tied tensors (e.g. lm_head.weight for embed.weight), so exports load with strict=True
+        self.aliases = {alias: name for alias, name in aliases.items() if name in self._by_name}
         self._plan: _Plan | None = None
         if not adopt:
             self.copy_from(module)
@@ -745,15 +756,20 @@ class Shadow:
         }
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The stored tensors by name (references into the shadow's buffers)."""
-        return self.tensors()
+        """The stored tensors by name (references into the shadow's buffers), tied names included.
+
+        A tied tensor appears under each of its names (the same tensor object, saved once by ``torch.save``),
+        so the state loads into the model with ``strict=True``; loading reads it from its first name.
+        """
+        tensors = self.tensors()
+        return tensors | {alias: tensors[name] for alias, name in self.aliases.items()}
 
     def check_state_dict(self, state: dict[str, Tensor]) -> None:
         """Raise ``ValueError`` naming the first tensor of ``state`` that does not fit; change nothing."""
         if not isinstance(state, dict):
             raise TypeError(f"expected a dict of tensors, got {type(state).__name__}")
         missing = [n for n in self._by_name if n not in state]
-        extra = [n for n in state if n not in self._by_name]
+        extra = [n for n in state if n not in self._by_name and n not in self.aliases]
         if missing or extra:
             which = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
             raise ValueError(

@@ -106,11 +106,9 @@ def ddp_job(rank: int, world: int, out: Path) -> dict[str, Any]:
         all_reduce_batchnorm_stats(nn.Sequential(norm), count=len(data), unbiased=unbiased)
         pooled[unbiased] = {k: v.clone() for k, v in norm.state_dict().items()}
 
-    # update_bn on each rank's batches, then pooled: as update_bn over all ranks' batches in one process.
+    # update_bn pools across ranks by default: as update_bn over all ranks' batches in one process.
     recomputed = bn_net(seed=3)
-    loader = bn_loader(rank)
-    polyak.update_bn(loader, recomputed)
-    all_reduce_batchnorm_stats(recomputed, count=len(loader), between_ranks=False)
+    polyak.update_bn(bn_loader(rank), recomputed)
 
     broadcast_model = bn_net(seed=rank)  # different buffers on each rank until broadcast
     broadcast_model[1].running_mean.normal_()
