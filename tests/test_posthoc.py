@@ -141,9 +141,12 @@ def test_update_every_keeps_the_profile():
         assert got < 1e-6
 
 
-def test_one_pass_update_matches_separate_shadows_in_bfloat16():
+@pytest.mark.parametrize("flat", [False, True])
+def test_one_pass_update_matches_separate_shadows_in_bfloat16(flat):
     torch.manual_seed(0)
     model = SmallCNN().to(torch.bfloat16)
+    if flat:  # the model's tensors tile one buffer: each staged batch is one copy
+        polyak.flatten_parameters(model)
     tracker = polyak.PostHocEMA(model, sigma_rels=(0.05, 0.1, 0.2), update_every=2)
     separate = [Shadow(model) for _ in tracker.rules]
     for t in range(1, 9):

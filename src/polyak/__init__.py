@@ -8,6 +8,7 @@ from .bema import BEMA
 from .bn import update_bn
 from .checkpoints import average_checkpoints, export_weights
 from .ema import EMA, SWA, Averager, load_state
+from .flat import flatten_parameters
 from .io import CheckpointError, save_state_dict
 from .posthoc import PostHocEMA
 from .shadow import Shadow, is_swapped_state_dict
@@ -24,6 +25,7 @@ __all__ = [
     "average_checkpoints",
     "distributed",
     "export_weights",
+    "flatten_parameters",
     "is_swapped_state_dict",
     "load_state",
     "rules",

@@ -169,12 +169,20 @@ class _Plan:
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
+    # Model tensors read through a flat view of their storage (merged runs, tiled cast batches), and their
+    # data pointers when the plan was built.
+    watched: list[Tensor] = field(default_factory=list)
+    pointers: list[int] = field(default_factory=list)
     guarded: list[_CastLerp] | None = None  # every averaged group staged, for nonfinite="skip"; built on demand
 
     def staged(self) -> list[_CastLerp]:
         """Every averaged group as a staged lerp, so that a skipped update can keep the shadow exactly."""
         if self.guarded is None:
-            self.guarded = [_CastLerp(shadows, models) for shadows, models in self.lerps] + self.casts
+            staged = [_CastLerp(shadows, models) for shadows, models in self.lerps]
+            for cast in staged:  # a cast may read a flat model range: watch it like the plan's own
+                self.watched.extend(cast.watched)
+            self.pointers = [t.data_ptr() for t in self.watched]
+            self.guarded = staged + self.casts
         return self.guarded
 
     def finite(self) -> Tensor | None:
@@ -186,7 +194,7 @@ class _Plan:
         """
         flag: Tensor | None = None
         groups = [(shadows[0].device, models) for shadows, models in self.lerps]
-        groups += [(cast.scratch.device, cast.models) for cast in self.casts]
+        groups += [(cast.shadows[0].device, cast.models) for cast in self.casts]
         for device, models in groups:
             wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
             ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
@@ -194,12 +202,18 @@ class _Plan:
         return flag
 
     def is_current(self) -> bool:
-        """True when every model tensor and submodule is still the object the plan was built from."""
+        """True when every model tensor and submodule is still the object the plan was built from.
+
+        Tensors read through a merged run must also still own the same memory: ``model.to(...)`` and
+        ``p.data = ...`` keep the object but replace its storage.
+        """
         getitem, is_ = operator.getitem, operator.is_
         if not all(map(is_, map(getitem, self.owners, self.keys), self.live)):
             return False
         if not all(map(is_, map(distributed.local_shard, self.dtensors), self.shards)):
             return False  # a DTensor got new local storage (e.g. FSDP2's lazy init re-pads its shards)
+        if self.watched and list(map(Tensor.data_ptr, self.watched)) != self.pointers:
+            return False
         dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
         return all(map(is_, map(getitem, dicts, names), children))
 
@@ -223,38 +237,121 @@ def _batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, in
         yield batch
 
 
+def _foreach_lerp(shadows: list[Tensor], models: list[Tensor], weight: float | Tensor) -> None:
+    """``_foreach_lerp_`` by a float or a 0-d tensor; a tensor goes per tensor (as a Scalar it would sync)."""
+    if isinstance(weight, Tensor):
+        torch._foreach_lerp_(shadows, models, [weight] * len(shadows))
+    else:
+        torch._foreach_lerp_(shadows, models, weight)
+
+
+def _adjacent(a: Tensor, b: Tensor) -> bool:
+    """True when contiguous ``b`` starts where contiguous ``a`` ends, in the same storage and dtype."""
+    return (
+        a.dtype == b.dtype
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() + a.numel() == b.storage_offset()
+    )
+
+
+def _flat(first: Tensor, numel: int, skip: int = 0) -> Tensor:
+    """``numel`` elements of ``first``'s storage, starting ``skip`` elements into ``first``, as a 1-d tensor.
+
+    It shares the storage but is not a view (``_base`` is None), so nothing mistakes it for a whole buffer.
+    """
+    flat = torch.empty(0, dtype=first.dtype, device=first.device)
+    return flat.set_(first.untyped_storage(), first.storage_offset() + skip, (numel,), (1,))
+
+
+def _tiled(models: Sequence[Tensor], batch: Sequence[tuple[int, int, int]], sizes: Sequence[int]) -> bool:
+    """True when the pieces ``(index, start, stop)`` of ``models`` follow each other in one storage."""
+    return models[batch[0][0]].is_contiguous() and all(
+        b == sizes[i] and c == 0 and _adjacent(models[i], models[j]) for (i, _, b), (j, c, _) in pairwise(batch)
+    )
+
+
+def _merge_runs(plan: _Plan, shadows: list[Tensor], models: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Merge consecutive pairs whose shadows and model tensors both tile one storage into one flat pair.
+
+    A model laid out by :func:`polyak.flatten_parameters` becomes a single pair per group: one kernel per
+    update. The model tensors of merged runs are added to ``plan.watched`` so that a changed layout is
+    noticed and the plan rebuilt.
+    """
+    merged_shadows: list[Tensor] = []
+    merged_models: list[Tensor] = []
+    start = 0
+    for stop in range(1, len(shadows) + 1):
+        if (
+            stop < len(shadows)
+            and _adjacent(shadows[stop - 1], shadows[stop])
+            and _adjacent(models[stop - 1], models[stop])
+        ):
+            continue
+        if stop - start == 1:
+            merged_shadows.append(shadows[start])
+            merged_models.append(models[start])
+        else:
+            numel = sum(t.numel() for t in models[start:stop])
+            merged_shadows.append(_flat(shadows[start], numel))
+            merged_models.append(_flat(models[start], numel))
+            plan.watched.extend(models[start:stop])
+        start = stop
+    return merged_shadows, merged_models
+
+
+def _offloaded(shadow: Tensor, model: Tensor) -> bool:
+    """True when the shadow is in host memory and the model on a GPU: copies can overlap the CPU's lerps."""
+    return shadow.device.type == "cpu" and model.device.type == "cuda"
+
+
 class _CastLerp:
     """Lerp of shadows from model tensors of another dtype or device, staged through a small buffer.
 
     Reads the model once and the shadow once, with no full-size temporary: batches of whole tensors (or
     pieces of large ones) are copied into a reusable buffer of at most ``_CHUNK`` elements, then each batch
-    is one lerp over the contiguous range of the shadow's flat buffer that it covers.
+    is one lerp over the contiguous range of the shadow's flat buffer that it covers. A batch whose model
+    tensors tile one storage (see :func:`polyak.flatten_parameters`) is staged with one copy. For a shadow
+    offloaded to the CPU, two pinned buffers alternate: batch b+1 is copied from the GPU (non-blocking) while
+    the CPU lerps batch b; GPU memory holds at most one chunk in transit (a dtype conversion on the way).
     """
 
     def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor]) -> None:
         self.shadows = list(shadows)
         self.models = list(models)
         sizes = [s.numel() for s in shadows]
+        self.overlap = _offloaded(shadows[0], models[0])
+        cuda = models[0].device.type == "cuda"
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.overlap and cuda else []
         # A shadow that is not contiguous (an adopted channels_last weight) cannot be cut into flat pieces.
         unsplittable = max((n for s, n in zip(shadows, sizes, strict=True) if not s.is_contiguous()), default=0)
         capacity = max(min(sum(sizes), _CHUNK), unsplittable)
-        self.scratch = torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device)
+        self.scratches = [
+            torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device, pin_memory=self.overlap and cuda)
+            for _ in range(2 if self.overlap else 1)
+        ]
         # Views into one flat buffer, back to back (adopted tensors are not views: handled tensor by tensor).
         flat = shadows[0]._base
         contiguous = all(s._base is flat for s in shadows) and all(
             a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows)
         )
         # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
-        # tensor, and the model pieces (tensor index, start, stop, whole tensor?).
-        self.batches: list[tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]]]] = []
-        for batch in _batches(sizes, max(self.scratch.numel(), 1)):
+        # tensor, the model pieces (tensor index, start, stop, whole tensor?), and the model range when the
+        # pieces tile one storage (its tensors are then watched by the plan).
+        self.batches: list[
+            tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]], Tensor | None]
+        ] = []
+        self.watched: list[Tensor] = []
+        for number, batch in enumerate(_batches(sizes, max(capacity, 1))):
+            scratch = self.scratches[number % len(self.scratches)]
             views: list[Tensor] = []
             targets: list[Tensor] = []
             pieces: list[tuple[int, int, int, bool]] = []
             offset = 0
             for i, a, b in batch:
                 whole = (a, b) == (0, sizes[i])
-                view = self.scratch[offset : offset + b - a]
+                view = scratch[offset : offset + b - a]
                 views.append(view.view(shadows[i].shape) if whole else view)
                 targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
                 pieces.append((i, a, b, whole))
@@ -264,7 +361,11 @@ class _CastLerp:
                 target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
             else:
                 target = targets
-            self.batches.append((target, self.scratch[:offset], views, pieces))
+            source = None
+            if len(batch) > 1 and _tiled(self.models, batch, sizes):
+                source = _flat(self.models[batch[0][0]], offset, batch[0][1])
+                self.watched.extend(self.models[i] for i, _, _ in batch)
+            self.batches.append((target, scratch[:offset], views, pieces, source))
 
     def run(self, weight: float | Tensor, keep: Tensor | None = None) -> None:
         """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage).
@@ -273,42 +374,63 @@ class _CastLerp:
         of the model's, so the lerp leaves the shadow bit for bit as it was, whatever the model holds.
         """
         models = self.models
-        copy = isinstance(weight, float) and weight == 1.0
-        for target, staged, views, pieces in self.batches:
-            torch._foreach_copy_(
-                views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-            )
-            if keep is not None and isinstance(target, Tensor):
-                torch.where(keep, staged, target, out=staged)
-            elif keep is not None:
-                for view, piece in zip(views, target, strict=True):
-                    torch.where(keep, view, piece, out=view)
-            if isinstance(target, Tensor):
-                target.copy_(staged) if copy else target.lerp_(staged, weight)
-            elif copy:
-                torch._foreach_copy_(target, views)
+        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
+            if source is not None:
+                staged.copy_(source, non_blocking=self.overlap)
             else:
-                torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]  # 0-d tensors work
+                sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+                torch._foreach_copy_(views, sources, non_blocking=self.overlap)
+            if not self.overlap:
+                self._fold(number, weight, keep)
+                continue
+            if self.events:
+                self.events[number % 2].record()
+            if number:  # lerp the previous batch while this one is in flight
+                self._fold(number - 1, weight, keep)
+        if self.overlap and self.batches:
+            self._fold(len(self.batches) - 1, weight, keep)
+
+    def _fold(self, number: int, weight: float | Tensor, keep: Tensor | None) -> None:
+        """Lerp (or copy, for a weight of 1.0) the staged batch ``number`` into the shadow."""
+        target, staged, views, _, _ = self.batches[number]
+        if self.events:
+            self.events[number % 2].synchronize()  # its copy from the GPU has landed
+        if keep is not None and isinstance(target, Tensor):
+            torch.where(keep, staged, target, out=staged)
+        elif keep is not None:
+            for view, piece in zip(views, target, strict=True):
+                torch.where(keep, view, piece, out=view)
+        copy = isinstance(weight, float) and weight == 1.0
+        if isinstance(target, Tensor):
+            target.copy_(staged) if copy else target.lerp_(staged, weight)
+        elif copy:
+            torch._foreach_copy_(target, views)
+        else:
+            _foreach_lerp(target, views, weight)
 
     def run_shared(self, casts: Sequence[_CastLerp], weights: Sequence[float | Tensor]) -> None:
-        """Stage each batch of the model once (in this scratch) and lerp the shadows of every cast from it.
+        """Stage each batch of the model once (in this scratch) and fold it into the shadows of every cast.
 
-        ``casts`` (this one among them) pair shadows of identical layout with the same model tensors.
+        ``casts`` (this one among them) pair shadows of identical layout with the same model tensors. The
+        copies are not overlapped with the lerps here (an offloaded shadow waits for each staged batch).
         """
         models = self.models
-        for j, (_, staged, views, pieces) in enumerate(self.batches):
-            torch._foreach_copy_(
-                views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-            )
+        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
+            if source is not None:
+                staged.copy_(source)
+            else:
+                torch._foreach_copy_(
+                    views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+                )
             for cast, weight in zip(casts, weights, strict=True):
-                target = cast.batches[j][0]
+                target = cast.batches[number][0]
                 copy = isinstance(weight, float) and weight == 1.0
                 if isinstance(target, Tensor):
                     target.copy_(staged) if copy else target.lerp_(staged, weight)
                 elif copy:
                     torch._foreach_copy_(target, views)
                 else:
-                    torch._foreach_lerp_(target, views, weight)  # type: ignore[arg-type]
+                    _foreach_lerp(target, views, weight)
 
 
 def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
@@ -507,9 +629,13 @@ class Shadow:
             groups[key][1].append(data)
         for (device, dtype, model_device, model_dtype), (shadows, models) in groups.items():
             if device == model_device and dtype == model_dtype:
-                plan.lerps.append((shadows, models))
+                plan.lerps.append(_merge_runs(plan, shadows, models))
             else:
                 plan.casts.append(_CastLerp(shadows, models))
+                plan.watched.extend(plan.casts[-1].watched)
+        if plan.copies[0]:
+            plan.copies = _merge_runs(plan, *plan.copies)
+        plan.pointers = [t.data_ptr() for t in plan.watched]
         return plan
 
     # ------------------------------------------------------------------ the update
@@ -550,7 +676,7 @@ class Shadow:
             self._copy_all(plan)
             return None
         for shadows, models in plan.lerps:
-            torch._foreach_lerp_(shadows, models, weight)  # type: ignore[arg-type]  # 0-d tensors work
+            _foreach_lerp(shadows, models, weight)
         for cast in plan.casts:
             cast.run(weight)
         if plan.copies[0]:
@@ -778,7 +904,7 @@ def update_many(shadows: Sequence[Shadow], module: nn.Module, weights: Sequence[
             if copy:
                 torch._foreach_copy_(targets, models)
             else:
-                torch._foreach_lerp_(targets, models, weight)  # type: ignore[arg-type]
+                _foreach_lerp(targets, models, weight)
         if plan.copies[0]:
             torch._foreach_copy_(*plan.copies)
     for casts in zip(*(plan.casts for plan in plans), strict=True):

@@ -1,0 +1,32 @@
+"""Smoke test of the benchmark harness on tiny shapes: it runs and measures; timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+from polyak.cli import main
+
+
+def test_quick_bench_runs_and_reports_measured_columns(capsys, monkeypatch):
+    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)  # timings are not checked: keep samples short
+    assert main(["bench", "--quick", "--shapes", "many", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [shape["shape"] for shape in report["shapes"]] == ["many"]
+    for shape in report["shapes"]:
+        results = {r["name"]: r for r in shape["results"]}
+        floor = results["floor: one lerp_ over a flat buffer"]
+        assert floor["ops"] == 1 and floor["ratio"] > 0
+        for name in ("polyak EMA", "polyak EMA, flatten_parameters", "polyak EMA, bf16 model, fp32 average"):
+            assert results[name]["syncs"] == 0 and results[name]["alloc_mb"] == 0, name
+        assert results["polyak EMA, flatten_parameters"]["ops"] == 1
+        assert 0.9 < results["polyak EMA"]["extra_memory"] < 1.1  # one float32 copy of float32 parameters
+        tutorial = results["torch AveragedModel, per-tensor avg_fn"]
+        assert tutorial["alloc_mb"] > 0 and tutorial["syncs"] > 0  # the census sees what others do
+    assert any("update_every=4" in line for line in report["goals"])
+
+
+def test_markdown_table(capsys, monkeypatch):
+    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)
+    assert main(["bench", "--quick", "--shapes", "gpt2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| polyak EMA |" in out and "x floor" in out and "Goals" in out
