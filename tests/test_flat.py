@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from models import SmallCNN, TinyTransformer, train_steps
-from test_shadow import OpCounter
+from opcount import OpCounter
 from torch import nn
 
 from polyak import EMA, Shadow, flatten_parameters

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 from models import FrozenBackbone, SmallCNN, TinyTransformer, train_steps
+from opcount import OpCounter
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from polyak import EMA, Shadow
 
@@ -156,16 +156,6 @@ def test_swap_restores_exactly_even_on_error():
         raise KeyError("boom")
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def count_update_ops(model: nn.Module, **options) -> list[str]:

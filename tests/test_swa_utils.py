@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.optim.swa_utils as ts
 from models import FrozenBackbone, SmallCNN, TinyTransformer, train_steps
+from opcount import SYNC, OpCounter
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import polyak.swa_utils as ps
 
@@ -230,21 +230,6 @@ def test_difference_bf16_model_gets_a_float32_average():
     assert abs(stalls.module.weight.item() - exact) > 0.1  # bf16 stalls (torch's behaviour)
 
 
-class Ops(TorchDispatchMode):
-    """Records the tensor operations that run inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-SYNC = "aten._local_scalar_dense"  # what .item(), bool(), int() of a tensor run: a host sync on a GPU
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -262,7 +247,7 @@ def test_difference_no_host_synchronisation_per_update(options):
     ours, theirs = ps.AveragedModel(model, **options), ts.AveragedModel(model, **options)
     for averaged in (ours, theirs):
         averaged.update_parameters(model)
-        with Ops() as recorded:
+        with OpCounter() as recorded:
             averaged.update_parameters(model)
         assert (SYNC in " ".join(recorded.ops)) == (averaged is theirs), recorded.ops
     assert int(ours.n_averaged) == 2
@@ -274,7 +259,7 @@ def test_kernels_per_update_do_not_grow_with_tensor_count():
     for options in ({}, {"multi_avg_fn": ps.get_ema_multi_avg_fn(0.9)}, {"avg_fn": ps.get_swa_avg_fn()}):
         ours = ps.AveragedModel(wide, **options)
         ours.update_parameters(wide)
-        with Ops() as recorded:
+        with OpCounter() as recorded:
             ours.update_parameters(wide)
         assert len(recorded.ops) == 2, recorded.ops
 
