@@ -30,7 +30,7 @@ def float64_average(
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "flat", "offload"])
 def test_cuda_update_matches_float64_without_host_sync(variant, monkeypatch):
-    monkeypatch.setattr("polyak.shadow._CHUNK", 1000)  # several staged batches
+    monkeypatch.setattr("polyak.kernels._CHUNK", 1000)  # several staged batches
     model = SmallCNN().cuda()
     if variant == "bf16":
         model = model.to(torch.bfloat16)

@@ -84,7 +84,7 @@ def test_frozen_tensors_split_the_run_but_stay_correct():
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_broken_layout_falls_back_correctly(breaks, dtype, monkeypatch):
-    monkeypatch.setattr("polyak.shadow._CHUNK", 16)  # bf16: staged in several batches, some across tensors
+    monkeypatch.setattr("polyak.kernels._CHUNK", 16)  # bf16: staged in several batches, some across tensors
     model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)).to(dtype)
     flatten_parameters(model)
     ema = EMA(model, decay=0.5)
@@ -109,9 +109,9 @@ def test_bad_input_is_named():
 @pytest.mark.parametrize("offload_stand_in", [False, True])
 def test_flat_model_with_nonfinite_skip(offload_stand_in, monkeypatch):
     """A skipped update keeps the average bit for bit through merged runs and the double-buffered schedule."""
-    monkeypatch.setattr("polyak.shadow._CHUNK", 16)
+    monkeypatch.setattr("polyak.kernels._CHUNK", 16)
     if offload_stand_in:
-        monkeypatch.setattr("polyak.shadow._offloaded", lambda shadow, model: True)
+        monkeypatch.setattr("polyak.kernels._offloaded", lambda shadow, model: True)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
     flatten_parameters(model)
     ema = EMA(model, decay=0.5, nonfinite="skip")

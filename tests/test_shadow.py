@@ -95,7 +95,7 @@ def test_bf16_model_tracks_float64():
 
 def test_cast_path_over_many_chunks(monkeypatch):
     """bf16 model, float32 shadow, tensors larger and smaller than the staging buffer."""
-    monkeypatch.setattr("polyak.shadow._CHUNK", 100)
+    monkeypatch.setattr("polyak.kernels._CHUNK", 100)
     model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 3), nn.Linear(3, 1)).to(torch.bfloat16)
     shadow = Shadow(model)
     ref = {k: v.double().clone() for k, v in shadow.tensors().items()}

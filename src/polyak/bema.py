@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .shadow import Policy, Shadow, copy_module, extrapolated, write_extrapolated
+from .module_tensors import copy_module
+from .shadow import Policy, Shadow, extrapolated, write_extrapolated
 
 __all__ = ["BEMA"]
 

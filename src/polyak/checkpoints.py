@@ -37,7 +37,7 @@ from .io import (
     sniff,
     torch_tensors,
 )
-from .shadow import canonical_name
+from .module_tensors import canonical_name
 
 __all__ = ["Average", "Export", "average_checkpoints", "export_weights", "newest_checkpoints", "open_checkpoint"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .shadow import unwrap
+from .module_tensors import unwrap
 
 __all__ = ["flatten_parameters"]
 

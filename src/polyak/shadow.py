@@ -1,7 +1,8 @@
-"""The shadow: storage of the averaged tensors and the update kernels.
+"""The shadow: storage of the averaged tensors, paired by name with a module's, and their updates.
 
-This is the only place in polyak where tensors are averaged. A :class:`Shadow` selects which tensors of a
-module take part, stores them (never below float32 unless asked), and applies
+This is the only place in polyak where tensors are averaged (with the kernels of :mod:`polyak.kernels`).
+A :class:`Shadow` selects which tensors of a module take part (found by :mod:`polyak.module_tensors`),
+stores them (never below float32 unless asked), and applies
 
     shadow <- shadow + w * (theta - shadow)
 
@@ -11,7 +12,6 @@ not by position, and knows nothing about which rule produced ``w``.
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 import warnings
@@ -20,24 +20,22 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from itertools import pairwise
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .kernels import CastLerp, copy_all, foreach_lerp, merge_runs
+from .module_tensors import Found, copy_module, unwrap, walk
 
 __all__ = [
     "NonFinite",
     "Policy",
     "Shadow",
-    "canonical_name",
     "check_same_layout",
-    "copy_module",
     "extrapolated",
     "is_swapped_state_dict",
-    "unwrap",
     "update_many",
     "write_extrapolated",
 ]
@@ -47,78 +45,9 @@ _POLICIES = ("average", "copy", "skip")
 NonFinite = Literal["propagate", "skip", "raise"]
 _NONFINITE = ("propagate", "skip", "raise")
 
-# Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
-_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
-# A cast/offload update stages the model in chunks of this many elements (4 MiB in float32).
-_CHUNK = 1 << 20
 # Modules that hold swapped-in averaged weights right now (any Shadow's), and the state-dict marker key.
 _SWAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _SWAP_MARK = "polyak_swapped"
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(module, "module", None)
-        if not isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
-
-
-def canonical_name(name: str) -> str:
-    """``name`` with wrapper segments (``_orig_mod``, ``_fsdp_wrapped_module``, ...) removed."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-
-
-@dataclass
-class _Found:
-    """One tensor of a module, where it lives, and what it is."""
-
-    name: str
-    owner: dict[str, Any]  # the module's _parameters or _buffers dict
-    key: str
-    tensor: Tensor
-    is_param: bool
-    persistent: bool
-
-
-def _walk(
-    root: nn.Module, aliases: dict[str, str] | None = None
-) -> tuple[list[_Found], list[tuple[dict[str, Any], str, nn.Module]]]:
-    """Every distinct tensor of ``root`` (tied tensors once, first name wins), and the module links.
-
-    The links ``(parent._modules, name, child)`` let a cached plan notice a replaced submodule. If given,
-    ``aliases`` receives the other names of tied tensors, mapped to the name that was kept.
-    """
-    found: list[_Found] = []
-    links: list[tuple[dict[str, Any], str, nn.Module]] = []
-    seen_tensors: dict[int, str] = {}
-    seen_modules: set[int] = set()
-    stack: list[tuple[nn.Module, str]] = [(unwrap(root), "")]
-    while stack:
-        module, prefix = stack.pop()
-        if id(module) in seen_modules:
-            continue
-        seen_modules.add(id(module))
-        for owner, is_param in ((module._parameters, True), (module._buffers, False)):
-            for key, tensor in owner.items():
-                if tensor is None:
-                    continue
-                name = canonical_name(prefix + key)
-                if id(tensor) in seen_tensors:
-                    if aliases is not None:
-                        aliases[name] = seen_tensors[id(tensor)]
-                    continue
-                seen_tensors[id(tensor)] = name
-                persistent = is_param or key not in module._non_persistent_buffers_set
-                found.append(_Found(name, owner, key, tensor, is_param, persistent))
-        children = [(key, child) for key, child in module._modules.items() if child is not None]
-        for key, child in children:
-            links.append((module._modules, key, child))
-        stack.extend((child, prefix + key + ".") for key, child in reversed(children))
-    return found, links
 
 
 @dataclass
@@ -167,18 +96,18 @@ class _Plan:
     dtensors: list[Tensor] = field(default_factory=list)  # the DTensors of ``live`` ...
     shards: list[Tensor] = field(default_factory=list)  # ... and their local shards, as paired
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
-    casts: list[_CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
+    casts: list[CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
     # Model tensors read through a flat view of their storage (merged runs, tiled cast batches), and their
     # data pointers when the plan was built.
     watched: list[Tensor] = field(default_factory=list)
     pointers: list[int] = field(default_factory=list)
-    guarded: list[_CastLerp] | None = None  # every averaged group staged, for nonfinite="skip"; built on demand
+    guarded: list[CastLerp] | None = None  # every averaged group staged, for nonfinite="skip"; built on demand
 
-    def staged(self) -> list[_CastLerp]:
+    def staged(self) -> list[CastLerp]:
         """Every averaged group as a staged lerp, so that a skipped update can keep the shadow exactly."""
         if self.guarded is None:
-            staged = [_CastLerp(shadows, models) for shadows, models in self.lerps]
+            staged = [CastLerp(shadows, models) for shadows, models in self.lerps]
             for cast in staged:  # a cast may read a flat model range: watch it like the plan's own
                 self.watched.extend(cast.watched)
             self.pointers = [t.data_ptr() for t in self.watched]
@@ -216,227 +145,6 @@ class _Plan:
             return False
         dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
         return all(map(is_, map(getitem, dicts, names), children))
-
-
-def _batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, int, int]]]:
-    """Pack tensors of the given sizes, in order, into batches of at most ``capacity`` elements.
-
-    Yields lists of ``(tensor index, start, stop)``; a tensor larger than ``capacity`` is split into pieces.
-    """
-    batch: list[tuple[int, int, int]] = []
-    used = 0
-    for index, n in enumerate(sizes):
-        for a in range(0, n, capacity):
-            b = min(n, a + capacity)
-            if batch and used + b - a > capacity:
-                yield batch
-                batch, used = [], 0
-            batch.append((index, a, b))
-            used += b - a
-    if batch:
-        yield batch
-
-
-def _foreach_lerp(shadows: list[Tensor], models: list[Tensor], weight: float | Tensor) -> None:
-    """``_foreach_lerp_`` by a float or a 0-d tensor; a tensor goes per tensor (as a Scalar it would sync)."""
-    if isinstance(weight, Tensor):
-        torch._foreach_lerp_(shadows, models, [weight] * len(shadows))
-    else:
-        torch._foreach_lerp_(shadows, models, weight)
-
-
-def _adjacent(a: Tensor, b: Tensor) -> bool:
-    """True when contiguous ``b`` starts where contiguous ``a`` ends, in the same storage and dtype."""
-    return (
-        a.dtype == b.dtype
-        and a.is_contiguous()
-        and b.is_contiguous()
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-        and a.storage_offset() + a.numel() == b.storage_offset()
-    )
-
-
-def _flat(first: Tensor, numel: int, skip: int = 0) -> Tensor:
-    """``numel`` elements of ``first``'s storage, starting ``skip`` elements into ``first``, as a 1-d tensor.
-
-    It shares the storage but is not a view (``_base`` is None), so nothing mistakes it for a whole buffer.
-    """
-    flat = torch.empty(0, dtype=first.dtype, device=first.device)
-    return flat.set_(first.untyped_storage(), first.storage_offset() + skip, (numel,), (1,))
-
-
-def _tiled(models: Sequence[Tensor], batch: Sequence[tuple[int, int, int]], sizes: Sequence[int]) -> bool:
-    """True when the pieces ``(index, start, stop)`` of ``models`` follow each other in one storage."""
-    return models[batch[0][0]].is_contiguous() and all(
-        b == sizes[i] and c == 0 and _adjacent(models[i], models[j]) for (i, _, b), (j, c, _) in pairwise(batch)
-    )
-
-
-def _merge_runs(plan: _Plan, shadows: list[Tensor], models: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Merge consecutive pairs whose shadows and model tensors both tile one storage into one flat pair.
-
-    A model laid out by :func:`polyak.flatten_parameters` becomes a single pair per group: one kernel per
-    update. The model tensors of merged runs are added to ``plan.watched`` so that a changed layout is
-    noticed and the plan rebuilt.
-    """
-    merged_shadows: list[Tensor] = []
-    merged_models: list[Tensor] = []
-    start = 0
-    for stop in range(1, len(shadows) + 1):
-        if (
-            stop < len(shadows)
-            and _adjacent(shadows[stop - 1], shadows[stop])
-            and _adjacent(models[stop - 1], models[stop])
-        ):
-            continue
-        if stop - start == 1:
-            merged_shadows.append(shadows[start])
-            merged_models.append(models[start])
-        else:
-            numel = sum(t.numel() for t in models[start:stop])
-            merged_shadows.append(_flat(shadows[start], numel))
-            merged_models.append(_flat(models[start], numel))
-            plan.watched.extend(models[start:stop])
-        start = stop
-    return merged_shadows, merged_models
-
-
-def _offloaded(shadow: Tensor, model: Tensor) -> bool:
-    """True when the shadow is in host memory and the model on a GPU: copies can overlap the CPU's lerps."""
-    return shadow.device.type == "cpu" and model.device.type == "cuda"
-
-
-class _CastLerp:
-    """Lerp of shadows from model tensors of another dtype or device, staged through a small buffer.
-
-    Reads the model once and the shadow once, with no full-size temporary: batches of whole tensors (or
-    pieces of large ones) are copied into a reusable buffer of at most ``_CHUNK`` elements, then each batch
-    is one lerp over the contiguous range of the shadow's flat buffer that it covers. A batch whose model
-    tensors tile one storage (see :func:`polyak.flatten_parameters`) is staged with one copy. For a shadow
-    offloaded to the CPU, two pinned buffers alternate: batch b+1 is copied from the GPU (non-blocking) while
-    the CPU lerps batch b; GPU memory holds at most one chunk in transit (a dtype conversion on the way).
-    """
-
-    def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor]) -> None:
-        self.shadows = list(shadows)
-        self.models = list(models)
-        sizes = [s.numel() for s in shadows]
-        self.overlap = _offloaded(shadows[0], models[0])
-        cuda = models[0].device.type == "cuda"
-        self.events = [torch.cuda.Event() for _ in range(2)] if self.overlap and cuda else []
-        # A shadow that is not contiguous (an adopted channels_last weight) cannot be cut into flat pieces.
-        unsplittable = max((n for s, n in zip(shadows, sizes, strict=True) if not s.is_contiguous()), default=0)
-        capacity = max(min(sum(sizes), _CHUNK), unsplittable)
-        self.scratches = [
-            torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device, pin_memory=self.overlap and cuda)
-            for _ in range(2 if self.overlap else 1)
-        ]
-        # Views into one flat buffer, back to back (adopted tensors are not views: handled tensor by tensor).
-        flat = shadows[0]._base
-        contiguous = all(s._base is flat for s in shadows) and all(
-            a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows)
-        )
-        # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
-        # tensor, the model pieces (tensor index, start, stop, whole tensor?), and the model range when the
-        # pieces tile one storage (its tensors are then watched by the plan).
-        self.batches: list[
-            tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]], Tensor | None]
-        ] = []
-        self.watched: list[Tensor] = []
-        for number, batch in enumerate(_batches(sizes, max(capacity, 1))):
-            scratch = self.scratches[number % len(self.scratches)]
-            views: list[Tensor] = []
-            targets: list[Tensor] = []
-            pieces: list[tuple[int, int, int, bool]] = []
-            offset = 0
-            for i, a, b in batch:
-                whole = (a, b) == (0, sizes[i])
-                view = scratch[offset : offset + b - a]
-                views.append(view.view(shadows[i].shape) if whole else view)
-                targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
-                pieces.append((i, a, b, whole))
-                offset += b - a
-            if contiguous and flat is not None:
-                start = shadows[batch[0][0]].storage_offset() + batch[0][1]
-                target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
-            else:
-                target = targets
-            source = None
-            if len(batch) > 1 and _tiled(self.models, batch, sizes):
-                source = _flat(self.models[batch[0][0]], offset, batch[0][1])
-                self.watched.extend(self.models[i] for i, _, _ in batch)
-            self.batches.append((target, scratch[:offset], views, pieces, source))
-
-    def run(self, weight: float | Tensor, keep: Tensor | None = None) -> None:
-        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage).
-
-        With ``keep`` (a 0-d bool tensor, True to apply), a False flag stages the shadow's own values in place
-        of the model's, so the lerp leaves the shadow bit for bit as it was, whatever the model holds.
-        """
-        models = self.models
-        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
-            if source is not None:
-                staged.copy_(source, non_blocking=self.overlap)
-            else:
-                sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-                torch._foreach_copy_(views, sources, non_blocking=self.overlap)
-            if not self.overlap:
-                self._fold(number, weight, keep)
-                continue
-            if self.events:
-                self.events[number % 2].record()
-            if number:  # lerp the previous batch while this one is in flight
-                self._fold(number - 1, weight, keep)
-        if self.overlap and self.batches:
-            self._fold(len(self.batches) - 1, weight, keep)
-
-    def _fold(self, number: int, weight: float | Tensor, keep: Tensor | None) -> None:
-        """Lerp (or copy, for a weight of 1.0) the staged batch ``number`` into the shadow."""
-        target, staged, views, _, _ = self.batches[number]
-        if self.events:
-            self.events[number % 2].synchronize()  # its copy from the GPU has landed
-        if keep is not None and isinstance(target, Tensor):
-            torch.where(keep, staged, target, out=staged)
-        elif keep is not None:
-            for view, piece in zip(views, target, strict=True):
-                torch.where(keep, view, piece, out=view)
-        copy = isinstance(weight, float) and weight == 1.0
-        if isinstance(target, Tensor):
-            target.copy_(staged) if copy else target.lerp_(staged, weight)
-        elif copy:
-            torch._foreach_copy_(target, views)
-        else:
-            _foreach_lerp(target, views, weight)
-
-    def run_shared(self, casts: Sequence[_CastLerp], weights: Sequence[float | Tensor]) -> None:
-        """Stage each batch of the model once (in this scratch) and fold it into the shadows of every cast.
-
-        ``casts`` (this one among them) pair shadows of identical layout with the same model tensors. The
-        copies are not overlapped with the lerps here (an offloaded shadow waits for each staged batch).
-        """
-        models = self.models
-        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
-            if source is not None:
-                staged.copy_(source)
-            else:
-                torch._foreach_copy_(
-                    views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-                )
-            for cast, weight in zip(casts, weights, strict=True):
-                target = cast.batches[number][0]
-                copy = isinstance(weight, float) and weight == 1.0
-                if isinstance(target, Tensor):
-                    target.copy_(staged) if copy else target.lerp_(staged, weight)
-                elif copy:
-                    torch._foreach_copy_(target, views)
-                else:
-                    _foreach_lerp(target, views, weight)
-
-
-def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``torch._foreach_copy_`` that accepts empty lists (a shadow may hold no tensor at all)."""
-    if targets:
-        torch._foreach_copy_(targets, sources)
 
 
 def _mark_swapped(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
@@ -502,7 +210,7 @@ class Shadow:
 
         distributed.reshard(module)  # FSDP2 keeps some parameters gathered after an evaluation forward
         aliases: dict[str, str] = {}
-        found, _ = _walk(module, aliases)
+        found, _ = walk(module, aliases)
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
         if adopt:
             detached = [(f, mode, f.tensor.detach()) for f, mode in chosen]
@@ -518,7 +226,7 @@ class Shadow:
 
     # ------------------------------------------------------------------ selection and storage
 
-    def _policy(self, found: _Found) -> Policy:
+    def _policy(self, found: Found) -> Policy:
         """What happens to one model tensor: averaged, copied, or left to the model."""
         if any(fnmatchcase(found.name, pattern) for pattern in self.exclude):
             return "skip"
@@ -540,9 +248,9 @@ class Shadow:
             return self.dtype.to_complex() if tensor.is_complex() else self.dtype
         return torch.promote_types(tensor.dtype, torch.float32)
 
-    def _allocate(self, chosen: Sequence[tuple[_Found, Policy]]) -> list[_Slot]:
+    def _allocate(self, chosen: Sequence[tuple[Found, Policy]]) -> list[_Slot]:
         """One flat buffer per (device, dtype, mode, model dtype); slots are views, in storage order."""
-        groups: dict[tuple[Any, ...], list[tuple[_Found, Policy]]] = {}
+        groups: dict[tuple[Any, ...], list[tuple[Found, Policy]]] = {}
         for f, mode in chosen:
             device = self.device if self.device is not None else f.tensor.device
             key = (str(device), self._storage_dtype(f.tensor, mode), mode, f.tensor.dtype, str(f.tensor.device))
@@ -582,7 +290,7 @@ class Shadow:
 
     def _build_plan(self, module: nn.Module) -> _Plan:
         distributed.reshard(module)
-        found, links = _walk(module)
+        found, links = walk(module)
         by_name = {f.name: f for f in found}
         missing = [slot.name for slot in self._slots if slot.name not in by_name]
         if missing:
@@ -629,12 +337,12 @@ class Shadow:
             groups[key][1].append(data)
         for (device, dtype, model_device, model_dtype), (shadows, models) in groups.items():
             if device == model_device and dtype == model_dtype:
-                plan.lerps.append(_merge_runs(plan, shadows, models))
+                plan.lerps.append(merge_runs(plan.watched, shadows, models))
             else:
-                plan.casts.append(_CastLerp(shadows, models))
+                plan.casts.append(CastLerp(shadows, models))
                 plan.watched.extend(plan.casts[-1].watched)
         if plan.copies[0]:
-            plan.copies = _merge_runs(plan, *plan.copies)
+            plan.copies = merge_runs(plan.watched, *plan.copies)
         plan.pointers = [t.data_ptr() for t in plan.watched]
         return plan
 
@@ -676,7 +384,7 @@ class Shadow:
             self._copy_all(plan)
             return None
         for shadows, models in plan.lerps:
-            _foreach_lerp(shadows, models, weight)
+            foreach_lerp(shadows, models, weight)
         for cast in plan.casts:
             cast.run(weight)
         if plan.copies[0]:
@@ -733,7 +441,7 @@ class Shadow:
     def copy_to(self, module: nn.Module) -> None:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
-        _copy(plan.data, [slot.tensor for slot in self._slots])
+        copy_all(plan.data, [slot.tensor for slot in self._slots])
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -757,14 +465,14 @@ class Shadow:
         hook = target.register_state_dict_post_hook(_mark_swapped)
         try:
             with torch.no_grad():
-                _copy(live, [slot.tensor for slot in self._slots])
+                copy_all(live, [slot.tensor for slot in self._slots])
             yield module
         finally:
             distributed.reshard(module)  # else FSDP2 would keep evaluating/training with the averaged weights
             hook.remove()
             _SWAPPED.discard(target)
             with torch.no_grad():
-                _copy(live, backup)
+                copy_all(live, backup)
 
     # ------------------------------------------------------------------ inspection and state
 
@@ -849,30 +557,6 @@ class Shadow:
         return duplicate
 
 
-def copy_module(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` (unwrapped from DDP / ``torch.compile``).
-
-    Tensors that a module keeps as plain attributes and computes in its forward (the old hook-based
-    ``torch.nn.utils.weight_norm`` stores ``weight`` so) are copied detached, which ``copy.deepcopy`` alone
-    refuses; the module's hooks recompute them. Raises ``RuntimeError`` when the module cannot be copied.
-    """
-    inner = unwrap(module)
-    memo: dict[int, Any] = {
-        id(value): value.detach().clone()
-        for child in inner.modules()
-        for value in vars(child).values()
-        if isinstance(value, Tensor) and value.grad_fn is not None
-    }
-    try:
-        return copy.deepcopy(inner, memo)
-    except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
-        raise RuntimeError(
-            f"cannot copy the model: copy.deepcopy({type(inner).__name__}) failed ({error}). "
-            "Use polyak.EMA / polyak.SWA, which keep only the averaged tensors and need no copy of the model "
-            "(evaluate with `with ema.swapped(model): ...` or export with `ema.copy_to(model)`)."
-        ) from error
-
-
 # ---------------------------------------------------------------------- several shadows of one model
 
 
@@ -904,7 +588,7 @@ def update_many(shadows: Sequence[Shadow], module: nn.Module, weights: Sequence[
             if copy:
                 torch._foreach_copy_(targets, models)
             else:
-                _foreach_lerp(targets, models, weight)
+                foreach_lerp(targets, models, weight)
         if plan.copies[0]:
             torch._foreach_copy_(*plan.copies)
     for casts in zip(*(plan.casts for plan in plans), strict=True):
@@ -967,4 +651,4 @@ def extrapolated(module: nn.Module, average: Shadow, anchor: Shadow, alpha: floa
             _SWAPPED.discard(target)
     finally:
         with torch.no_grad():
-            _copy(live, backup)
+            copy_all(live, backup)

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import SWALR
 
 from .bn import update_bn
+from .module_tensors import copy_module
 from .rules import ConstantDecay, EqualWeights, Rule
-from .shadow import Shadow, copy_module
+from .shadow import Shadow
 
 __all__ = [
     "SWALR",

@@ -1,0 +1,240 @@
+"""The update kernels of the shadow: the tensor operations that fold a model into its average.
+
+Only :mod:`polyak.shadow` calls them. A same-dtype group is one ``_foreach_lerp_`` (or one ``lerp_`` over a
+flat range when both sides tile one storage); a model of another dtype or device is staged through a small
+buffer (:class:`CastLerp`) so that the model is read once and no full-size temporary is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from itertools import pairwise
+
+import torch
+from torch import Tensor
+
+__all__ = ["CastLerp", "batches", "copy_all", "foreach_lerp", "merge_runs"]
+
+# A cast/offload update stages the model in chunks of this many elements (4 MiB in float32).
+_CHUNK = 1 << 20
+
+
+def batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Pack tensors of the given sizes, in order, into batches of at most ``capacity`` elements.
+
+    Yields lists of ``(tensor index, start, stop)``; a tensor larger than ``capacity`` is split into pieces.
+    """
+    batch: list[tuple[int, int, int]] = []
+    used = 0
+    for index, n in enumerate(sizes):
+        for a in range(0, n, capacity):
+            b = min(n, a + capacity)
+            if batch and used + b - a > capacity:
+                yield batch
+                batch, used = [], 0
+            batch.append((index, a, b))
+            used += b - a
+    if batch:
+        yield batch
+
+
+def foreach_lerp(shadows: list[Tensor], models: list[Tensor], weight: float | Tensor) -> None:
+    """``_foreach_lerp_`` by a float or a 0-d tensor; a tensor goes per tensor (as a Scalar it would sync)."""
+    if isinstance(weight, Tensor):
+        torch._foreach_lerp_(shadows, models, [weight] * len(shadows))
+    else:
+        torch._foreach_lerp_(shadows, models, weight)
+
+
+def _adjacent(a: Tensor, b: Tensor) -> bool:
+    """True when contiguous ``b`` starts where contiguous ``a`` ends, in the same storage and dtype."""
+    return (
+        a.dtype == b.dtype
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() + a.numel() == b.storage_offset()
+    )
+
+
+def _flat(first: Tensor, numel: int, skip: int = 0) -> Tensor:
+    """``numel`` elements of ``first``'s storage, starting ``skip`` elements into ``first``, as a 1-d tensor.
+
+    It shares the storage but is not a view (``_base`` is None), so nothing mistakes it for a whole buffer.
+    """
+    flat = torch.empty(0, dtype=first.dtype, device=first.device)
+    return flat.set_(first.untyped_storage(), first.storage_offset() + skip, (numel,), (1,))
+
+
+def _tiled(models: Sequence[Tensor], batch: Sequence[tuple[int, int, int]], sizes: Sequence[int]) -> bool:
+    """True when the pieces ``(index, start, stop)`` of ``models`` follow each other in one storage."""
+    return models[batch[0][0]].is_contiguous() and all(
+        b == sizes[i] and c == 0 and _adjacent(models[i], models[j]) for (i, _, b), (j, c, _) in pairwise(batch)
+    )
+
+
+def merge_runs(watched: list[Tensor], shadows: list[Tensor], models: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Merge consecutive pairs whose shadows and model tensors both tile one storage into one flat pair.
+
+    A model laid out by :func:`polyak.flatten_parameters` becomes a single pair per group: one kernel per
+    update. The model tensors of merged runs are added to ``watched`` so that a changed layout is
+    noticed and the plan rebuilt.
+    """
+    merged_shadows: list[Tensor] = []
+    merged_models: list[Tensor] = []
+    start = 0
+    for stop in range(1, len(shadows) + 1):
+        if (
+            stop < len(shadows)
+            and _adjacent(shadows[stop - 1], shadows[stop])
+            and _adjacent(models[stop - 1], models[stop])
+        ):
+            continue
+        if stop - start == 1:
+            merged_shadows.append(shadows[start])
+            merged_models.append(models[start])
+        else:
+            numel = sum(t.numel() for t in models[start:stop])
+            merged_shadows.append(_flat(shadows[start], numel))
+            merged_models.append(_flat(models[start], numel))
+            watched.extend(models[start:stop])
+        start = stop
+    return merged_shadows, merged_models
+
+
+def _offloaded(shadow: Tensor, model: Tensor) -> bool:
+    """True when the shadow is in host memory and the model on a GPU: copies can overlap the CPU's lerps."""
+    return shadow.device.type == "cpu" and model.device.type == "cuda"
+
+
+class CastLerp:
+    """Lerp of shadows from model tensors of another dtype or device, staged through a small buffer.
+
+    Reads the model once and the shadow once, with no full-size temporary: batches of whole tensors (or
+    pieces of large ones) are copied into a reusable buffer of at most ``_CHUNK`` elements, then each batch
+    is one lerp over the contiguous range of the shadow's flat buffer that it covers. A batch whose model
+    tensors tile one storage (see :func:`polyak.flatten_parameters`) is staged with one copy. For a shadow
+    offloaded to the CPU, two pinned buffers alternate: batch b+1 is copied from the GPU (non-blocking) while
+    the CPU lerps batch b; GPU memory holds at most one chunk in transit (a dtype conversion on the way).
+    """
+
+    def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor]) -> None:
+        self.shadows = list(shadows)
+        self.models = list(models)
+        sizes = [s.numel() for s in shadows]
+        self.overlap = _offloaded(shadows[0], models[0])
+        cuda = models[0].device.type == "cuda"
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.overlap and cuda else []
+        # A shadow that is not contiguous (an adopted channels_last weight) cannot be cut into flat pieces.
+        unsplittable = max((n for s, n in zip(shadows, sizes, strict=True) if not s.is_contiguous()), default=0)
+        capacity = max(min(sum(sizes), _CHUNK), unsplittable)
+        self.scratches = [
+            torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device, pin_memory=self.overlap and cuda)
+            for _ in range(2 if self.overlap else 1)
+        ]
+        # Views into one flat buffer, back to back (adopted tensors are not views: handled tensor by tensor).
+        flat = shadows[0]._base
+        contiguous = all(s._base is flat for s in shadows) and all(
+            a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows)
+        )
+        # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
+        # tensor, the model pieces (tensor index, start, stop, whole tensor?), and the model range when the
+        # pieces tile one storage (its tensors are then watched by the plan).
+        self.batches: list[
+            tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]], Tensor | None]
+        ] = []
+        self.watched: list[Tensor] = []
+        for number, batch in enumerate(batches(sizes, max(capacity, 1))):
+            scratch = self.scratches[number % len(self.scratches)]
+            views: list[Tensor] = []
+            targets: list[Tensor] = []
+            pieces: list[tuple[int, int, int, bool]] = []
+            offset = 0
+            for i, a, b in batch:
+                whole = (a, b) == (0, sizes[i])
+                view = scratch[offset : offset + b - a]
+                views.append(view.view(shadows[i].shape) if whole else view)
+                targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
+                pieces.append((i, a, b, whole))
+                offset += b - a
+            if contiguous and flat is not None:
+                start = shadows[batch[0][0]].storage_offset() + batch[0][1]
+                target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
+            else:
+                target = targets
+            source = None
+            if len(batch) > 1 and _tiled(self.models, batch, sizes):
+                source = _flat(self.models[batch[0][0]], offset, batch[0][1])
+                self.watched.extend(self.models[i] for i, _, _ in batch)
+            self.batches.append((target, scratch[:offset], views, pieces, source))
+
+    def run(self, weight: float | Tensor, keep: Tensor | None = None) -> None:
+        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage).
+
+        With ``keep`` (a 0-d bool tensor, True to apply), a False flag stages the shadow's own values in place
+        of the model's, so the lerp leaves the shadow bit for bit as it was, whatever the model holds.
+        """
+        models = self.models
+        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
+            if source is not None:
+                staged.copy_(source, non_blocking=self.overlap)
+            else:
+                sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+                torch._foreach_copy_(views, sources, non_blocking=self.overlap)
+            if not self.overlap:
+                self._fold(number, weight, keep)
+                continue
+            if self.events:
+                self.events[number % 2].record()
+            if number:  # lerp the previous batch while this one is in flight
+                self._fold(number - 1, weight, keep)
+        if self.overlap and self.batches:
+            self._fold(len(self.batches) - 1, weight, keep)
+
+    def _fold(self, number: int, weight: float | Tensor, keep: Tensor | None) -> None:
+        """Lerp (or copy, for a weight of 1.0) the staged batch ``number`` into the shadow."""
+        target, staged, views, _, _ = self.batches[number]
+        if self.events:
+            self.events[number % 2].synchronize()  # its copy from the GPU has landed
+        if keep is not None and isinstance(target, Tensor):
+            torch.where(keep, staged, target, out=staged)
+        elif keep is not None:
+            for view, piece in zip(views, target, strict=True):
+                torch.where(keep, view, piece, out=view)
+        copy = isinstance(weight, float) and weight == 1.0
+        if isinstance(target, Tensor):
+            target.copy_(staged) if copy else target.lerp_(staged, weight)
+        elif copy:
+            torch._foreach_copy_(target, views)
+        else:
+            foreach_lerp(target, views, weight)
+
+    def run_shared(self, casts: Sequence[CastLerp], weights: Sequence[float | Tensor]) -> None:
+        """Stage each batch of the model once (in this scratch) and fold it into the shadows of every cast.
+
+        ``casts`` (this one among them) pair shadows of identical layout with the same model tensors. The
+        copies are not overlapped with the lerps here (an offloaded shadow waits for each staged batch).
+        """
+        models = self.models
+        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
+            if source is not None:
+                staged.copy_(source)
+            else:
+                torch._foreach_copy_(
+                    views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+                )
+            for cast, weight in zip(casts, weights, strict=True):
+                target = cast.batches[number][0]
+                copy = isinstance(weight, float) and weight == 1.0
+                if isinstance(target, Tensor):
+                    target.copy_(staged) if copy else target.lerp_(staged, weight)
+                elif copy:
+                    torch._foreach_copy_(target, views)
+                else:
+                    foreach_lerp(target, views, weight)
+
+
+def copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``torch._foreach_copy_`` that accepts empty lists (a shadow may hold no tensor at all)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)

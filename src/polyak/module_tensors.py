@@ -1,0 +1,108 @@
+"""A module's tensors by qualified name, looking through the wrappers that training adds.
+
+DDP / DataParallel / ``torch.compile`` roots are unwrapped and wrapper segments (``_orig_mod``,
+``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``) dropped from names, so an average made from a
+wrapped model pairs with the bare one and the other way round.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["Found", "canonical_name", "copy_module", "unwrap", "walk"]
+
+# Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(module, "module", None)
+        if not isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with wrapper segments (``_orig_mod``, ``_fsdp_wrapped_module``, ...) removed."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+@dataclass
+class Found:
+    """One tensor of a module, where it lives, and what it is."""
+
+    name: str
+    owner: dict[str, Any]  # the module's _parameters or _buffers dict
+    key: str
+    tensor: Tensor
+    is_param: bool
+    persistent: bool
+
+
+def walk(
+    root: nn.Module, aliases: dict[str, str] | None = None
+) -> tuple[list[Found], list[tuple[dict[str, Any], str, nn.Module]]]:
+    """Every distinct tensor of ``root`` (tied tensors once, first name wins), and the module links.
+
+    The links ``(parent._modules, name, child)`` let a cached plan notice a replaced submodule. If given,
+    ``aliases`` receives the other names of tied tensors, mapped to the name that was kept.
+    """
+    found: list[Found] = []
+    links: list[tuple[dict[str, Any], str, nn.Module]] = []
+    seen_tensors: dict[int, str] = {}
+    seen_modules: set[int] = set()
+    stack: list[tuple[nn.Module, str]] = [(unwrap(root), "")]
+    while stack:
+        module, prefix = stack.pop()
+        if id(module) in seen_modules:
+            continue
+        seen_modules.add(id(module))
+        for owner, is_param in ((module._parameters, True), (module._buffers, False)):
+            for key, tensor in owner.items():
+                if tensor is None:
+                    continue
+                name = canonical_name(prefix + key)
+                if id(tensor) in seen_tensors:
+                    if aliases is not None:
+                        aliases[name] = seen_tensors[id(tensor)]
+                    continue
+                seen_tensors[id(tensor)] = name
+                persistent = is_param or key not in module._non_persistent_buffers_set
+                found.append(Found(name, owner, key, tensor, is_param, persistent))
+        children = [(key, child) for key, child in module._modules.items() if child is not None]
+        for key, child in children:
+            links.append((module._modules, key, child))
+        stack.extend((child, prefix + key + ".") for key, child in reversed(children))
+    return found, links
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` (unwrapped from DDP / ``torch.compile``).
+
+    Tensors that a module keeps as plain attributes and computes in its forward (the old hook-based
+    ``torch.nn.utils.weight_norm`` stores ``weight`` so) are copied detached, which ``copy.deepcopy`` alone
+    refuses; the module's hooks recompute them. Raises ``RuntimeError`` when the module cannot be copied.
+    """
+    inner = unwrap(module)
+    memo: dict[int, Any] = {
+        id(value): value.detach().clone()
+        for child in inner.modules()
+        for value in vars(child).values()
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    }
+    try:
+        return copy.deepcopy(inner, memo)
+    except Exception as error:  # deepcopy raises anything: RuntimeError, AssertionError (FSDP), TypeError
+        raise RuntimeError(
+            f"cannot copy the model: copy.deepcopy({type(inner).__name__}) failed ({error}). "
+            "Use polyak.EMA / polyak.SWA, which keep only the averaged tensors and need no copy of the model "
+            "(evaluate with `with ema.swapped(model): ...` or export with `ema.copy_to(model)`)."
+        ) from error
