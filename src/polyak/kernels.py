@@ -174,13 +174,8 @@ class CastLerp:
         With ``keep`` (a 0-d bool tensor, True to apply), a False flag stages the shadow's own values in place
         of the model's, so the lerp leaves the shadow bit for bit as it was, whatever the model holds.
         """
-        models = self.models
-        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
-            if source is not None:
-                staged.copy_(source, non_blocking=self.overlap)
-            else:
-                sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-                torch._foreach_copy_(views, sources, non_blocking=self.overlap)
+        for number in range(len(self.batches)):
+            self._stage(number, non_blocking=self.overlap)
             if not self.overlap:
                 self._fold(number, weight, keep)
                 continue
@@ -190,6 +185,16 @@ class CastLerp:
                 self._fold(number - 1, weight, keep)
         if self.overlap and self.batches:
             self._fold(len(self.batches) - 1, weight, keep)
+
+    def _stage(self, number: int, non_blocking: bool = False) -> None:
+        """Copy the model's part of batch ``number`` into the staging buffer."""
+        _, staged, views, pieces, source = self.batches[number]
+        if source is not None:
+            staged.copy_(source, non_blocking=non_blocking)
+        else:
+            models = self.models
+            sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+            torch._foreach_copy_(views, sources, non_blocking=non_blocking)
 
     def _fold(self, number: int, weight: float | Tensor, keep: Tensor | None) -> None:
         """Lerp (or copy, for a weight of 1.0) the staged batch ``number`` into the shadow."""
@@ -201,13 +206,7 @@ class CastLerp:
         elif keep is not None:
             for view, piece in zip(views, target, strict=True):
                 torch.where(keep, view, piece, out=view)
-        copy = isinstance(weight, float) and weight == 1.0
-        if isinstance(target, Tensor):
-            target.copy_(staged) if copy else target.lerp_(staged, weight)
-        elif copy:
-            torch._foreach_copy_(target, views)
-        else:
-            foreach_lerp(target, views, weight)
+        _fold_staged(target, staged, views, weight)
 
     def run_shared(self, casts: Sequence[CastLerp], weights: Sequence[float | Tensor]) -> None:
         """Stage each batch of the model once (in this scratch) and fold it into the shadows of every cast.
@@ -215,23 +214,21 @@ class CastLerp:
         ``casts`` (this one among them) pair shadows of identical layout with the same model tensors. The
         copies are not overlapped with the lerps here (an offloaded shadow waits for each staged batch).
         """
-        models = self.models
-        for number, (_, staged, views, pieces, source) in enumerate(self.batches):
-            if source is not None:
-                staged.copy_(source)
-            else:
-                torch._foreach_copy_(
-                    views, [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-                )
+        for number, (_, staged, views, _, _) in enumerate(self.batches):
+            self._stage(number)
             for cast, weight in zip(casts, weights, strict=True):
-                target = cast.batches[number][0]
-                copy = isinstance(weight, float) and weight == 1.0
-                if isinstance(target, Tensor):
-                    target.copy_(staged) if copy else target.lerp_(staged, weight)
-                elif copy:
-                    torch._foreach_copy_(target, views)
-                else:
-                    foreach_lerp(target, views, weight)
+                _fold_staged(cast.batches[number][0], staged, views, weight)
+
+
+def _fold_staged(target: Tensor | list[Tensor], staged: Tensor, views: list[Tensor], weight: float | Tensor) -> None:
+    """Lerp a staged batch into its shadow range (or pieces) by ``weight``; exactly 1.0 copies."""
+    copy = isinstance(weight, float) and weight == 1.0
+    if isinstance(target, Tensor):
+        target.copy_(staged) if copy else target.lerp_(staged, weight)
+    elif copy:
+        torch._foreach_copy_(target, views)
+    else:
+        foreach_lerp(target, views, weight)
 
 
 def copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
