@@ -90,6 +90,20 @@ def reshard(module: nn.Module) -> None:
             m.reshard()
 
 
+def all_ranks_true(flag: Tensor, tensors: list[Tensor]) -> Tensor:
+    """``flag`` (a 0-d bool tensor) and-ed over every rank that holds a shard of ``tensors`` (DTensors).
+
+    One all-reduce (MIN) over the process group of each distinct mesh, with no host sync: ranks that see
+    only their own shards take the same decision, e.g. to skip an update for a NaN in one rank's shard.
+    """
+    groups = {id(mesh): mesh for mesh in (t.device_mesh for t in tensors)}  # type: ignore[attr-defined]
+    agreed = flag.to(torch.int32)
+    for mesh in groups.values():
+        for group in mesh.get_all_groups():
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    return agreed.bool()
+
+
 # ---------------------------------------------------------------------- public helpers
 
 

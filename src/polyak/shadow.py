@@ -119,7 +119,9 @@ class _Plan:
 
         One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
         accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
-        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.)
+        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.) With a sharded (DTensor)
+        model each rank sees its own shards only, so the flag is all-reduced across the mesh: every rank
+        skips together (one collective per update, in this mode only).
         """
         flag: Tensor | None = None
         groups = [(shadows[0].device, models) for shadows, models in self.lerps]
@@ -128,6 +130,8 @@ class _Plan:
             wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
             ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
             flag = ok if flag is None else flag & ok.to(flag.device)
+        if flag is not None and self.dtensors:
+            flag = distributed.all_ranks_true(flag, self.dtensors)
         return flag
 
     def is_current(self) -> bool:

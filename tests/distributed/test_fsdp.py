@@ -74,6 +74,7 @@ def test_fsdp2_sharded_average(tmp_path):
                 torch.testing.assert_close(r[case][name], value, rtol=1e-6, atol=1e-7, msg=f"{case}: {name}")
         _equal(r["resumed_shards"], r["shards"])  # resumed from DCP: bit for bit
         assert r["resumed_step"] == STEPS
+        assert r["skip_kept_average"] and r["skipped_updates"] == 1  # NaN on rank 1 only: both ranks skip
     assert r0["local_bytes"] + r1["local_bytes"] == r0["full_bytes"]  # each rank stores its share only
     assert r1["shards"]["4.weight"].shape == (0, 16)  # an empty shard
 

@@ -247,4 +247,17 @@ def fsdp_job(rank: int, world: int, out: Path, single: str) -> dict[str, Any]:
         result["update_collectives"] += during
     result["tp_placements"] = {k: str(v.placements) for k, v in tp_ema.state_dict()["shadow"].items()}
     result["tp_full"] = full_state_dict(tp_ema.state_dict()["shadow"])
+
+    # nonfinite="skip": a NaN in rank 1's shard only makes every rank skip the update (the flag is all-reduced).
+    guarded = polyak.EMA(model, decay=DECAY, nonfinite="skip")
+    guarded.update(model)
+    _train_step(model, optimizer, STEPS + 1, rank)
+    before_skip = _plain(guarded.state_dict()["shadow"])
+    if rank == 1:
+        with torch.no_grad():
+            model[0].weight.to_local().view(-1)[0] = float("nan")
+    guarded.update(model)
+    after_skip = _plain(guarded.state_dict()["shadow"])
+    result["skip_kept_average"] = all(torch.equal(before_skip[k], after_skip[k]) for k in before_skip)
+    result["skipped_updates"] = guarded.skipped_updates
     return result
