@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from .front_end import FrontEnd
 from .module_tensors import copy_module
 from .shadow import Policy, Shadow, extrapolated, write_extrapolated
 
@@ -30,7 +30,7 @@ __all__ = ["BEMA"]
 _FORMAT = "polyak.bema/1"
 
 
-class BEMA:
+class BEMA(FrontEnd):
     """Bias-corrected EMA of a model's weights; same front end as :class:`polyak.EMA`.
 
     Stores two copies (``theta_0`` and the EMA, float32 or wider); the corrected output is written into a
@@ -46,6 +46,9 @@ class BEMA:
         update_every: optimizer steps between updates (1).
         buffers, frozen, exclude, include_nonpersistent, dtype, device: see :class:`~polyak.shadow.Shadow`.
     """
+
+    _FORMAT = _FORMAT
+    _WHAT = "BEMA"
 
     def __init__(
         self,
@@ -104,32 +107,18 @@ class BEMA:
         """Weight of the correction ``theta - theta_0`` at ``s`` steps since averaging began."""
         return 0.0 if self.eta is None else (self.rho + self.gamma * s) ** -self.eta
 
-    def _model(self, model: nn.Module | None) -> nn.Module:
-        return self.model if model is None else model
-
-    def _check_not_swapped(self, action: str) -> None:
-        if self._swapped:
-            raise RuntimeError(
-                f"cannot {action} while the BEMA weights are swapped in; leave the swapped() block first"
-            )
-
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; take ``theta_0`` at the burn-in step; update the EMA every ``update_every``."""
         self._check_not_swapped("update")
-        self.step += 1
-        s = self.step - self.burn_in
+        s = self.step + 1 - self.burn_in
         if s == 0:
             self.anchor.copy_from(self._model(model))
             self.ema.copy_from(self._model(model))
-        if s < 1 or s % self.update_every:
-            return
-        self.ema.update(self._model(model), min(1.0, self.beta(s)))
-        self.last_update_step = s
-        self.num_updates += 1
-
-    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
-        """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.update(model))
+        elif s >= 1 and s % self.update_every == 0:
+            self.ema.update(self._model(model), min(1.0, self.beta(s)))
+            self.last_update_step = s
+            self.num_updates += 1
+        self.step += 1  # counted once the update went through
 
     def _ready(self, action: str) -> float:
         self._check_not_swapped(action)
@@ -174,37 +163,17 @@ class BEMA:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, configuration (checked on load), the EMA and ``theta_0``."""
-        self._check_not_swapped("save the average")
-        return {
-            "format": _FORMAT,
-            **self._config(),
-            "step": self.step,
-            "num_updates": self.num_updates,
-            "last_update_step": self.last_update_step,
-            "ema": self.ema.state_dict(),
-            "anchor": self.anchor.state_dict(),
-        }
+        """Counters, configuration (checked on load), the EMA and ``theta_0``; allowed inside ``swapped()``."""
+        return self._state(ema=self.ema.state_dict(), anchor=self.anchor.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises before changing anything if it does not fit."""
-        self._check_not_swapped("load a state")
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a BEMA state (format {found!r}, expected {_FORMAT!r})")
-        for key, value in self._config().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"saved BEMA has {key}={state.get(key)!r} but this one has {key}={value!r}; "
-                    "build it with the same settings before loading"
-                )
+        counters = self._checked_counters(state)
         self.ema.check_state_dict(state["ema"])
         self.anchor.check_state_dict(state["anchor"])
         self.ema.load_state_dict(state["ema"])
         self.anchor.load_state_dict(state["anchor"])
-        self.step = int(state["step"])
-        self.num_updates = int(state["num_updates"])
-        self.last_update_step = int(state["last_update_step"])
+        self._set_counters(counters)
 
     def __repr__(self) -> str:
         return (

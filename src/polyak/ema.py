@@ -9,15 +9,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
+from .front_end import FrontEnd
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
 from .shadow import _NONFINITE, NonFinite, Policy, Shadow
 
 __all__ = ["EMA", "SWA", "Averager", "load_state"]
 
-_FORMAT = "polyak.averager/1"
-_COUNTERS = ("step", "num_updates", "last_update_step", "skipped_updates")
+_AVERAGER_FORMAT = "polyak.averager/1"
 
 
 def load_state(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -36,13 +35,15 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device | 
             f"cannot read averager state {os.fspath(path)!r}: the file is truncated, corrupt or holds "
             f"objects other than tensors and plain values ({type(error).__name__}: {reason[:200]})"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+    if not isinstance(state, dict) or state.get("format") != _AVERAGER_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{os.fspath(path)!r} is not a polyak averager state (format {found!r}, expected {_FORMAT!r})")
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a polyak averager state (format {found!r}, expected {_AVERAGER_FORMAT!r})"
+        )
     return state
 
 
-class Averager:
+class Averager(FrontEnd):
     """Keeps an average of a model's weights, updated after optimizer steps by a :class:`~polyak.rules.Rule`.
 
     Call :meth:`update` once after every optimizer step (or :meth:`attach` the optimizer). Time is counted
@@ -64,6 +65,10 @@ class Averager:
         buffers, frozen, exclude, include_nonpersistent, dtype, device: what is averaged and how it is
             stored; see :class:`~polyak.shadow.Shadow`. By default the average is float32 or wider.
     """
+
+    _FORMAT = _AVERAGER_FORMAT
+    _WHAT = "averager"
+    _COUNTERS = (*FrontEnd._COUNTERS, "skipped_updates")
 
     def __init__(
         self,
@@ -114,16 +119,6 @@ class Averager:
 
     # ------------------------------------------------------------------ updating
 
-    def _model(self, model: nn.Module | None) -> nn.Module:
-        return self.model if model is None else model
-
-    def _check_not_swapped(self, action: str) -> None:
-        if self._swapped:
-            raise RuntimeError(
-                f"cannot {action} while the averaged weights are swapped into the model; "
-                "leave the `with averager.swapped(model):` block first"
-            )
-
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; on every ``update_every``-th step, fold ``model`` into the average."""
         self._check_not_swapped("update")
@@ -141,13 +136,6 @@ class Averager:
     def skipped_updates(self) -> int:
         """Updates left out for non-finite values (``nonfinite="skip"``); reading it syncs with the device."""
         return int(self._skipped)
-
-    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
-        """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle.
-
-        Steps that do not run (e.g. skipped by ``GradScaler`` for inf/NaN gradients) are not counted.
-        """
-        return optimizer.register_step_post_hook(lambda *_: self.update(model))
 
     # ------------------------------------------------------------------ using the average
 
@@ -203,39 +191,13 @@ class Averager:
         Allowed inside ``swapped()``: a swap backs the model up and leaves the average itself untouched, so
         a checkpoint taken during evaluation holds the same average as one taken outside.
         """
-        return {
-            "format": _FORMAT,
-            **self._config(),
-            "step": self.step,
-            "num_updates": self.num_updates,
-            "last_update_step": self.last_update_step,
-            "skipped_updates": self.skipped_updates,
-            "shadow": self.shadow.state_dict(),
-        }
+        return self._state(shadow=self.shadow.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; raises before changing anything if it does not fit."""
-        self._check_not_swapped("load a state")
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a polyak averager state (format {found!r}, expected {_FORMAT!r})")
-        mine = self._config()
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"saved averager has {key}={state.get(key)!r} but this one has {key}={value!r}; "
-                    "build the averager with the same settings before loading"
-                )
-        counters = {}
-        for key in _COUNTERS:
-            value = state.get(key)
-            if type(value) is not int or value < 0:
-                raise ValueError(f"saved averager has {key}={value!r}; expected an int >= 0. The state is damaged")
-            counters[key] = value
+        counters = self._checked_counters(state)
         self.shadow.load_state_dict(state.get("shadow"))  # type: ignore[arg-type]  # checked there
-        self.step = counters["step"]
-        self.num_updates = counters["num_updates"]
-        self.last_update_step = counters["last_update_step"]
+        self._set_counters(counters)
         self._skipped = counters["skipped_updates"]
 
     def __repr__(self) -> str:

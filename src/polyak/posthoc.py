@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ._safetensors import AtomicWriter, read_metadata
+from .front_end import FrontEnd
 from .io import TensorFile, open_safetensors
 from .rules import PowerFunction, sigma_rel_to_gamma
 from .shadow import Policy, Shadow, check_same_layout, update_many
@@ -109,7 +109,7 @@ def solve_coefficients(
 # ---------------------------------------------------------------------- the tracker
 
 
-class PostHocEMA:
+class PostHocEMA(FrontEnd):
     """Several power-function EMAs of one model, updated in one pass, saved as snapshots for :func:`reconstruct`.
 
     Call :meth:`update` after every optimizer step (or :meth:`attach` the optimizer). Each average uses
@@ -128,6 +128,9 @@ class PostHocEMA:
         snapshot_dtype: dtype of averaged tensors in snapshots (float32).
         buffers, frozen, exclude, include_nonpersistent, dtype, device: see :class:`~polyak.shadow.Shadow`.
     """
+
+    _FORMAT = _FORMAT
+    _WHAT = "PostHocEMA"
 
     def __init__(
         self,
@@ -200,20 +203,16 @@ class PostHocEMA:
 
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; fold the model into every average on update steps; snapshot when due."""
-        self.step += 1
-        t = self.step - self.start_step
-        if t < 1 or t % self.update_every:
-            return
-        weights: list[float | torch.Tensor] = [rule.weight(t, t - self.last_update_step) for rule in self.rules]
-        update_many(self.shadows, self.model if model is None else model, weights)
-        self.last_update_step = t
-        self.num_updates += 1
-        if self.snapshot_every is not None and t % self.snapshot_every == 0:
+        t = self.step + 1 - self.start_step
+        due = t >= 1 and t % self.update_every == 0
+        if due:
+            weights: list[float | torch.Tensor] = [rule.weight(t, t - self.last_update_step) for rule in self.rules]
+            update_many(self.shadows, self._model(model), weights)
+            self.last_update_step = t
+            self.num_updates += 1
+        self.step += 1  # counted once the update went through
+        if due and self.snapshot_every is not None and t % self.snapshot_every == 0:
             self.snapshot()
-
-    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
-        """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.update(model))
 
     def snapshot(self, directory: str | Path | None = None) -> Path:
         """Write all averages, as of the last update, to ``directory/phema-<step>.safetensors`` (atomically).
@@ -254,12 +253,12 @@ class PostHocEMA:
     @contextmanager
     def swapped(self, model: nn.Module | None = None, profile: int = 0) -> Iterator[nn.Module]:
         """Within the block the model holds average number ``profile``; its own weights come back on exit."""
-        with self.shadows[self._profile(profile)].swapped(self.model if model is None else model) as swapped:
+        with self.shadows[self._profile(profile)].swapped(self._model(model)) as swapped:
             yield swapped
 
     def copy_to(self, model: nn.Module | None = None, profile: int = 0) -> None:
         """Write average number ``profile`` into the model, permanently."""
-        self.shadows[self._profile(profile)].copy_to(self.model if model is None else model)
+        self.shadows[self._profile(profile)].copy_to(self._model(model))
 
     def _profile(self, profile: int) -> int:
         if self.num_updates == 0:
@@ -281,33 +280,16 @@ class PostHocEMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, configuration (checked on load) and the averages; snapshots already written stay on disk."""
-        return {
-            "format": _FORMAT,
-            **self._config(),
-            "step": self.step,
-            "num_updates": self.num_updates,
-            "last_update_step": self.last_update_step,
-            "shadows": [shadow.state_dict() for shadow in self.shadows],
-        }
+        return self._state(shadows=[shadow.state_dict() for shadow in self.shadows])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises before changing anything if it does not fit."""
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a PostHocEMA state (format {found!r}, expected {_FORMAT!r})")
-        for key, value in self._config().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"saved PostHocEMA has {key}={state.get(key)!r} but this one has {key}={value!r}; "
-                    "build it with the same settings before loading"
-                )
+        counters = self._checked_counters(state)
         for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
             shadow.check_state_dict(saved)
         for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
             shadow.load_state_dict(saved)
-        self.step = int(state["step"])
-        self.num_updates = int(state["num_updates"])
-        self.last_update_step = int(state["last_update_step"])
+        self._set_counters(counters)
 
 
 def _version() -> str:

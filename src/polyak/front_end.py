@@ -1,0 +1,86 @@
+"""What every polyak front end shares: the model it follows, the optimizer hook, the swap guard, checked states.
+
+A front end (``EMA``, ``SWA``, ``BEMA``, ``PostHocEMA``) composes rules and shadows; this base holds only the
+plumbing around them, so that each behaves the same way where users touch it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["FrontEnd"]
+
+
+class FrontEnd:
+    """Base of the front ends. A subclass sets ``model`` and the counters ``step``, ``num_updates`` and
+    ``last_update_step`` (optimizer steps, updates, averaging time of the last update), and defines
+    :meth:`update` and ``_config()`` (the settings a saved state must match)."""
+
+    _FORMAT: ClassVar[str]  # the "format" entry of a saved state
+    _WHAT: ClassVar[str]  # how messages name this kind of state, e.g. "averager"
+    _COUNTERS: ClassVar[tuple[str, ...]] = ("step", "num_updates", "last_update_step")
+    model: nn.Module
+    step: int
+    num_updates: int
+    last_update_step: int
+    _swapped: bool = False
+
+    def update(self, model: nn.Module | None = None) -> None:
+        raise NotImplementedError
+
+    def _config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _model(self, model: nn.Module | None) -> nn.Module:
+        return self.model if model is None else model
+
+    def _check_not_swapped(self, action: str) -> None:
+        if self._swapped:
+            raise RuntimeError(
+                f"cannot {action} while the averaged weights are swapped into the model; "
+                "leave the `with ....swapped(model):` block first"
+            )
+
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
+        """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle.
+
+        Steps that do not run (e.g. skipped by ``GradScaler`` for inf/NaN gradients) are not counted.
+        """
+        return optimizer.register_step_post_hook(lambda *_: self.update(model))
+
+    def _state(self, **tensors: Any) -> dict[str, Any]:
+        """A saved state: format, settings, counters, then the given tensor entries."""
+        return {
+            "format": self._FORMAT,
+            **self._config(),
+            **{key: getattr(self, key) for key in self._COUNTERS},
+            **tensors,
+        }
+
+    def _checked_counters(self, state: Any) -> dict[str, int]:
+        """The counters of a saved ``state`` after checking its format, settings and counters (changes nothing)."""
+        self._check_not_swapped("load a state")
+        if not isinstance(state, dict) or state.get("format") != self._FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a polyak {self._WHAT} state (format {found!r}, expected {self._FORMAT!r})")
+        for key, value in self._config().items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"saved {self._WHAT} has {key}={state.get(key)!r} but this one has {key}={value!r}; "
+                    f"build the {self._WHAT} with the same settings before loading"
+                )
+        counters = {}
+        for key in self._COUNTERS:
+            value = state.get(key)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"saved {self._WHAT} has {key}={value!r}; expected an int >= 0. The state is damaged")
+            counters[key] = value
+        return counters
+
+    def _set_counters(self, counters: dict[str, int]) -> None:
+        for key in ("step", "num_updates", "last_update_step"):
+            setattr(self, key, counters[key])
