@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .front_end import FrontEnd
+from .front_end import FrontEnd, check_schedule
 from .module_tensors import copy_module
 from .shadow import Policy, Shadow, extrapolated, write_extrapolated
 
@@ -67,18 +67,13 @@ class BEMA(FrontEnd):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_schedule(model, update_every, "burn_in", burn_in)
         if not (kappa >= 0 and (eta is None or eta >= 0)):
             raise ValueError(f"kappa and eta must be >= 0, got kappa={kappa!r}, eta={eta!r}")
         if not (gamma > 0 and rho >= 0 and rho + gamma >= 1):
             raise ValueError(
                 f"need gamma > 0, rho >= 0 and rho + gamma >= 1 (so that beta <= 1), got gamma={gamma!r}, rho={rho!r}"
             )
-        if not (isinstance(burn_in, int) and burn_in >= 0):
-            raise ValueError(f"burn_in must be an int >= 0 (optimizer steps), got {burn_in!r}")
-        if not (isinstance(update_every, int) and update_every >= 1):
-            raise ValueError(f"update_every must be an int >= 1 (optimizer steps), got {update_every!r}")
         self.model = model
         self.kappa, self.gamma, self.rho = float(kappa), float(gamma), float(rho)
         self.eta = None if eta is None else float(eta)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .front_end import FrontEnd
+from .front_end import FrontEnd, check_schedule
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
 from .shadow import _NONFINITE, NonFinite, Policy, Shadow
 
@@ -85,16 +85,9 @@ class Averager(FrontEnd):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_schedule(model, update_every, "start_step", start_step)
         if not isinstance(rule, Rule):
             raise TypeError(f"rule must be a polyak.rules.Rule, got {type(rule).__name__}")
-        if not (isinstance(update_every, int) and update_every >= 1):
-            raise ValueError(
-                f"update_every must be an int >= 1 (optimizer steps between updates), got {update_every!r}"
-            )
-        if not (isinstance(start_step, int) and start_step >= 0):
-            raise ValueError(f"start_step must be an int >= 0 (optimizer steps), got {start_step!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         self.model = model

@@ -12,7 +12,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FrontEnd"]
+__all__ = ["FrontEnd", "check_schedule"]
+
+
+def check_schedule(model: Any, update_every: Any, start_name: str, start: Any) -> None:
+    """Raise a named error unless ``model`` is a module, ``update_every`` an int >= 1 and ``start`` an int >= 0."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not (isinstance(update_every, int) and update_every >= 1):
+        raise ValueError(f"update_every must be an int >= 1 (optimizer steps between updates), got {update_every!r}")
+    if not (isinstance(start, int) and start >= 0):
+        raise ValueError(f"{start_name} must be an int >= 0 (optimizer steps), got {start!r}")
 
 
 class FrontEnd:

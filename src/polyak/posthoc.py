@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._safetensors import AtomicWriter, read_metadata
-from .front_end import FrontEnd
+from .front_end import FrontEnd, check_schedule
 from .io import TensorFile, open_safetensors
 from .rules import PowerFunction, sigma_rel_to_gamma
 from .shadow import Policy, Shadow, check_same_layout, update_many
@@ -150,8 +150,7 @@ class PostHocEMA(FrontEnd):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_schedule(model, update_every, "start_step", start_step)
         if sigma_rels is not None and gammas is not None:
             raise ValueError("give sigma_rels or gammas, not both")
         if gammas is not None:
@@ -160,10 +159,6 @@ class PostHocEMA(FrontEnd):
             self.rules = [PowerFunction(sigma_rel=s) for s in (sigma_rels if sigma_rels is not None else (0.05, 0.10))]
         if not self.rules:
             raise ValueError("PostHocEMA needs at least one profile, e.g. sigma_rels=(0.05, 0.10)")
-        if not (isinstance(update_every, int) and update_every >= 1):
-            raise ValueError(f"update_every must be an int >= 1 (optimizer steps), got {update_every!r}")
-        if not (isinstance(start_step, int) and start_step >= 0):
-            raise ValueError(f"start_step must be an int >= 0 (optimizer steps), got {start_step!r}")
         if snapshot_every is not None and not (
             isinstance(snapshot_every, int) and snapshot_every >= 1 and snapshot_every % update_every == 0
         ):
