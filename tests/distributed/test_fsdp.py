@@ -10,25 +10,24 @@ from torch import nn
 import polyak
 
 from .harness import launch
-from .workers import DECAY, LR, MOMENTUM, SAVE_AT, STEPS, batch, fsdp_job, global_batch, sharded_net
+from .workers import DECAY, SAVE_AT, STEPS, batch, fsdp_job, sharded_net
 
 # DCP in the parent process (no process group) says it assumes a single process: that is the point.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-def _reference(steps: int, world: int) -> tuple[dict[str, torch.Tensor], nn.Module]:
-    """The same training in float64 in one process, on the ranks' batches together; and the EMA of it."""
-    model = sharded_net().double()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+def _reference(iterates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The float64 EMA of the parameters the ranks' training actually produced (gathered after each step).
+
+    Built from the iterates rather than from a float64 re-run of the training, so that it holds on every torch
+    version: on torch 2.8, FSDP2 on CPU sums the gradients across ranks instead of averaging them.
+    """
     average: dict[str, torch.Tensor] = {}
-    for step in range(steps):
-        x, y = global_batch(step, world, torch.float64)
-        optimizer.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
-        for name, p in model.named_parameters():
-            average[name] = p.detach().clone() if step == 0 else DECAY * average[name] + (1 - DECAY) * p.detach()
-    return average, model
+    for step, params in enumerate(iterates):
+        for name, p in params.items():
+            p = p.double()
+            average[name] = p.clone() if step == 0 else DECAY * average[name] + (1 - DECAY) * p
+    return average
 
 
 def _close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -43,6 +42,10 @@ def _equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -
         assert torch.equal(actual[name], value), name
 
 
+@pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7),
+    reason="torch 2.6's FSDP2 all-gather fails on CPU ('Stream' object has no attribute 'record_event')",
+)
 def test_fsdp2_sharded_average(tmp_path):
     # A checkpoint from a single process, to be loaded by the 2 ranks.
     single = polyak.EMA(sharded_net(seed=5), decay=DECAY)
@@ -56,8 +59,8 @@ def test_fsdp2_sharded_average(tmp_path):
 
     ranks = launch(fsdp_job, tmp_path / "run", single=str(tmp_path / "single"))
     r0, r1 = ranks
-    world = len(ranks)
-    reference, _ = _reference(STEPS, world)
+    assert r1["iterates"] == [{}] * STEPS  # gathered on rank 0 only
+    reference = _reference(r0["iterates"])
 
     for r in ranks:
         assert set(r["placements"].values()) == {"(Shard(dim=0),)"}
@@ -83,7 +86,7 @@ def test_fsdp2_sharded_average(tmp_path):
     _close(r0["full"], reference)
     for r in ranks:
         _equal(r["full_everywhere"], r0["full"])
-    _close(r0["full_at_save"], _reference(SAVE_AT, world)[0])
+    _close(r0["full_at_save"], _reference(r0["iterates"][:SAVE_AT]))
     for name, full in r0["full"].items():  # the shards are the rows of the full tensor
         assert torch.equal(torch.cat([r0["shards"][name], r1["shards"][name]]), full), name
 

@@ -155,8 +155,10 @@ def fsdp_job(rank: int, world: int, out: Path, single: str) -> dict[str, Any]:
         "full_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     calls: list[str] = []
+    iterates = []  # the parameters each step produced, gathered: the reference averages these
     for step in range(STEPS):
         _train_step(model, optimizer, step, rank)
+        iterates.append(full_state_dict(dict(model.named_parameters())))
         with count_collectives() as during:
             ema.update(model)
         calls += during
@@ -164,6 +166,7 @@ def fsdp_job(rank: int, world: int, out: Path, single: str) -> dict[str, Any]:
             dcp.save(_train_state(model, optimizer, ema), checkpoint_id=out / "ckpt")
             result["full_at_save"] = full_state_dict(ema.state_dict()["shadow"])
     result["update_collectives"] = calls
+    result["iterates"] = iterates
     with count_collectives() as control:
         result["full"] = full_state_dict(ema.state_dict()["shadow"])
     result["control_collectives"] = control
