@@ -220,6 +220,9 @@ def test_max_batches_autocast_and_progress(capsys):
     update_bn(iter(batches), limited, max_batches=2, progress=True)
     torch.testing.assert_close(limited.state_dict(), first_two.state_dict())
     assert "update_bn" in capsys.readouterr().err
+    update_bn(batches, Keywords(), max_batches=2, progress=True)  # a sized loader: the bar ends full
+    final = capsys.readouterr().err.split("\r")[-1]
+    assert "2/2" in final, final
 
     model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
     full = copy.deepcopy(model)

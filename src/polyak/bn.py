@@ -118,8 +118,8 @@ def update_bn(
         return
     target = torch.device(device) if device is not None else None
     run = forward if forward is not None else _default_forward
-    batches: Iterable[Any] = loader
-    if progress:
+    bar: Any = None
+    if progress:  # advanced by hand after each batch, so that it ends at the count run (max_batches included)
         try:
             from tqdm.auto import tqdm
         except ImportError as error:
@@ -127,7 +127,7 @@ def update_bn(
         total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
         if total is not None and max_batches is not None:
             total = min(total, max_batches)
-        batches = tqdm(loader, total=total, desc="update_bn", unit="batch")
+        bar = tqdm(total=total, desc="update_bn", unit="batch")
 
     device_type = target.type if target is not None else _device_type(model)
     modes = {m: m.training for m in model.modules()}
@@ -141,7 +141,7 @@ def update_bn(
         seen[module] = seen.get(module, 0) + weight
         module.momentum = weight / seen[module] if weight else 0.0
 
-    iterator = iter(batches)
+    iterator = iter(loader)
     handles = [m.register_forward_pre_hook(cumulative) for m in layers]
     try:
         first = next(iterator, _EMPTY)
@@ -158,6 +158,8 @@ def update_bn(
             with torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():
                 run(model, batch)
             count += 1
+            if bar is not None:
+                bar.update(1)
             if max_batches is not None and count >= max_batches:
                 break
             batch = next(iterator, _EMPTY)
@@ -173,9 +175,8 @@ def update_bn(
             m.momentum = momentum
         for m, training in modes.items():
             m.training = training
-        close = getattr(batches, "close", None)
-        if progress and close is not None:
-            close()
+        if bar is not None:
+            bar.close()
 
 
 _EMPTY = object()
