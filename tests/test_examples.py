@@ -23,6 +23,9 @@ def test_quickstart_runs():
 
 
 def test_swa_mnist1d_runs():
+    import pytest
+
+    pytest.importorskip("mnist1d")
     results = load("swa_mnist1d").main(epochs=2, num_samples=600)
     assert len(results) == 3
     assert all(0.0 <= v <= 1.0 for v in results.values())

@@ -44,7 +44,8 @@ class BEMA(FrontEnd):
         gamma: multiplier of ``s`` in both schedules (1.0). rho: offset (lag) in both schedules (10.0).
         burn_in: optimizer steps before averaging; ``theta_0`` and the EMA are taken at that step (0).
         update_every: optimizer steps between updates (1).
-        buffers, frozen, exclude, include_nonpersistent, dtype, device: see :class:`~polyak.shadow.Shadow`.
+        buffers: which buffers take part; this and ``frozen``, ``exclude``, ``include_nonpersistent``,
+            ``dtype`` and ``device`` are :class:`~polyak.shadow.Shadow`'s options.
     """
 
     _FORMAT = _FORMAT

@@ -62,8 +62,9 @@ class Averager(FrontEnd):
             ``"raise"`` (``RuntimeError`` naming the tensor before anything changes; syncs with the device).
             A skipped update still counts as a step in time; a refused one (``"raise"``) does not count at
             all. Steps that ``GradScaler`` skips never reach an attached averager, so they are no steps.
-        buffers, frozen, exclude, include_nonpersistent, dtype, device: what is averaged and how it is
-            stored; see :class:`~polyak.shadow.Shadow`. By default the average is float32 or wider.
+        buffers: which buffers take part; this and ``frozen``, ``exclude``, ``include_nonpersistent``,
+            ``dtype`` and ``device`` (what is averaged and how it is stored) are :class:`~polyak.shadow.Shadow`'s
+            options. By default the average is float32 or wider.
     """
 
     _FORMAT = _AVERAGER_FORMAT

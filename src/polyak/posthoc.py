@@ -126,7 +126,8 @@ class PostHocEMA(FrontEnd):
         snapshot_every: optimizer steps between snapshots; None for on-demand snapshots only.
         update_every: optimizer steps between updates (>= 1). start_step: steps before averaging begins.
         snapshot_dtype: dtype of averaged tensors in snapshots (float32).
-        buffers, frozen, exclude, include_nonpersistent, dtype, device: see :class:`~polyak.shadow.Shadow`.
+        buffers: which buffers take part; this and ``frozen``, ``exclude``, ``include_nonpersistent``,
+            ``dtype`` and ``device`` are :class:`~polyak.shadow.Shadow`'s options.
     """
 
     _FORMAT = _FORMAT

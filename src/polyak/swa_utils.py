@@ -134,7 +134,8 @@ class AveragedModel(nn.Module):
     Args:
         model: the model to average (DDP / ``torch.compile`` wrappers are looked through).
         device: where the averaged copy lives (default: beside the model).
-        avg_fn, multi_avg_fn: at most one; see above.
+        avg_fn: a per-tensor update function (see above); give at most one of ``avg_fn`` and ``multi_avg_fn``.
+        multi_avg_fn: an update function over lists of tensors (see above).
         use_buffers: average the floating buffers (BatchNorm statistics) too; otherwise buffers are copied from
             the model at each update (default, as torch).
         dtype: floating dtype of the averaged copy (default: the model's, as torch). ``torch.float32`` for a
