@@ -11,6 +11,7 @@ from .ema import EMA, SWA, Averager, load_state
 from .flat import flatten_parameters
 from .io import CheckpointError, save_state_dict
 from .posthoc import PostHocEMA
+from .pretrained import export_pretrained, save_pretrained
 from .shadow import Shadow, is_swapped_state_dict
 
 __all__ = [
@@ -24,11 +25,13 @@ __all__ = [
     "__version__",
     "average_checkpoints",
     "distributed",
+    "export_pretrained",
     "export_weights",
     "flatten_parameters",
     "is_swapped_state_dict",
     "load_state",
     "rules",
+    "save_pretrained",
     "save_state_dict",
     "swa_utils",
     "update_bn",

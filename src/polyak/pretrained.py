@@ -1,0 +1,157 @@
+"""The average as the ecosystem loads models: a Hugging Face model folder, or a PEFT adapter folder.
+
+Two ways in:
+
+- :func:`save_pretrained` takes a live averager and the model it averages, and lets the model's own
+  ``save_pretrained`` write the folder with the averaged weights swapped in: a ``transformers`` model gives
+  ``config.json`` + safetensors (``from_pretrained`` loads it), a PEFT model gives its adapter folder
+  (``PeftModel.from_pretrained`` loads it; average the adapter only with ``frozen="skip"``).
+- :func:`export_pretrained` takes a file (an averager state, or a training checkpoint holding one) and a
+  reference folder of the same model (the one training started from, or any ``save_pretrained`` of it): the
+  averaged weights are written under the reference's tensor names, beside copies of its other files.
+
+Either way the folder is built beside the target and renamed into place, so an interrupted export leaves
+the previous folder (if any) as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoints import export_weights, open_checkpoint
+from .io import CheckpointError, LazyStateDict, TensorSpec, save_state_dict
+
+__all__ = ["export_pretrained", "save_pretrained"]
+
+# Weight files of a reference folder, in the order they are looked for; the first found names the output.
+_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "adapter_model.safetensors")
+_SKIPPED = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")  # never copied from the reference
+
+
+@contextmanager
+def _folder(directory: Path) -> Iterator[Path]:
+    """A temporary folder beside ``directory`` that replaces it when the block completes (else is removed)."""
+    directory = directory.resolve()  # a link to a folder: the folder it points to is replaced, the link kept
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a folder; give a folder path for the export")
+    building = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(building, directory.stat().st_mode & 0o7777 if directory.exists() else 0o777 & ~umask)
+    try:
+        yield building
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+            os.replace(building, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(building, directory)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def save_pretrained(averager: Any, directory: str | os.PathLike[str], model: nn.Module | None = None) -> Path:
+    """Write the average as ``model.save_pretrained(directory)`` would, with the averaged weights swapped in.
+
+    ``averager`` is any polyak front end with ``swapped`` (EMA, SWA, BEMA, PostHocEMA's first profile);
+    ``model`` defaults to the one it was built on. The model's own weights are back on return, also on error.
+    Returns the folder.
+    """
+    target = model if model is not None else getattr(averager, "model", None)
+    save = getattr(target, "save_pretrained", None)
+    if not callable(save):
+        raise TypeError(
+            f"save_pretrained needs a transformers or PEFT model (with .save_pretrained), got "
+            f"{type(target).__name__}; for any other module use averager.averaged_model() and "
+            "polyak.save_state_dict(model.state_dict(), path)"
+        )
+    directory = Path(directory)
+    with _folder(directory) as building, averager.swapped(target), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "state_dict.*inside a `swapped", UserWarning)  # the average is wanted
+        save(building)
+    return directory
+
+
+def _reference_specs(like: Path) -> tuple[str, dict[str, TensorSpec]]:
+    """The weight file name to write and the tensors (names, shapes) of the reference folder ``like``."""
+    if not like.is_dir():
+        raise CheckpointError(f"{like}: the reference must be a model or adapter folder (from save_pretrained)")
+    for name in _WEIGHTS:
+        if (like / name).is_file():
+            output = name.removesuffix(".index.json")
+            return output, dict(open_checkpoint(like / name).specs)
+    raise CheckpointError(
+        f"{like}: no {' / '.join(_WEIGHTS)} in this folder; give the folder save_pretrained wrote (safetensors)"
+    )
+
+
+def _match(reference: list[str], exported: list[str]) -> dict[str, str]:
+    """Map each reference name to an exported one: the same name, or the name with one segment more (a PEFT
+    adapter file drops the adapter's name: ``…lora_A.weight`` in the file is ``…lora_A.default.weight``)."""
+    have = set(exported)
+    widened: dict[str, list[str]] = {}
+    for name in exported:
+        parts = name.split(".")
+        for i in range(1, len(parts) - 1):
+            widened.setdefault(".".join(parts[:i] + parts[i + 1 :]), []).append(name)
+    pairs: dict[str, str] = {}
+    for name in reference:
+        if name in have:
+            pairs[name] = name
+        elif len(widened.get(name, ())) == 1:
+            pairs[name] = widened[name][0]
+    return pairs
+
+
+def export_pretrained(
+    checkpoint: str | os.PathLike[str],
+    like: str | os.PathLike[str],
+    directory: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Path, list[str]]:
+    """Write the averaged weights of ``checkpoint`` as a folder laid out like the reference folder ``like``.
+
+    Every tensor of the reference must be found in the average, with the same shape (else
+    :class:`~polyak.io.CheckpointError` names it); the files beside the reference's weights (``config.json``,
+    ``adapter_config.json``, tokenizer files, ...) are copied. ``key`` and ``dtype`` are as for
+    :func:`~polyak.checkpoints.export_weights`. Returns the folder and the averaged tensors left out because the
+    reference does not hold them (e.g. a tied ``lm_head.weight``, which ``from_pretrained`` re-ties).
+    """
+    like, directory = Path(like), Path(directory)
+    output, reference = _reference_specs(like)
+    exported = export_weights(checkpoint, key=key, dtype=dtype)
+    pairs = _match(list(reference), list(exported))
+    missing = [name for name in reference if name not in pairs]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{checkpoint}: the average has no tensor for {missing[0]!r} of {like}{more}; export against the "
+            "folder of the model that was averaged (an adapter folder if only the adapter was averaged)"
+        )
+    for name, source in pairs.items():
+        want, have = tuple(reference[name].shape), tuple(exported.specs[source].shape)
+        if want != have:
+            raise CheckpointError(f"{name!r}: {like} holds shape {list(want)}, the average {list(have)}")
+    specs = {name: exported.specs[source] for name, source in pairs.items()}
+    weights: Mapping[str, Tensor] = LazyStateDict(specs, lambda name: exported[pairs[name]])
+    with _folder(directory) as building:
+        for item in like.iterdir():
+            if item.is_file() and not item.name.endswith(_SKIPPED):
+                shutil.copy2(item, building / item.name)
+        save_state_dict(weights, building / output)
+    left_out = sorted(set(exported) - set(pairs.values()))
+    return directory, left_out
