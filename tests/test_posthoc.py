@@ -376,3 +376,24 @@ def test_input_errors(tmp_path):
         polyak.PostHocEMA(model, sigma_rels=(0.5,))
     with pytest.raises(RuntimeError, match="first update"):
         polyak.PostHocEMA(model).snapshot(tmp_path)
+
+
+def test_averaged_model_and_widths_as_given():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    tracker = polyak.PostHocEMA(model)
+    assert tracker.sigma_rels == [0.05, 0.1] and repr(tracker.sigma_rels) == "[0.05, 0.1]"
+    assert polyak.PostHocEMA(model, sigma_rels=(0.07,)).sigma_rels == [0.07]
+    with pytest.raises(RuntimeError, match="first update"):
+        tracker.averaged_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_steps(model, optimizer, steps=3, after_step=tracker.update)
+    for profile in (0, 1):
+        copy = tracker.averaged_model(profile)
+        assert copy is not model
+        expected = tracker.shadows[profile].tensors()
+        for name, value in copy.state_dict().items():
+            if name in expected:
+                assert torch.equal(value, expected[name].to(value.dtype)), name
+    with pytest.raises(ValueError, match=r"profile must be in 0\.\.1"):
+        tracker.averaged_model(2)

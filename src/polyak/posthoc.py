@@ -154,12 +154,16 @@ class PostHocEMA(FrontEnd):
         check_schedule(model, update_every, "start_step", start_step)
         if sigma_rels is not None and gammas is not None:
             raise ValueError("give sigma_rels or gammas, not both")
+        if gammas is None and sigma_rels is None:
+            sigma_rels = (0.05, 0.10)
         if gammas is not None:
             self.rules = [PowerFunction(g) for g in gammas]
         else:
-            self.rules = [PowerFunction(sigma_rel=s) for s in (sigma_rels if sigma_rels is not None else (0.05, 0.10))]
+            self.rules = [PowerFunction(sigma_rel=s) for s in sigma_rels]  # type: ignore[union-attr]
         if not self.rules:
             raise ValueError("PostHocEMA needs at least one profile, e.g. sigma_rels=(0.05, 0.10)")
+        # The widths as given (0.1, not the 0.09999999999999999 that its gamma maps back to).
+        self._sigma_rels = [float(s) for s in sigma_rels] if sigma_rels is not None else None
         if snapshot_every is not None and not (
             isinstance(snapshot_every, int) and snapshot_every >= 1 and snapshot_every % update_every == 0
         ):
@@ -195,7 +199,7 @@ class PostHocEMA(FrontEnd):
     @property
     def sigma_rels(self) -> list[float]:
         """Relative widths of the tracked profiles."""
-        return [rule.sigma_rel for rule in self.rules]
+        return self._sigma_rels or [rule.sigma_rel for rule in self.rules]
 
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; fold the model into every average on update steps; snapshot when due."""
@@ -255,6 +259,10 @@ class PostHocEMA(FrontEnd):
     def copy_to(self, model: nn.Module | None = None, profile: int = 0) -> None:
         """Write average number ``profile`` into the model, permanently."""
         self.shadows[self._profile(profile)].copy_to(self._model(model))
+
+    def averaged_model(self, profile: int = 0) -> nn.Module:
+        """A new module (a deep copy of the model) holding average number ``profile``, for evaluation or export."""
+        return self.shadows[self._profile(profile)].clone_module(self.model)
 
     def _profile(self, profile: int) -> int:
         if self.num_updates == 0:
