@@ -1,6 +1,6 @@
 """A module's tensors by qualified name, looking through the wrappers that training adds.
 
-DDP / DataParallel / ``torch.compile`` roots are unwrapped and wrapper segments (``_orig_mod``,
+DDP / DataParallel / DeepSpeed engine / ``torch.compile`` roots are unwrapped and wrapper segments (``_orig_mod``,
 ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``) dropped from names, so an average made from a
 wrapped model pairs with the bare one and the other way round.
 """
@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .zero import is_engine
+
 __all__ = ["Found", "canonical_name", "copy_module", "unwrap", "walk"]
 
 # Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
@@ -20,10 +22,10 @@ _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_modu
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    """The user's model inside DDP / DataParallel / DeepSpeed engine / ``torch.compile`` wrappers."""
     while True:
         inner = getattr(module, "module", None)
-        if not isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if not isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and not is_engine(module):
             inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
         if not isinstance(inner, nn.Module):
             return module

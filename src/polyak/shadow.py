@@ -267,7 +267,7 @@ class Shadow:
             for (f, _), shard in zip(members, shards, strict=True):
                 n = shard.numel()
                 view = flat[offset : offset + n].view(shard.shape)
-                value = distributed.sharded_like(view, f.tensor) if shard is not f.tensor else view
+                value = distributed.sharded_like(view, f.tensor) if distributed.is_dtensor(f.tensor) else view
                 slots.append(_Slot(f.name, mode, view, model_dtype, value))
                 offset += n
         return slots
@@ -310,10 +310,10 @@ class Shadow:
             )
         pairs = [(slot, by_name[slot.name]) for slot in self._slots]
         for slot, f in pairs:
-            if f.tensor.shape != slot.value.shape:
+            if distributed.stored_shape(f.tensor) != slot.value.shape:  # of a ZeRO-3 parameter: its partition's
                 raise ValueError(
                     f"tensor {slot.name!r}: the average has shape {tuple(slot.value.shape)}, "
-                    f"the model has {tuple(f.tensor.shape)}"
+                    f"the model has {tuple(distributed.stored_shape(f.tensor))}"
                 )
             if slot.mode == "average" and not (f.tensor.is_floating_point() or f.tensor.is_complex()):
                 raise ValueError(f"tensor {slot.name!r} is averaged but the model holds it as {f.tensor.dtype}")
@@ -446,6 +446,7 @@ class Shadow:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
         copy_all(plan.data, [slot.tensor for slot in self._slots])
+        distributed.reshard(module)  # a gathered ZeRO-3 parameter would hide the partition written
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -461,6 +462,7 @@ class Shadow:
         Sharded (FSDP2) parameters swap their local shards; their gathered copies are dropped on exit.
         """
         plan = self._plan_for(module)
+        distributed.reshard(module)  # a gathered ZeRO-3 parameter would hide the partition written below
         target = unwrap(module)
         live = list(plan.data)
         with torch.no_grad():
@@ -547,12 +549,13 @@ class Shadow:
     def clone_module(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` (unwrapped) holding the stored tensors."""
         sharded = [slot.name for slot in self._slots if slot.value is not slot.tensor]
+        sharded += distributed.partitioned_names(module)
         if sharded:
             raise RuntimeError(
                 f"cannot build an averaged model: the average is sharded across ranks ({sharded[0]!r} is a "
-                "DTensor) and a sharded (FSDP2) model cannot be deep-copied. Use swapped(model) to evaluate with "
-                "the averaged weights, or polyak.distributed.full_state_dict(averager.state_dict()['shadow']) to "
-                "gather them on rank 0 for an unsharded model."
+                "DTensor or a ZeRO-3 partition) and a sharded (FSDP2, ZeRO-3) model cannot be deep-copied. Use "
+                "swapped(model) to evaluate with the averaged weights, or polyak.distributed.full_state_dict("
+                "averager.state_dict()['shadow'], model=model) to gather them on rank 0 for an unsharded model."
             )
         duplicate = copy_module(module)
         self._plan = None
