@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import zero
 from .module_tensors import walk
 
-__all__ = ["all_reduce_batchnorm_stats", "full_state_dict", "sync_buffers"]
+__all__ = ["all_reduce_batchnorm_stats", "full_model_state_dict", "full_state_dict", "sync_buffers"]
 
 
 # ---------------------------------------------------------------------- helpers for the shadow (not public)
@@ -122,16 +122,19 @@ def partitioned_names(module: nn.Module) -> list[str]:
 
 
 def all_ranks_true(flag: Tensor, tensors: list[Tensor]) -> Tensor:
-    """``flag`` (a 0-d bool tensor) and-ed over every rank that holds a shard of ``tensors`` (DTensors).
+    """``flag`` (a 0-d bool tensor) and-ed over every rank that holds a shard of ``tensors`` (DTensors, ZeRO-3
+    parameters).
 
-    One all-reduce (MIN) over the process group of each distinct mesh, with no host sync: ranks that see
-    only their own shards take the same decision, e.g. to skip an update for a NaN in one rank's shard.
+    One all-reduce (MIN) over each distinct process group (of each mesh, or of the ZeRO-3 partitions), with no
+    host sync: ranks that see only their own shards take the same decision, e.g. to skip an update for a NaN in
+    one rank's shard.
     """
-    groups = {id(mesh): mesh for mesh in (t.device_mesh for t in tensors)}  # type: ignore[attr-defined]
+    meshes = {id(t.device_mesh): t.device_mesh for t in tensors if is_dtensor(t)}  # type: ignore[attr-defined]
+    groups = [group for mesh in meshes.values() for group in mesh.get_all_groups()]
+    partitioned = {id(g): g for g in (getattr(t, "ds_process_group", None) for t in tensors if not is_dtensor(t))}
     agreed = flag.to(torch.int32)
-    for mesh in groups.values():
-        for group in mesh.get_all_groups():
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    for group in groups + list(partitioned.values()):
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
     return agreed.bool()
 
 
@@ -300,12 +303,18 @@ def full_state_dict(
         raise TypeError(f"model must be the torch.nn.Module the average follows, got {type(model).__name__}")
     keep = not rank0_only or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     partitioned = _partitioned_by_name(model) if model is not None else {}
+    done: dict[int, Any] = {}  # tied names hold one tensor: gathered once
 
     def gather(name: str, value: Any) -> Any:
         if isinstance(value, Mapping):
             return {key: gather(str(key), item) for key, item in value.items()}
         if not isinstance(value, Tensor):
             return value
+        if id(value) not in done:
+            done[id(value)] = gather_tensor(name, value)
+        return done[id(value)]
+
+    def gather_tensor(name: str, value: Tensor) -> Tensor | None:
         if is_dtensor(value):
             full = value.full_tensor()  # type: ignore[attr-defined]
         elif name in partitioned:
@@ -325,6 +334,23 @@ def full_state_dict(
 
     result = gather("", state)
     return result if keep else {}
+
+
+def full_model_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu_offload: bool = True) -> dict[str, Any]:
+    """``model``'s own state (parameters and persistent buffers) with every ZeRO-3 partition and DTensor gathered
+    into a full tensor, one at a time: e.g. inside ``averager.swapped(model)``, the averaged model for export.
+
+    A collective, like :func:`full_state_dict`; tied tensors appear under each name (the same tensor).
+    """
+    aliases: dict[str, str] = {}
+    found, _ = walk(model, aliases)
+    state = {
+        f.name: zero.partition(f.tensor) if zero.is_partitioned(f.tensor) else f.tensor.detach()
+        for f in found
+        if f.persistent
+    }
+    state |= {alias: state[name] for alias, name in aliases.items() if name in state}
+    return full_state_dict(state, model=model, rank0_only=rank0_only, cpu_offload=cpu_offload)
 
 
 def _partitioned_by_name(model: nn.Module) -> dict[str, Tensor]:

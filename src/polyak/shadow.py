@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from . import distributed, zero
 from .kernels import CastLerp, copy_all, foreach_lerp, merge_runs
 from .module_tensors import Found, copy_module, unwrap, walk
 
@@ -95,6 +95,7 @@ class _Plan:
     data: list[Tensor]  # what the kernels read and write: ``live``, with DTensors replaced by their local shards
     dtensors: list[Tensor] = field(default_factory=list)  # the DTensors of ``live`` ...
     shards: list[Tensor] = field(default_factory=list)  # ... and their local shards, as paired
+    sharded: list[Tensor] = field(default_factory=list)  # model tensors of which each rank holds a share
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
@@ -119,7 +120,7 @@ class _Plan:
 
         One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
         accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
-        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.) With a sharded (DTensor)
+        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.) With a sharded (DTensor, ZeRO-3)
         model each rank sees its own shards only, so the flag is all-reduced across the mesh: every rank
         skips together (one collective per update, in this mode only).
         """
@@ -130,8 +131,8 @@ class _Plan:
             wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
             ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
             flag = ok if flag is None else flag & ok.to(flag.device)
-        if flag is not None and self.dtensors:
-            flag = distributed.all_ranks_true(flag, self.dtensors)
+        if flag is not None and self.sharded:
+            flag = distributed.all_ranks_true(flag, self.sharded)
         return flag
 
     def is_current(self) -> bool:
@@ -328,6 +329,7 @@ class Shadow:
         )
         plan.dtensors = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor)]
         plan.shards = [distributed.local(t) for t in plan.dtensors]
+        plan.sharded = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor) or zero.is_partitioned(f.tensor)]
         # One kernel per (shadow device and dtype, model device and dtype): each flat buffer is one such group.
         groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
         for (slot, _), data in zip(pairs, plan.data, strict=True):

@@ -89,6 +89,9 @@ def test_zero3_average_of_partitions(tmp_path, bf16):
     assert r0["local_bytes"] + r1["local_bytes"] == r0["full_bytes"]
     for r in ranks:  # a partitioned model cannot be deep-copied: a clear error, not a copy of placeholders
         assert "cannot build an averaged model" in r["averaged_model_error"]
+    for r in ranks:  # a NaN in rank 1's partition only: both ranks skip, after one all-reduce
+        assert r["skipped_updates"] == 1
+        assert len(r["skip_collectives"]) >= 1 and all("allreduce" in c.replace("_", "") for c in r["skip_collectives"])
     for r in ranks:  # a state is per rank: the other rank's partitions do not load
         assert "has shape" in r["other_rank_state"], r["other_rank_state"]
 
@@ -101,3 +104,37 @@ def test_zero2_whole_parameters_and_fsdp1_refused(tmp_path):
         for name, expected in reference.items():
             assert r["ema_partitions"][name].shape == expected.shape
         assert "FSDP1" in r["fsdp1_error"] and "fully_shard" in r["fsdp1_error"]
+
+
+@pytest.mark.slow
+def test_transformers_trainer_under_zero3(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from polyak.integrations.transformers import AVERAGED_DIR
+
+    from .zero_workers import TRAINER_STEPS, Tokens, trainer_job
+
+    r0, r1 = launch(trainer_job, tmp_path, timeout=300)
+    first, resumed = r0["first"], r0["resumed"]
+    seen = [first["seen"][step] for step in range(1, TRAINER_STEPS + 1)]
+    reference = _reference(seen)
+    at_two = _reference(seen[:2])
+    # The callback's average, gathered from the partitions, is the float64 EMA of the gathered parameters.
+    assert set(first["full"]) >= set(reference)
+    for name, expected in reference.items():
+        torch.testing.assert_close(first["full"][name].double(), expected, rtol=1e-5, atol=1e-6)
+    # checkpoint-N/averaged/ is a consolidated model that from_pretrained loads; it holds the average at N.
+    for step, expected_state in ((2, at_two), (TRAINER_STEPS, reference)):
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf" / f"checkpoint-{step}" / AVERAGED_DIR)
+        for name, p in loaded.named_parameters():
+            torch.testing.assert_close(p.double(), expected_state[name], rtol=1e-5, atol=1e-6)
+        if step == 2:  # the evaluation at step 2 saw the average: the loaded model's loss, by the Trainer's count
+            args = transformers.TrainingArguments(str(tmp_path / "eval"), use_cpu=True, report_to="none")
+            loss = transformers.Trainer(model=loaded, args=args).evaluate(Tokens(4, seed=1))["eval_loss"]
+            torch.testing.assert_close(first["eval_loss"][2], loss, rtol=1e-5, atol=1e-6)
+    # Resumed from checkpoint-2 on the same world size: the same training and the same average, bit for bit.
+    for step in (3, 4):
+        for name in reference:
+            assert torch.equal(resumed["seen"][step][name], first["seen"][step][name]), (step, name)
+    for name in first["full"]:
+        assert torch.equal(resumed["full"][name], first["full"][name]), name
+    assert r1["first"]["full"] == {}

@@ -29,7 +29,8 @@ PERSIST = 5  # stage3_param_persistence_threshold: the biases of 5 and 3 element
 
 def start_deepspeed(rank: int, world: int) -> Any:
     """Import DeepSpeed for a rank of the harness's process group, without its unused JIT build."""
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # `import ... as` gets torch
     import deepspeed
 
@@ -162,6 +163,15 @@ def zero_job(rank: int, world: int, out: Path, stage: int, bf16: bool) -> dict[s
         persistent[0].partition(param_list=persistent)  # as DeepSpeed does around a checkpoint ...
         result["copied_after_repartition"] = _gathered(deepspeed, module)  # ... gathered from the partitions
 
+    if stage == 3:  # nonfinite="skip": a NaN in one rank's partition skips the update on every rank
+        skipper = polyak.EMA(module, decay=DECAY, nonfinite="skip")
+        if rank == 1:
+            module[4].bias.ds_tensor[0] = float("nan")
+        with count_collectives() as during:
+            skipper.update(module)
+        result["skip_collectives"] = during
+        result["skipped_updates"] = skipper.skipped_updates
+
     if stage == 2:  # FSDP1's flat parameters are refused at construction
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -171,3 +181,93 @@ def zero_job(rank: int, world: int, out: Path, stage: int, bf16: bool) -> dict[s
         except RuntimeError as error:
             result["fsdp1_error"] = str(error)
     return result
+
+
+# ---------------------------------------------------------------------- Hugging Face Trainer under ZeRO-3
+
+GPT2 = dict(
+    vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
+TRAINER_STEPS = 4  # checkpoints (and evaluations) after steps 2 and 4; the second run resumes from checkpoint-2
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        self.ids = torch.randint(0, 32, (n, 8), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_gpt2() -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2))
+
+
+def _trainer_run(out: Path, resume: str | None) -> dict[str, Any]:
+    """One Trainer run with the averaging callback; rank 0 records what the test checks."""
+    import deepspeed
+    import transformers
+
+    from polyak.integrations.transformers import AveragingCallback
+
+    record: dict[str, Any] = {"seen": {}, "eval_loss": {}}
+    averaging = AveragingCallback(lambda model: polyak.EMA(model, decay=DECAY))
+
+    class Recorder(transformers.TrainerCallback):  # runs before the averaging callback at each event
+        def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module, **kwargs: Any) -> None:
+            record["seen"][state.global_step] = _gathered(deepspeed, model)
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> None:
+            record["eval_loss"][state.global_step] = metrics["eval_loss"]
+
+        def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module, **kwargs: Any) -> None:
+            record["full"] = full_state_dict(averaging.averager.state_dict()["shadow"], model=model)
+
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True}
+    args = transformers.TrainingArguments(
+        output_dir=str(out / "hf"),
+        max_steps=TRAINER_STEPS,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        learning_rate=0.05,
+        seed=0,
+        deepspeed={
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": zero,
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}},
+        },
+    )
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(),
+        args=args,
+        train_dataset=Tokens(16, seed=0),
+        eval_dataset=Tokens(4, seed=1),
+        callbacks=[Recorder(), averaging],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return record
+
+
+def trainer_job(rank: int, world: int, out: Path) -> dict[str, Any]:
+    start_deepspeed(rank, world)
+    first = _trainer_run(out, resume=None)
+    resumed = _trainer_run(out, resume=str(out / "hf" / "checkpoint-2"))
+    return {"first": first, "resumed": resumed}
