@@ -71,6 +71,7 @@ def _swapped_forward_matches(r: dict, reference: dict[str, torch.Tensor], bf16: 
     torch.testing.assert_close(r["swapped_out"], expected, rtol=2e-2 if bf16 else 1e-5, atol=1e-2 if bf16 else 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_zero3_average_of_partitions(tmp_path, bf16):
     ranks = launch(zero_job, tmp_path, stage=3, bf16=bf16)
