@@ -349,6 +349,7 @@ class Shadow:
                 plan.watched.extend(plan.casts[-1].watched)
         if plan.copies[0]:
             plan.copies = merge_runs(plan.watched, *plan.copies)
+        plan.watched.extend(zero.partition_tensors(plan.sharded))  # a partition moved: the plan is rebuilt
         plan.pointers = [t.data_ptr() for t in plan.watched]
         return plan
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["gather_partition", "is_engine", "is_partitioned", "partition", "release"]
+__all__ = ["gather_partition", "is_engine", "is_partitioned", "partition", "partition_tensors", "release"]
 
 
 def _status(name: str) -> Any:
@@ -78,6 +78,12 @@ def partition(p: Tensor) -> Tensor:
         f"DeepSpeed ZeRO-3 parameter ({_describe(p)}) {problem}; polyak averages ZeRO-3 partitions held in "
         "memory (GPU or CPU offload) only. Exclude it with exclude=[...] or change the DeepSpeed config"
     )
+
+
+def partition_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """The ``ds_tensor`` of each partitioned parameter in ``tensors``: its data pointer changes when DeepSpeed
+    moves the partition (``ds_tensor.data = ...``, e.g. ``offload_states``), which a cached pairing must notice."""
+    return [t.ds_tensor for t in tensors if is_partitioned(t)]  # type: ignore[attr-defined]
 
 
 def _params(module: nn.Module) -> list[Any]:

@@ -93,6 +93,9 @@ def test_zero3_average_of_partitions(tmp_path, bf16):
     for r in ranks:  # a NaN in rank 1's partition only: both ranks skip, after one all-reduce
         assert r["skipped_updates"] == 1
         assert len(r["skip_collectives"]) >= 1 and all("allreduce" in c.replace("_", "") for c in r["skip_collectives"])
+    for r in ranks:  # the first update copies: the average holds the moved partition's values (no padding)
+        average, partition = r["moved"]
+        assert torch.equal(average, partition[: average.numel()].float())
     for r in ranks:  # a state is per rank: the other rank's partitions do not load
         assert "has shape" in r["other_rank_state"], r["other_rank_state"]
 

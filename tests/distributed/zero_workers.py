@@ -172,6 +172,13 @@ def zero_job(rank: int, world: int, out: Path, stage: int, bf16: bool) -> dict[s
         result["skip_collectives"] = during
         result["skipped_updates"] = skipper.skipped_updates
 
+    if stage == 3:  # DeepSpeed moves a partition to new memory (as offload_states does): the average follows it
+        follower = polyak.EMA(module, decay=0.5)
+        p = module[2].weight
+        p.ds_tensor.data = p.ds_tensor.data.clone() + 1
+        follower.update(module)
+        result["moved"] = (follower.shadow.tensors()["2.weight"].clone(), p.ds_tensor.clone())
+
     if stage == 2:  # FSDP1's flat parameters are refused at construction
         from torch.distributed.fsdp import FullyShardedDataParallel
 

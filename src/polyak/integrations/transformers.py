@@ -51,7 +51,8 @@ class AveragingCallback(TrainerCallback):
       before any checkpoint is written); an evaluation before the first update uses the training weights.
     * Each checkpoint directory gets ``averaged/`` (the averaged model, safetensors, loadable with
       ``from_pretrained``) and ``polyak_averager.pt`` (the averager's state). Resuming with
-      ``trainer.train(resume_from_checkpoint=...)`` continues the average exactly.
+      ``trainer.train(resume_from_checkpoint=...)`` continues the average exactly. Under DeepSpeed ZeRO-3 each rank
+      writes its own ``polyak_averager.rank<r>.pt`` (its partitions), and ``averaged/`` is gathered from all ranks.
     * ``copy_at_end``: write the averaged weights into the model when training ends (then ``trainer.save_model()``
       and ``trainer.evaluate()`` use them).
 
