@@ -48,7 +48,7 @@ def _describe(p: Any) -> str:
 def _extent(p: Any) -> tuple[int, int, int]:
     """(rank in the partition group, partition size k, valid elements of this rank's partition)."""
     group = getattr(p, "ds_process_group", None)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
     k = -(-int(p.ds_numel) // world)
     return rank, k, max(0, min(k, int(p.ds_numel) - rank * k))
 
