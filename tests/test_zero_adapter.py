@@ -90,3 +90,13 @@ def test_state_of_another_partitioning_does_not_load():
         ema.load_state_dict(state)
     with pytest.raises(ValueError, match="shape"):
         ema.update(other)
+
+
+def test_copies_of_a_partitioned_model_are_refused():
+    model = _model()
+    with pytest.raises(RuntimeError, match="ZeRO-3"):
+        polyak.swa_utils.AveragedModel(model)
+    ema = polyak.EMA(model, decay=0.9)
+    ema.update(model)
+    with pytest.raises(RuntimeError, match="ZeRO-3"):
+        ema.averaged_model()

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .zero import is_engine
+from .zero import is_engine, is_partitioned
 
 __all__ = ["Found", "canonical_name", "copy_module", "unwrap", "walk"]
 
@@ -94,6 +94,13 @@ def copy_module(module: nn.Module) -> nn.Module:
     refuses; the module's hooks recompute them. Raises ``RuntimeError`` when the module cannot be copied.
     """
     inner = unwrap(module)
+    if any(is_partitioned(p) for p in inner.parameters()):
+        raise RuntimeError(
+            f"cannot copy the model: {type(inner).__name__} is partitioned by DeepSpeed ZeRO-3 (its parameters are "
+            "placeholders; a copy would not be gathered in forward). Use polyak.EMA / polyak.SWA, which average the "
+            "partitions in place (evaluate with `with ema.swapped(model): ...`; export with "
+            "polyak.distributed.full_state_dict(ema.state_dict()['shadow'], model=model))."
+        )
     memo: dict[int, Any] = {
         id(value): value.detach().clone()
         for child in inner.modules()
