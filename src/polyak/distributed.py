@@ -9,6 +9,10 @@ DTensor with the same mesh and placements, over a local shard in the shadow's fl
 and writes local shards only (no collective), each rank stores its share, and ``state_dict()`` returns
 DTensors that ``torch.distributed.checkpoint`` saves sharded and reshards on load. :func:`full_state_dict`
 gathers the full average for export.
+
+Under DeepSpeed ZeRO-3 the average of a parameter is this rank's partition of it (see :mod:`polyak.zero`), a
+plain tensor: the update needs no collective, ``state_dict()`` is per rank, and ``full_state_dict(state,
+model=model)`` gathers it. Where a tensor's data lives is decided here (:func:`local`), for the shadow.
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ def local(tensor: Tensor) -> Tensor:
             "FSDP2 (torch.distributed.fsdp.fully_shard), which polyak averages shard by shard"
         )
     return tensor
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """True when each rank holds a share of ``tensor``'s data: a DTensor or a DeepSpeed ZeRO-3 parameter."""
+    return is_dtensor(tensor) or zero.is_partitioned(tensor)
+
+
+def storages(tensors: list[Tensor]) -> list[Tensor]:
+    """Tensors whose data pointer changes when the data of ``tensors`` moves where :func:`local` cannot see it
+    (a ZeRO-3 partition's ``ds_tensor``); a cached pairing watches them."""
+    return zero.partition_tensors(tensors)
 
 
 def stored_shape(tensor: Tensor) -> torch.Size:

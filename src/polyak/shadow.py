@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import distributed, zero
+from . import distributed
 from .kernels import CastLerp, copy_all, foreach_lerp, merge_runs
 from .module_tensors import Found, copy_module, unwrap, walk
 
@@ -329,7 +329,7 @@ class Shadow:
         )
         plan.dtensors = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor)]
         plan.shards = [distributed.local(t) for t in plan.dtensors]
-        plan.sharded = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor) or zero.is_partitioned(f.tensor)]
+        plan.sharded = [f.tensor for _, f in pairs if distributed.is_sharded(f.tensor)]
         # One kernel per (shadow device and dtype, model device and dtype): each flat buffer is one such group.
         groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
         for (slot, _), data in zip(pairs, plan.data, strict=True):
@@ -349,7 +349,7 @@ class Shadow:
                 plan.watched.extend(plan.casts[-1].watched)
         if plan.copies[0]:
             plan.copies = merge_runs(plan.watched, *plan.copies)
-        plan.watched.extend(zero.partition_tensors(plan.sharded))  # a partition moved: the plan is rebuilt
+        plan.watched.extend(distributed.storages(plan.sharded))  # a partition moved: the plan is rebuilt
         plan.pointers = [t.data_ptr() for t in plan.watched]
         return plan
 
