@@ -5,8 +5,11 @@
 polyak averages each rank's partition (``p.ds_tensor``): 1/world of the float32 average per rank and no
 collective per update. The comparison does what diffusers' ``EMAModel.step`` does under ZeRO-3 (from its code:
 ``deepspeed.zero.GatheredParameters`` around the update, a full-size shadow on every rank): it gathers the
-model every update. Collectives are counted with a dispatch mode that sees every c10d op. DeepSpeed's JIT build
-of an op ZeRO never uses is skipped (about 80 s on 2 CPU cores).
+model every update. DeepSpeed-Chat's ``moving_average`` (from its code) gathers each parameter and its twin in
+a second ZeRO-3 model, two gathers per parameter per update, and writes the twin inside
+``GatheredParameters(modifier_rank=None)``, which DeepSpeed 0.19.8 refuses with a ``RuntimeError``.
+Collectives are counted with a dispatch mode that sees every c10d op. DeepSpeed's JIT build of an op ZeRO never
+uses is skipped (about 80 s on 2 CPU cores).
 """
 
 from __future__ import annotations
