@@ -9,6 +9,10 @@ DTensor with the same mesh and placements, over a local shard in the shadow's fl
 and writes local shards only (no collective), each rank stores its share, and ``state_dict()`` returns
 DTensors that ``torch.distributed.checkpoint`` saves sharded and reshards on load. :func:`full_state_dict`
 gathers the full average for export.
+
+Under DeepSpeed ZeRO-3 the average of a parameter is this rank's partition of it (see :mod:`polyak.zero`), a
+plain tensor: the update needs no collective, ``state_dict()`` is per rank, and ``full_state_dict(state,
+model=model)`` gathers it. Where a tensor's data lives is decided here (:func:`local`), for the shadow.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["all_reduce_batchnorm_stats", "full_state_dict", "sync_buffers"]
+from . import zero
+from .module_tensors import walk
+
+__all__ = ["all_reduce_batchnorm_stats", "full_model_state_dict", "full_state_dict", "sync_buffers"]
 
 
 # ---------------------------------------------------------------------- helpers for the shadow (not public)
@@ -46,8 +53,40 @@ local_shard = operator.attrgetter("_local_tensor")
 
 
 def local(tensor: Tensor) -> Tensor:
-    """The plain tensor that holds this rank's data: a DTensor's local shard (aliasing it), else ``tensor``."""
-    return local_shard(tensor) if is_dtensor(tensor) else tensor
+    """The plain tensor that holds this rank's data, aliasing it: a DTensor's local shard, a DeepSpeed ZeRO-3
+    parameter's partition (its valid elements), else ``tensor`` itself.
+
+    Raises ``RuntimeError`` for tensors whose data polyak cannot pair with the model's, e.g. FSDP1's flat
+    parameters, rather than average a placeholder.
+    """
+    if is_dtensor(tensor):
+        return local_shard(tensor)
+    if zero.is_partitioned(tensor):
+        return zero.partition(tensor)
+    if getattr(tensor, "_fsdp_flattened", False):
+        raise RuntimeError(
+            f"FSDP1 (FullyShardedDataParallel) parameter of shape {tuple(tensor.shape)}: its data is a flat "
+            "fragment of several parameters, which polyak cannot pair with the model's tensors by name. Shard with "
+            "FSDP2 (torch.distributed.fsdp.fully_shard), which polyak averages shard by shard"
+        )
+    return tensor
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """True when each rank holds a share of ``tensor``'s data: a DTensor or a DeepSpeed ZeRO-3 parameter."""
+    return is_dtensor(tensor) or zero.is_partitioned(tensor)
+
+
+def storages(tensors: list[Tensor]) -> list[Tensor]:
+    """Tensors whose data pointer changes when the data of ``tensors`` moves where :func:`local` cannot see it
+    (a ZeRO-3 partition's ``ds_tensor``); a cached pairing watches them."""
+    return zero.partition_tensors(tensors)
+
+
+def stored_shape(tensor: Tensor) -> torch.Size:
+    """The shape the shadow keeps for a model tensor: its own (DTensors: the global one), or, for a partitioned
+    ZeRO-3 parameter, its partition's."""
+    return zero.partition(tensor).shape if zero.is_partitioned(tensor) else tensor.shape
 
 
 def sharded_like(local_tensor: Tensor, model_tensor: Tensor) -> Tensor:
@@ -77,11 +116,13 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 def reshard(module: nn.Module) -> None:
-    """Put every FSDP2 module of ``module`` back in its sharded state (frees gathered parameters; no collective).
+    """Put every FSDP2 module and ZeRO-3 parameter of ``module`` back in its sharded state (frees gathered
+    parameters; no collective).
 
-    FSDP2 keeps the root's parameters gathered after a forward without backward (evaluation); the shadow
-    pairs with the shards, so it reshards first.
+    FSDP2 keeps the root's parameters gathered after a forward without backward (evaluation), ZeRO-3 may too;
+    the shadow pairs with the shards, so it reshards first.
     """
+    zero.release(module)
     fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
     if fsdp_module is None:
         return
@@ -90,17 +131,25 @@ def reshard(module: nn.Module) -> None:
             m.reshard()
 
 
-def all_ranks_true(flag: Tensor, tensors: list[Tensor]) -> Tensor:
-    """``flag`` (a 0-d bool tensor) and-ed over every rank that holds a shard of ``tensors`` (DTensors).
+def partitioned_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s partitioned ZeRO-3 parameters."""
+    return list(_partitioned_by_name(module))
 
-    One all-reduce (MIN) over the process group of each distinct mesh, with no host sync: ranks that see
-    only their own shards take the same decision, e.g. to skip an update for a NaN in one rank's shard.
+
+def all_ranks_true(flag: Tensor, tensors: list[Tensor]) -> Tensor:
+    """``flag`` (a 0-d bool tensor) and-ed over every rank that holds a shard of ``tensors`` (DTensors, ZeRO-3
+    parameters).
+
+    One all-reduce (MIN) over each distinct process group (of each mesh, or of the ZeRO-3 partitions), with no
+    host sync: ranks that see only their own shards take the same decision, e.g. to skip an update for a NaN in
+    one rank's shard.
     """
-    groups = {id(mesh): mesh for mesh in (t.device_mesh for t in tensors)}  # type: ignore[attr-defined]
+    meshes = {id(t.device_mesh): t.device_mesh for t in tensors if is_dtensor(t)}  # type: ignore[attr-defined]
+    groups = [group for mesh in meshes.values() for group in mesh.get_all_groups()]
+    partitioned = {id(g): g for g in (getattr(t, "ds_process_group", None) for t in tensors if not is_dtensor(t))}
     agreed = flag.to(torch.int32)
-    for mesh in groups.values():
-        for group in mesh.get_all_groups():
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    for group in groups + list(partitioned.values()):
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
     return agreed.bool()
 
 
@@ -241,34 +290,87 @@ def all_reduce_batchnorm_stats(
             nb.copy_(batches.round())
 
 
-def full_state_dict(state: Mapping[str, Any], *, rank0_only: bool = True, cpu_offload: bool = True) -> dict[str, Any]:
-    """``state`` (e.g. ``averager.state_dict()``) with every DTensor gathered into a full tensor, for export.
+def full_state_dict(
+    state: Mapping[str, Any], *, model: nn.Module | None = None, rank0_only: bool = True, cpu_offload: bool = True
+) -> dict[str, Any]:
+    """``state`` (e.g. ``averager.state_dict()``) with every sharded tensor gathered into a full tensor, for export.
 
-    A collective: every rank must call it, with states of the same structure. Nested dicts are followed;
-    other values are kept (plain tensors as they are on rank 0, e.g. replicated buffers). Tensors are
-    gathered one at a time, so the peak extra memory is one full tensor per rank.
+    DTensors (FSDP2) are gathered by themselves. Under DeepSpeed ZeRO-3 the stored tensors are plain partitions,
+    so pass the ``model`` (the engine, or ``engine.module``): an entry named like one of its partitioned
+    parameters is gathered into that parameter's full shape. A collective: every rank must call it, with states
+    of the same structure. Nested dicts are followed; other values are kept (plain tensors as they are on rank 0,
+    e.g. replicated buffers). Tensors are gathered one at a time, so the peak extra memory is one full tensor
+    per rank.
 
     Args:
         state: a state dict, possibly nested.
+        model: the ZeRO-3 model the average follows (needed only under ZeRO-3).
         rank0_only: return the result on rank 0 only and ``{}`` on the other ranks (default).
         cpu_offload: move the result's tensors to the CPU (default).
 
-    Example: ``weights = full_state_dict(ema.state_dict()["shadow"])`` holds, on rank 0, the averaged
-    weights by name, ready for ``unsharded_model.load_state_dict(weights, strict=False)`` or ``torch.save``.
+    Example: ``weights = full_state_dict(ema.state_dict()["shadow"], model=model)`` holds, on rank 0, the
+    averaged weights by name, ready for ``unsharded_model.load_state_dict(weights, strict=False)``,
+    ``save_pretrained(..., state_dict=weights)`` or ``torch.save``.
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a dict (a state dict), got {type(state).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be the torch.nn.Module the average follows, got {type(model).__name__}")
     keep = not rank0_only or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    partitioned = _partitioned_by_name(model) if model is not None else {}
+    done: dict[int, Any] = {}  # tied names hold one tensor: gathered once
 
-    def gather(value: Any) -> Any:
+    def gather(name: str, value: Any) -> Any:
         if isinstance(value, Mapping):
-            return {key: gather(item) for key, item in value.items()}
+            return {key: gather(str(key), item) for key, item in value.items()}
         if not isinstance(value, Tensor):
             return value
-        full = value.full_tensor() if is_dtensor(value) else value  # type: ignore[attr-defined]
+        if id(value) not in done:
+            done[id(value)] = gather_tensor(name, value)
+        return done[id(value)]
+
+    def gather_tensor(name: str, value: Tensor) -> Tensor | None:
+        if is_dtensor(value):
+            full = value.full_tensor()  # type: ignore[attr-defined]
+        elif name in partitioned:
+            param = partitioned[name]
+            if value.shape != stored_shape(param):
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(value.shape)}, but this rank's partition of the model's "
+                    f"ZeRO-3 parameter holds {tuple(stored_shape(param))}; pass the state of this rank, made with "
+                    "the same world size"
+                )
+            full = zero.gather_partition(value, param)
+        else:
+            full = value
         if not keep:
             return None  # gathered for rank 0's sake; dropped at once
         return full.cpu() if cpu_offload else full
 
-    result = gather(state)
+    result = gather("", state)
     return result if keep else {}
+
+
+def full_model_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu_offload: bool = True) -> dict[str, Any]:
+    """``model``'s own state (parameters and persistent buffers) with every ZeRO-3 partition and DTensor gathered
+    into a full tensor, one at a time: e.g. inside ``averager.swapped(model)``, the averaged model for export.
+
+    A collective, like :func:`full_state_dict`; tied tensors appear under each name (the same tensor).
+    """
+    aliases: dict[str, str] = {}
+    found, _ = walk(model, aliases)
+    state = {
+        f.name: zero.partition(f.tensor) if zero.is_partitioned(f.tensor) else f.tensor.detach()
+        for f in found
+        if f.persistent
+    }
+    state |= {alias: state[name] for alias, name in aliases.items() if name in state}
+    return full_state_dict(state, model=model, rank0_only=rank0_only, cpu_offload=cpu_offload)
+
+
+def _partitioned_by_name(model: nn.Module) -> dict[str, Tensor]:
+    """The model's partitioned ZeRO-3 parameters by qualified name (tied ones under each name)."""
+    aliases: dict[str, str] = {}
+    found, _ = walk(model, aliases)
+    by_name = {f.name: f.tensor for f in found if zero.is_partitioned(f.tensor)}
+    return by_name | {alias: by_name[name] for alias, name in aliases.items() if name in by_name}

@@ -1,6 +1,6 @@
 """A module's tensors by qualified name, looking through the wrappers that training adds.
 
-DDP / DataParallel / ``torch.compile`` roots are unwrapped and wrapper segments (``_orig_mod``,
+DDP / DataParallel / DeepSpeed engine / ``torch.compile`` roots are unwrapped and wrapper segments (``_orig_mod``,
 ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``) dropped from names, so an average made from a
 wrapped model pairs with the bare one and the other way round.
 """
@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .zero import is_engine, is_partitioned
+
 __all__ = ["Found", "canonical_name", "copy_module", "unwrap", "walk"]
 
 # Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
@@ -20,10 +22,10 @@ _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_modu
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    """The user's model inside DDP / DataParallel / DeepSpeed engine / ``torch.compile`` wrappers."""
     while True:
         inner = getattr(module, "module", None)
-        if not isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if not isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and not is_engine(module):
             inner = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
         if not isinstance(inner, nn.Module):
             return module
@@ -92,6 +94,13 @@ def copy_module(module: nn.Module) -> nn.Module:
     refuses; the module's hooks recompute them. Raises ``RuntimeError`` when the module cannot be copied.
     """
     inner = unwrap(module)
+    if any(is_partitioned(p) for p in inner.parameters()):
+        raise RuntimeError(
+            f"cannot copy the model: {type(inner).__name__} is partitioned by DeepSpeed ZeRO-3 (its parameters are "
+            "placeholders; a copy would not be gathered in forward). Use polyak.EMA / polyak.SWA, which average the "
+            "partitions in place (evaluate with `with ema.swapped(model): ...`; export with "
+            "polyak.distributed.full_state_dict(ema.state_dict()['shadow'], model=model))."
+        )
     memo: dict[int, Any] = {
         id(value): value.detach().clone()
         for child in inner.modules()

@@ -95,6 +95,7 @@ class _Plan:
     data: list[Tensor]  # what the kernels read and write: ``live``, with DTensors replaced by their local shards
     dtensors: list[Tensor] = field(default_factory=list)  # the DTensors of ``live`` ...
     shards: list[Tensor] = field(default_factory=list)  # ... and their local shards, as paired
+    sharded: list[Tensor] = field(default_factory=list)  # model tensors of which each rank holds a share
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
@@ -119,7 +120,7 @@ class _Plan:
 
         One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
         accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
-        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.) With a sharded (DTensor)
+        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.) With a sharded (DTensor, ZeRO-3)
         model each rank sees its own shards only, so the flag is all-reduced across the mesh: every rank
         skips together (one collective per update, in this mode only).
         """
@@ -130,8 +131,8 @@ class _Plan:
             wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
             ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
             flag = ok if flag is None else flag & ok.to(flag.device)
-        if flag is not None and self.dtensors:
-            flag = distributed.all_ranks_true(flag, self.dtensors)
+        if flag is not None and self.sharded:
+            flag = distributed.all_ranks_true(flag, self.sharded)
         return flag
 
     def is_current(self) -> bool:
@@ -267,7 +268,7 @@ class Shadow:
             for (f, _), shard in zip(members, shards, strict=True):
                 n = shard.numel()
                 view = flat[offset : offset + n].view(shard.shape)
-                value = distributed.sharded_like(view, f.tensor) if shard is not f.tensor else view
+                value = distributed.sharded_like(view, f.tensor) if distributed.is_dtensor(f.tensor) else view
                 slots.append(_Slot(f.name, mode, view, model_dtype, value))
                 offset += n
         return slots
@@ -310,10 +311,10 @@ class Shadow:
             )
         pairs = [(slot, by_name[slot.name]) for slot in self._slots]
         for slot, f in pairs:
-            if f.tensor.shape != slot.value.shape:
+            if distributed.stored_shape(f.tensor) != slot.value.shape:  # of a ZeRO-3 parameter: its partition's
                 raise ValueError(
                     f"tensor {slot.name!r}: the average has shape {tuple(slot.value.shape)}, "
-                    f"the model has {tuple(f.tensor.shape)}"
+                    f"the model has {tuple(distributed.stored_shape(f.tensor))}"
                 )
             if slot.mode == "average" and not (f.tensor.is_floating_point() or f.tensor.is_complex()):
                 raise ValueError(f"tensor {slot.name!r} is averaged but the model holds it as {f.tensor.dtype}")
@@ -328,6 +329,7 @@ class Shadow:
         )
         plan.dtensors = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor)]
         plan.shards = [distributed.local(t) for t in plan.dtensors]
+        plan.sharded = [f.tensor for _, f in pairs if distributed.is_sharded(f.tensor)]
         # One kernel per (shadow device and dtype, model device and dtype): each flat buffer is one such group.
         groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
         for (slot, _), data in zip(pairs, plan.data, strict=True):
@@ -347,6 +349,7 @@ class Shadow:
                 plan.watched.extend(plan.casts[-1].watched)
         if plan.copies[0]:
             plan.copies = merge_runs(plan.watched, *plan.copies)
+        plan.watched.extend(distributed.storages(plan.sharded))  # a partition moved: the plan is rebuilt
         plan.pointers = [t.data_ptr() for t in plan.watched]
         return plan
 
@@ -446,6 +449,7 @@ class Shadow:
         """Write the stored tensors into ``module`` in place (cast to the model's dtype)."""
         plan = self._plan_for(module)
         copy_all(plan.data, [slot.tensor for slot in self._slots])
+        distributed.reshard(module)  # a gathered ZeRO-3 parameter would hide the partition written
 
     @contextmanager
     def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
@@ -461,6 +465,7 @@ class Shadow:
         Sharded (FSDP2) parameters swap their local shards; their gathered copies are dropped on exit.
         """
         plan = self._plan_for(module)
+        distributed.reshard(module)  # a gathered ZeRO-3 parameter would hide the partition written below
         target = unwrap(module)
         live = list(plan.data)
         with torch.no_grad():
@@ -547,12 +552,13 @@ class Shadow:
     def clone_module(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` (unwrapped) holding the stored tensors."""
         sharded = [slot.name for slot in self._slots if slot.value is not slot.tensor]
+        sharded += distributed.partitioned_names(module)
         if sharded:
             raise RuntimeError(
                 f"cannot build an averaged model: the average is sharded across ranks ({sharded[0]!r} is a "
-                "DTensor) and a sharded (FSDP2) model cannot be deep-copied. Use swapped(model) to evaluate with "
-                "the averaged weights, or polyak.distributed.full_state_dict(averager.state_dict()['shadow']) to "
-                "gather them on rank 0 for an unsharded model."
+                "DTensor or a ZeRO-3 partition) and a sharded (FSDP2, ZeRO-3) model cannot be deep-copied. Use "
+                "swapped(model) to evaluate with the averaged weights, or polyak.distributed.full_state_dict("
+                "averager.state_dict()['shadow'], model=model) to gather them on rank 0 for an unsharded model."
             )
         duplicate = copy_module(module)
         self._plan = None

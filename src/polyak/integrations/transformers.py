@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import full_model_state_dict, partitioned_names
 from . import AveragerFactory, build_averager, check_factory, require
 
 require("transformers", "transformers")
@@ -22,6 +23,13 @@ __all__ = ["AVERAGED_DIR", "STATE_FILE", "AveragingCallback", "save_pretrained"]
 
 STATE_FILE = "polyak_averager.pt"  # the averager's state, inside each checkpoint directory
 AVERAGED_DIR = "averaged"  # the averaged model, inside each checkpoint directory (``from_pretrained``-able)
+
+
+def _state_file(model: nn.Module) -> str:
+    """The averager's state file: one per rank when the average is partitioned (DeepSpeed ZeRO-3)."""
+    if partitioned_names(model):
+        return f"polyak_averager.rank{torch.distributed.get_rank()}.pt"
+    return STATE_FILE
 
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> None:
@@ -43,7 +51,8 @@ class AveragingCallback(TrainerCallback):
       before any checkpoint is written); an evaluation before the first update uses the training weights.
     * Each checkpoint directory gets ``averaged/`` (the averaged model, safetensors, loadable with
       ``from_pretrained``) and ``polyak_averager.pt`` (the averager's state). Resuming with
-      ``trainer.train(resume_from_checkpoint=...)`` continues the average exactly.
+      ``trainer.train(resume_from_checkpoint=...)`` continues the average exactly. Under DeepSpeed ZeRO-3 each rank
+      writes its own ``polyak_averager.rank<r>.pt`` (its partitions), and ``averaged/`` is gathered from all ranks.
     * ``copy_at_end``: write the averaged weights into the model when training ends (then ``trainer.save_model()``
       and ``trainer.evaluate()`` use them).
 
@@ -88,25 +97,25 @@ class AveragingCallback(TrainerCallback):
         self.averager = build_averager(self.factory, model)  # each run starts its own average ...
         self._seen_step = state.global_step
         if state.global_step > 0:  # ... unless it resumes one
-            self._resume(args, state.global_step)
+            self._resume(args, state.global_step, _state_file(model))
 
-    def _resume(self, args: TrainingArguments, step: int) -> None:
+    def _resume(self, args: TrainingArguments, step: int, state_file: str) -> None:
         places = [Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"]
         if isinstance(args.resume_from_checkpoint, str):
             places.insert(0, Path(args.resume_from_checkpoint))
         for directory in places:
-            if (directory / STATE_FILE).is_file():
-                saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+            if (directory / state_file).is_file():
+                saved = torch.load(directory / state_file, map_location="cpu", weights_only=True)
                 if saved.get("global_step") != step:
                     raise RuntimeError(
-                        f"{directory / STATE_FILE} was written at step {saved.get('global_step')}, but training "
+                        f"{directory / state_file} was written at step {saved.get('global_step')}, but training "
                         f"resumes at step {step}; resume from the checkpoint that holds it"
                     )
                 self.averager.load_state_dict(saved["averager"])
                 return
         if self.require_saved_state:
             raise RuntimeError(
-                f"training resumes at step {step} but no {STATE_FILE} was found in {[str(p) for p in places]}; "
+                f"training resumes at step {step} but no {state_file} was found in {[str(p) for p in places]}; "
                 "set TrainingArguments(resume_from_checkpoint=<checkpoint dir>) if it lies elsewhere, or pass "
                 "require_saved_state=False to start a new average from the resumed weights"
             )
@@ -148,15 +157,27 @@ class AveragingCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         model: nn.Module = kwargs["model"]
         self._swap_out()
+        directory = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if partitioned_names(model):  # ZeRO-3: every rank saves its partitions and gathers the export with the others
+            self._save_partitioned(args, state, model, directory)
+            return
         if not args.should_save:  # not the main process
             return
-        directory = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not directory.is_dir():
             raise RuntimeError(f"the Trainer saved a checkpoint, but {directory} does not exist")
         torch.save({"global_step": state.global_step, "averager": self.averager.state_dict()}, directory / STATE_FILE)
         if self.save_averaged and self.averager.num_updates > 0:
             with self.averager.swapped(model):
                 save_pretrained(model, directory / AVERAGED_DIR)
+
+    def _save_partitioned(self, args: TrainingArguments, state: TrainerState, model: Any, directory: Path) -> None:
+        saved = {"global_step": state.global_step, "averager": self.averager.state_dict()}
+        torch.save(saved, directory / _state_file(model))
+        if self.save_averaged and self.averager.num_updates > 0:
+            with self.averager.swapped(model):
+                weights = full_model_state_dict(model)  # on rank 0, one parameter gathered at a time
+            if args.should_save:
+                model.save_pretrained(directory / AVERAGED_DIR, state_dict=weights)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
