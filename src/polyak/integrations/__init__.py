@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from types import ModuleType
 from typing import Any
 
@@ -87,11 +88,12 @@ def averaged_full_state(averager: Any, model: nn.Module) -> dict[str, Tensor]:
     """``model``'s state dict holding the averaged weights, gathered in full on rank 0 (``{}`` on other ranks).
 
     A collective when the model is sharded (FSDP2): every rank must call it. The tensors are copies: the model
-    holds its training weights again when this returns. The averager must hold at least one update.
+    holds its training weights again when this returns. The averager must hold at least one update; ``None``
+    exports the model's own weights (e.g. after ``copy_to``).
     """
     with warnings.catch_warnings():  # the swap is deliberate here: what is exported is the average
         warnings.filterwarnings("ignore", message=r"state_dict\(\) of .* taken inside a `swapped\(\)` block")
-        with averager.swapped(model):
+        with averager.swapped(model) if averager is not None else nullcontext():
             state = model.state_dict()
             gathered = full_state_dict({name: value.detach() for name, value in state.items()})
             return {name: value if is_dtensor(state[name]) else value.clone() for name, value in gathered.items()}
