@@ -293,7 +293,7 @@ def test_evaluate_both_false_validates_only_the_average(tmp_path):
     callback = AveragingCallback(ema, evaluate_both=False)
     t = trainer(tmp_path, [callback], max_epochs=1)
     t.fit(model, loader(), loader(8, seed=1))
-    ((step, seen),) = model.validated
+    ((_, seen),) = model.validated
     assert_close(seen, ema_reference(model.iterates))
     x, y = loader(8, seed=1).dataset.tensors
     assert set(t.callback_metrics) == {"val_loss"}

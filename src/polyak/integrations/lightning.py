@@ -234,7 +234,7 @@ class AveragingCallback(pl.Callback):
                 "pass evaluate_both=False to AveragingCallback"
             )
         loaders = trainer.num_test_batches if step == "test_step" else trainer.num_val_batches
-        args = (batch, batch_idx) if "batch_idx" in parameters or len(parameters) >= 2 else (batch,)
+        args: tuple[Any, ...] = (batch, batch_idx) if "batch_idx" in parameters or len(parameters) >= 2 else (batch,)
         args += (dataloader_idx,) if len(loaders) > 1 else ()
         logging = _Logging.install(pl_module)
         previous = pl_module._current_fx_name
