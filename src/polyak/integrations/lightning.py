@@ -234,7 +234,9 @@ class AveragingCallback(pl.Callback):
                 "pass evaluate_both=False to AveragingCallback"
             )
         loaders = trainer.num_test_batches if step == "test_step" else trainer.num_val_batches
-        args: tuple[Any, ...] = (batch, batch_idx) if "batch_idx" in parameters or len(parameters) >= 2 else (batch,)
+        variadic = any(p.kind is p.VAR_POSITIONAL for p in parameters.values())
+        takes_index = "batch_idx" in parameters or variadic or len(parameters) >= 2
+        args: tuple[Any, ...] = (batch, batch_idx) if takes_index else (batch,)
         args += (dataloader_idx,) if len(loaders) > 1 else ()
         logging = _Logging.install(pl_module)
         previous = pl_module._current_fx_name
