@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import full_state_dict, is_dtensor
 from ..swa_utils import update_bn
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
 
@@ -36,6 +37,11 @@ def save_weights(state: dict[str, Tensor], path: str | Path) -> None:
         safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save(state, path)
+
+
+def _sharded(value: Any) -> bool:
+    """True when a (nested) state holds a DTensor."""
+    return any(map(_sharded, value.values())) if isinstance(value, dict) else is_dtensor(value)
 
 
 class _Logging:
@@ -297,13 +303,16 @@ class AveragingCallback(pl.Callback):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """The averager's state; a sharded (FSDP2) one gathered in full on rank 0, which alone writes the
+        callbacks' states (a collective: Lightning asks every rank)."""
         if self.averager is None:
             return dict(self._loaded or {})
         if self._swap is not None:
-            # A save during evaluation. The averager refuses to save while swapped, so leave the swap (closing
-            # is idempotent); on_save_checkpoint, which Lightning calls next, fixes the model entries and re-swaps.
+            # A save during evaluation: leave the swap (closing is idempotent); on_save_checkpoint, which
+            # Lightning calls next, fixes the model entries and re-swaps.
             self._swap.close()
-        return self.averager.state_dict()
+        state = self.averager.state_dict()
+        return full_state_dict(state) if _sharded(state) else state
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
