@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
 import signal
-import socket
 import sys
-import traceback
 import warnings
 
 import pytest
@@ -427,53 +424,4 @@ def test_missing_lightning_names_the_extra(monkeypatch):
         importlib.import_module("polyak.integrations.lightning")
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    """One rank of a 2-process DDP run, launched by the test (Lightning sees LOCAL_RANK and does not spawn)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        model = Regression()
-        callback = AveragingCallback(ema)
-        t = trainer(out_dir, [callback], max_epochs=2, strategy="ddp", devices=2)
-        t.fit(model, loader(), loader(8, seed=1))
-        state = callback.averager.state_dict()
-        torch.save(
-            {"global_step": t.global_step, "averager": state, "iterates": model.iterates}, f"{out_dir}/rank{rank}.pt"
-        )
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # skip interpreter shutdown after gloo: it sometimes aborts (research/distributed.md 5.4)
-
-
-@pytest.mark.slow
-def test_ddp_strategy(tmp_path):
-    """Two CPU ranks under strategy="ddp": identical averages on both, the EMA of the iterates."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = torch.multiprocessing.start_processes(
-        _ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    for _ in range(24):  # at most 2 minutes
-        if context.join(timeout=5):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("the DDP run did not finish within 2 minutes")
-    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert states[0]["global_step"] == states[1]["global_step"] == 4  # 2 epochs x 2 batches of 4 per rank
-    first, second = (s["averager"] for s in states)
-    assert first["step"] == first["num_updates"] == 4
-    assert_equal(first["shadow"], second["shadow"])
-    assert set(first["shadow"]) == {k for k, _ in Regression().named_parameters()}  # no "module." prefix
-
-    # The average is the EMA of the iterates the DDP run produced (recorded on rank 0).
-    assert len(states[0]["iterates"]) == 4
-    assert_close(first["shadow"], ema_reference(states[0]["iterates"]))
+# Multi-process runs (DDP and FSDP2): tests/distributed/test_trainers.py.

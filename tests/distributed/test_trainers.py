@@ -216,10 +216,11 @@ class Regression(pl.LightningModule):
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.iterates.append(_full(self))  # one optimizer step per batch; before the callbacks' hook
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.2)
-        optimizer.register_step_post_hook(lambda *_: self.iterates.append(_full(self)))
-        return optimizer
+        return torch.optim.SGD(self.parameters(), lr=0.2)
 
 
 def _loader(n: int, seed: int) -> torch.utils.data.DataLoader:
@@ -262,9 +263,11 @@ def lightning_job(rank: int, world: int, out: Path, strategy: str) -> dict[str, 
     # Resume from the first epoch's checkpoint in a new Trainer: the same average, bit for bit.
     _, model2, callback2 = _lightning_run(out / "resumed", strategy, epochs=2, ckpt=str(out / "ckpt" / "epoch=0.ckpt"))
     average2 = full_state_dict(callback2.averager.state_dict())
+    shadow = callback.averager.state_dict()["shadow"]
+    local = {} if sharded else {k: v.clone() for k, v in shadow.items()}  # DDP: the same on every rank
     return dict(
         sharded=sharded, iterates=model.iterates, metrics=metrics, average=average, iterates2=model2.iterates,
-        average2=average2, final=_full(model),
+        average2=average2, final=_full(model), global_step=trainer.global_step, local=local,
     )  # fmt: skip
 
 
@@ -279,10 +282,12 @@ def _mse(weights: dict[str, torch.Tensor]) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_lightning(tmp_path, strategy):
-    r0, _ = launch(lightning_job, tmp_path, timeout=300, strategy=strategy)
+    r0, r1 = launch(lightning_job, tmp_path, timeout=300, strategy=strategy)
     assert r0["sharded"] == (strategy == "fsdp2")
+    if strategy == "ddp":  # every rank holds the whole average, the same
+        _equal(r0["local"], r1["local"])
     iterates = r0["iterates"]
-    assert len(iterates) == 4  # 2 epochs x 16 samples / (2 ranks x 4 per batch)
+    assert (len(iterates), r0["global_step"]) == (4, 4)  # 2 epochs x 16 samples / (2 ranks x 4 per batch)
     average = r0["average"]
     assert average["step"] == average["num_updates"] == 4
     _close(average["shadow"], _ema(iterates))

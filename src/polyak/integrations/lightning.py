@@ -184,6 +184,8 @@ class AveragingCallback(pl.Callback):
         self._ready(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Strategies that restore after setup (ModelParallelStrategy) load the state after on_fit_start.
+        self._ready(pl_module)
         self._seen_step = trainer.global_step  # after a restore: the steps already in the average
 
     def on_train_batch_end(
