@@ -73,7 +73,7 @@ def run(tmp_path, model, callback, iterates, resume=None, max_steps=4, eval_stra
         args=args,
         train_dataset=Tokens(16, seed=0),
         eval_dataset=Tokens(4, seed=1),
-        callbacks=[callback],
+        callbacks=callback if isinstance(callback, list) else [callback],
         optimizers=(optimizer, None),
         compute_metrics=compute_metrics,
     )
@@ -190,8 +190,8 @@ def test_every_exit_leaves_the_training_weights(tmp_path, error):
     trainer = run(tmp_path, model, callback, iterates, train=False, compute_metrics=Failing(2, error))
     with pytest.raises(type(error)):
         trainer.train()
-    assert len(iterates) == 2
     assert_close(weights(model), iterates[-1], tol=0)
+    assert len(iterates) == 2
     trainer.save_model(str(tmp_path / "saved"))
     from safetensors.torch import load_file
 
@@ -205,7 +205,8 @@ def test_evaluate_by_hand_and_prediction(tmp_path):
     """trainer.evaluate() after train() reports both sets and leaves the training weights; predict() and an
     evaluation before train() use the training weights only."""
     model, iterates, callback = tiny_gpt2(), [], AveragingCallback(ema, metric_suffix="_avg")
-    trainer = run(tmp_path, model, callback, iterates, train=False, eval_strategy="no")
+    swa = AveragingCallback(polyak.SWA, metric_suffix="_swa", save_averaged=False)  # a second set of metrics
+    trainer = run(tmp_path, model, [callback, swa], iterates, train=False, eval_strategy="no")
     before = trainer.evaluate()
     assert "eval_loss" in before and not any(k.endswith("_avg") for k in before)
     trainer.train()
@@ -213,6 +214,8 @@ def test_evaluate_by_hand_and_prediction(tmp_path):
     assert_close(weights(model), iterates[-1], tol=0)
     model.load_state_dict({k: v.float() for k, v in ema_reference(iterates).items()})
     assert metrics["eval_loss_avg"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+    model.load_state_dict({k: (sum(it[k].double() for it in iterates) / 4).float() for k in iterates[0]})
+    assert metrics["eval_loss_swa"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
     model.load_state_dict(iterates[-1])
     assert metrics["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
     prediction = trainer.predict(Tokens(4, seed=1))
