@@ -257,6 +257,8 @@ def test_bad_options():
     first, second = AveragingCallback(ema), AveragingCallback(ema)
     with pytest.raises(ValueError, match="distinct metric_suffix"):
         run_trainer_with([first, second])
+    with pytest.raises(ValueError, match="only one can"):
+        run_trainer_with([AveragingCallback(ema, evaluate_both=False), AveragingCallback(ema, metric_suffix="_b")])
 
 
 def run_trainer_with(callbacks):

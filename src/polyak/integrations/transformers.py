@@ -80,17 +80,13 @@ class _Evaluations:
         active = [c for c in self.callbacks if c.evaluate and c.averager is not None]
         if description != "Evaluation" or not active:  # predict() and evaluations before training
             return self.loop(dataloader, description, *args, **kwargs)
-        replacing = [c for c in active if not c.evaluate_both]
-        if replacing:  # evaluate_both=False: the average under the plain names
-            output = replacing[0].evaluate_average(self.loop, dataloader, description, *args, **kwargs)
-        else:
-            output = self.loop(dataloader, description, *args, **kwargs)
+        if not active[0].evaluate_both:  # then the only one: the average under the plain names
+            return active[0].evaluate_average(self.loop, dataloader, description, *args, **kwargs)
+        output = self.loop(dataloader, description, *args, **kwargs)
         raw = dict(output.metrics or {})
         metrics = dict(raw)
         prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval")
         for callback in active:
-            if not callback.evaluate_both:
-                continue
             suffix = callback.metric_suffix
             if callback.averager.num_updates == 0:  # the average is the training weights: no extra pass
                 metrics.update({k + suffix: v for k, v in raw.items() if not k.endswith("_preparation_time")})
@@ -194,10 +190,11 @@ class AveragingCallback(TrainerCallback):
             return
         if self.evaluate:
             evaluating = [c for c in evaluations.callbacks if c.evaluate]
-            if not self.evaluate_both and any(not c.evaluate_both for c in evaluating):
+            if evaluating and not all(c.evaluate_both for c in [*evaluating, self]):
                 raise ValueError(
-                    "two AveragingCallbacks have evaluate_both=False; only one average can replace "
-                    "the training weights' metrics: give the other evaluate_both=True"
+                    f"{len(evaluating) + 1} AveragingCallbacks evaluate their average and one has evaluate_both="
+                    "False (its average replaces the training weights' metrics); only one can. Pass evaluate=False "
+                    "to the others, or evaluate_both=True to all"
                 )
             if any(c.evaluate_both and c.metric_suffix == self.metric_suffix for c in evaluating):
                 raise ValueError(
