@@ -230,12 +230,14 @@ def _loader(n: int, seed: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
 
 
-def _lightning_run(out: Path, strategy: str, epochs: int, ckpt: str | None = None) -> tuple[Any, Any, Any]:
+def _lightning_run(
+    out: Path, strategy: str, epochs: int, ckpt: str | None = None, save_to: Path | None = None
+) -> tuple[Any, Any, Any]:
     from polyak import EMA
     from polyak.integrations.lightning import AveragingCallback
 
     model = Regression(fsdp2=strategy == "fsdp2")
-    callback = AveragingCallback(lambda m: EMA(m, decay=DECAY))
+    callback = AveragingCallback(lambda m: EMA(m, decay=DECAY), save_to=save_to)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", filename="{epoch}", save_top_k=-1)
     if strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -254,7 +256,7 @@ def _lightning_run(out: Path, strategy: str, epochs: int, ckpt: str | None = Non
 
 def lightning_job(rank: int, world: int, out: Path, strategy: str) -> dict[str, Any]:
     _environment(rank, world)
-    trainer, model, callback = _lightning_run(out, strategy, epochs=2)
+    trainer, model, callback = _lightning_run(out, strategy, epochs=2, save_to=out / "averaged.safetensors")
     from torch.distributed.tensor import DTensor
 
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
@@ -292,6 +294,9 @@ def test_lightning(tmp_path, strategy):
     assert average["step"] == average["num_updates"] == 4
     _close(average["shadow"], _ema(iterates))
     _equal(r0["final"], iterates[-1])  # the training weights are back in the model after validation
+    from safetensors.torch import load_file
+
+    _close(load_file(tmp_path / "averaged.safetensors"), _ema(iterates))  # save_to: gathered, written by rank 0
 
     # Validation saw both (each rank validates its half of the 8 samples; sync_dist averages the two halves).
     assert r0["metrics"]["val_loss"] == pytest.approx(_mse(iterates[-1]), rel=1e-5)
