@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
-import socket
+import signal
 import sys
-import traceback
+import warnings
 
 import pytest
 import torch
@@ -24,6 +23,9 @@ import polyak  # noqa: E402
 from polyak.integrations.lightning import AveragingCallback  # noqa: E402
 
 DECAY = 0.8
+
+# In normal use the callback never takes a state_dict() of a swapped model (polyak's own warning): an error here.
+pytestmark = pytest.mark.filterwarnings(r"error:state_dict\(\) of .* taken inside a `swapped\(\)` block")
 
 
 def loader(n: int = 16, seed: int = 0) -> DataLoader:
@@ -47,7 +49,9 @@ class Regression(pl.LightningModule):
         self.save_during_validation = save_during_validation
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+        with warnings.catch_warnings():  # recording what the step sees, also inside the swap
+            warnings.simplefilter("ignore")
+            return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -118,6 +122,14 @@ def ema(model: nn.Module) -> polyak.EMA:
     return polyak.EMA(model, decay=DECAY)
 
 
+def loss_of(weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The validation loss of a Regression holding ``weights``."""
+    check = Regression()
+    check.load_state_dict({k: v.float() for k, v in weights.items()})
+    with torch.no_grad():
+        return nn.functional.mse_loss(check(x), y)
+
+
 def test_updates_per_optimizer_step_and_validates_the_average(tmp_path):
     """Gradient accumulation (pain point 20) and validation before the first update (Lightning#21724)."""
     model = Regression()
@@ -131,21 +143,34 @@ def test_updates_per_optimizer_step_and_validates_the_average(tmp_path):
     assert callback.averager.step == callback.averager.num_updates == 6
     assert_close(averaged(callback), ema_reference(model.iterates))
 
-    # The sanity check ran before any update: it saw the training weights, not an un-averaged copy.
+    # The sanity check ran before any update, once: it saw the training weights, not an un-averaged copy.
     (step0, seen0), *later = model.validated
     assert step0 == 0
     assert_equal(seen0, initial)
-    assert [step for step, _ in later] == [2, 4, 6]
-    for step, seen in later:
+    # Then each validation ran each batch twice: the training weights, then the average.
+    assert [step for step, _ in later] == [2, 2, 4, 4, 6, 6]
+    for (step, raw), (_, seen) in zip(later[::2], later[1::2], strict=True):
+        assert_equal(raw, model.iterates[step - 1])
         assert_close(seen, ema_reference(model.iterates[:step]))
     # The training weights came back after each validation: the model ends on the last iterate.
     assert_equal(model.weights(), model.iterates[-1])
+    # Both sets of metrics side by side, each the loss of its weights.
+    x, y = loader(8, seed=1).dataset.tensors
+    metrics = t.callback_metrics
+    torch.testing.assert_close(metrics["val_loss"], loss_of(model.iterates[-1], x, y), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        metrics["val_loss_ema"], loss_of(ema_reference(model.iterates), x, y), rtol=1e-5, atol=1e-7
+    )
 
-    # trainer.test uses the average as well.
+    # trainer.test and a validation called by hand report both as well, and leave the training weights.
     model.validated.clear()
-    t.test(model, loader(8, seed=1), verbose=False)
-    assert_close(model.validated[0][1], ema_reference(model.iterates))
+    (tested,) = t.test(model, loader(8, seed=1), verbose=False)
+    assert_close(model.validated[1][1], ema_reference(model.iterates))
     assert_equal(model.weights(), model.iterates[-1])
+    (validated,) = t.validate(model, loader(8, seed=1), verbose=False)
+    assert tested == validated and set(validated) == {"val_loss", "val_loss_ema"}
+    assert_equal(model.weights(), model.iterates[-1])
+    assert "log" not in model.__dict__
 
 
 def test_checkpoints_hold_training_weights_and_resume_exactly(tmp_path):
@@ -157,7 +182,9 @@ def test_checkpoints_hold_training_weights_and_resume_exactly(tmp_path):
         dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=False
     )
     t = trainer(tmp_path, [callback, checkpoints], enable_checkpointing=True)
-    t.fit(model, loader(), loader(8, seed=1))
+    with warnings.catch_warnings():  # the save from inside the averaged step warns, by design
+        warnings.filterwarnings("ignore", "state_dict")
+        t.fit(model, loader(), loader(8, seed=1))
     assert t.global_step == 12
 
     for epoch in range(3):
@@ -191,7 +218,8 @@ def test_checkpoints_hold_training_weights_and_resume_exactly(tmp_path):
     trainer(tmp_path, [AveragingCallback(ema)]).test(
         tested, loader(8, seed=1), ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt", verbose=False
     )
-    assert_close(tested.validated[0][1], ema_reference(model.iterates))
+    assert_equal(tested.validated[0][1], model.iterates[-1])
+    assert_close(tested.validated[1][1], ema_reference(model.iterates))
     assert_equal(tested.weights(), model.iterates[-1])
 
     # A checkpoint without this callback's state is an error, not a silent restart of the average.
@@ -201,11 +229,11 @@ def test_checkpoints_hold_training_weights_and_resume_exactly(tmp_path):
 
 
 def test_any_averager_and_several_callbacks(tmp_path):
-    """SWA and power-function EMA through the same factory interface, side by side."""
+    """SWA and power-function EMA through the same factory interface, side by side: one metric set each."""
     model = Regression()
-    swa = AveragingCallback(lambda m: polyak.SWA(m, start_step=2), name="swa")
+    swa = AveragingCallback(lambda m: polyak.SWA(m, start_step=2), name="swa", metric_suffix="_swa")
     rule = polyak.rules.PowerFunction(sigma_rel=0.2)
-    power = AveragingCallback(lambda m: polyak.EMA(m, rule=rule), evaluate=False, name="power")
+    power = AveragingCallback(lambda m: polyak.EMA(m, rule=rule), name="power", metric_suffix="_power")
     t = trainer(tmp_path, [swa, power], max_epochs=2)
     t.fit(model, loader(), loader(8, seed=1))
     assert len(model.iterates) == 8
@@ -213,8 +241,6 @@ def test_any_averager_and_several_callbacks(tmp_path):
     tail = model.iterates[2:]
     mean = {k: sum(it[k].double() for it in tail) / len(tail) for k in tail[0]}
     assert_close(averaged(swa), mean)
-    # Validation saw the SWA average (the evaluating callback) after epoch 2.
-    assert_close(model.validated[-1][1], mean)
 
     # Power EMA: polyak's own averager replayed over the same iterates in a plain loop.
     replica = copy.deepcopy(model.net)
@@ -225,8 +251,53 @@ def test_any_averager_and_several_callbacks(tmp_path):
     expected = {f"net.{k}": v for k, v in reference.averaged_model().state_dict().items()}
     assert_equal(averaged(power), expected)
 
-    with pytest.raises(ValueError, match="only one can"):
+    # The last validation: the training weights, then each average in turn, each under its own names.
+    (*_, (_, raw), (_, seen_swa), (_, seen_power)) = model.validated
+    assert_equal(raw, model.iterates[-1])
+    assert_close(seen_swa, mean)
+    assert_equal(seen_power, expected)
+    x, y = loader(8, seed=1).dataset.tensors
+    metrics = t.callback_metrics
+    assert set(metrics) == {"val_loss", "val_loss_swa", "val_loss_power"}
+    torch.testing.assert_close(metrics["val_loss_swa"], loss_of(mean, x, y), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(metrics["val_loss_power"], loss_of(expected, x, y), rtol=1e-6, atol=1e-7)
+
+    with pytest.raises(ValueError, match="distinct metric_suffix"):
         trainer(tmp_path, [AveragingCallback(ema), AveragingCallback(ema, name="b")]).fit(Regression(), loader())
+    only = AveragingCallback(ema, evaluate_both=False)
+    with pytest.raises(ValueError, match="only one can"):
+        trainer(tmp_path, [only, AveragingCallback(ema, name="b", metric_suffix="_b")]).fit(Regression(), loader())
+
+
+def test_checkpoint_selection_follows_the_averaged_metric(tmp_path):
+    """ModelCheckpoint(monitor="val_loss_ema") keeps the checkpoint whose average validated best."""
+    model = Regression()
+    callback = AveragingCallback(ema)
+    best = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss_ema", mode="min", save_top_k=1)
+    t = trainer(tmp_path, [callback, best], enable_checkpointing=True, max_epochs=4)
+    t.fit(model, loader(), loader(8, seed=1))
+    x, y = loader(8, seed=1).dataset.tensors
+    losses = {step: loss_of(ema_reference(model.iterates[:step]), x, y).item() for step in (4, 8, 12, 16)}
+    step = min(losses, key=losses.__getitem__)
+    assert step != 16  # a checkpoint other than the last: the selection is seen
+    saved = torch.load(best.best_model_path, weights_only=False)
+    assert saved["global_step"] == step
+    assert best.best_model_score.item() == pytest.approx(losses[step], rel=1e-5)
+
+
+def test_evaluate_both_false_validates_only_the_average(tmp_path):
+    model = Regression()
+    callback = AveragingCallback(ema, evaluate_both=False)
+    t = trainer(tmp_path, [callback], max_epochs=1)
+    t.fit(model, loader(), loader(8, seed=1))
+    ((_, seen),) = model.validated
+    assert_close(seen, ema_reference(model.iterates))
+    x, y = loader(8, seed=1).dataset.tensors
+    assert set(t.callback_metrics) == {"val_loss"}
+    torch.testing.assert_close(
+        t.callback_metrics["val_loss"], loss_of(ema_reference(model.iterates), x, y), rtol=1e-5, atol=1e-7
+    )
+    assert_equal(model.weights(), model.iterates[-1])
 
 
 def test_update_bn_and_save_at_end(tmp_path):
@@ -269,27 +340,70 @@ def test_compiled_module(tmp_path):
     check.load_state_dict({k: v.float() for k, v in ema_reference(model.iterates).items()})
     x, y = loader(8, seed=1).dataset.tensors
     expected = nn.functional.mse_loss(check(x), y)
-    torch.testing.assert_close(t.callback_metrics["val_loss"], expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t.callback_metrics["val_loss_ema"], expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t.callback_metrics["val_loss"], loss_of(model.iterates[-1], x, y), rtol=1e-6, atol=1e-7)
     assert_equal(model.weights(), model.iterates[-1])
 
 
 class FailingValidation(Regression):
+    """Raises ``error`` at the ``when``-th call of validation_step (2 batches, each run raw then averaged)."""
+
+    def __init__(self, when: int, error: BaseException) -> None:
+        super().__init__()
+        self.calls, self.when, self.error = 0, when, error
+
     def validation_step(self, batch, batch_idx):
-        if self.trainer.current_epoch == 1:
-            raise RuntimeError("failure in the middle of a validation")
+        self.calls += 1
+        if self.calls == self.when:
+            raise self.error
         super().validation_step(batch, batch_idx)
 
 
-def test_error_during_validation_restores_training_weights(tmp_path):
-    """An interrupted validation must not leave the average in the model (pain point 15)."""
-    model = FailingValidation()
+@pytest.mark.parametrize(
+    "when, error",
+    [(5, RuntimeError("failure")), (6, RuntimeError("failure")), (6, KeyboardInterrupt())],
+    ids=["training-pass", "averaged-pass", "ctrl-c-in-averaged-pass"],
+)
+def test_every_exit_leaves_the_training_weights(tmp_path, when, error):
+    """An exception or Ctrl-C in the middle of a validation must not leave the average in the model (pain point
+    15): calls 1-4 are the first epoch's validation, 5 and 6 the second's first batch, raw then averaged."""
+    model = FailingValidation(when, error)
     callback = AveragingCallback(ema)
     t = trainer(tmp_path, [callback])
-    with pytest.raises(RuntimeError, match="middle of a validation"):
-        t.fit(model, loader(), loader(8, seed=1))
-    assert len(model.iterates) == 8  # the failure came in the second epoch's validation, with the average in
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit if isinstance(error, KeyboardInterrupt) else RuntimeError):
+            t.fit(model, loader(), loader(8, seed=1))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a KeyboardInterrupt
+    assert len(model.iterates) == 8  # the failure came in the second epoch's validation
     assert_equal(model.weights(), model.iterates[-1])
-    assert callback._swap is None
+    assert callback._swap is None and "log" not in model.__dict__
+    # The user saves in the except block: the training weights, with no warning; the averager goes on.
+    t.save_checkpoint(tmp_path / "after.ckpt")
+    assert_equal(torch.load(tmp_path / "after.ckpt", weights_only=False)["state_dict"], model.iterates[-1])
+    callback.averager.update(model)
+    assert callback.averager.num_updates == 9
+
+
+def test_metric_objects_are_refused_in_the_averaged_pass(tmp_path):
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    class WithMetric(Regression):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mse = torchmetrics.MeanSquaredError()
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.mse(self(x), y)
+            self.log("val_mse", self.mse)
+
+    model = WithMetric()
+    callback = AveragingCallback(ema)
+    with pytest.raises(TypeError, match="evaluate_both=False"):
+        trainer(tmp_path, [callback], max_epochs=1).fit(model, loader(), loader(8, seed=1))
+    assert_equal(model.weights(), model.iterates[-1])
 
 
 def test_bad_input():
@@ -299,6 +413,8 @@ def test_bad_input():
     callback = AveragingCallback(lambda m: object())
     with pytest.raises(TypeError, match="lacks"):
         callback._ready(Regression())
+    with pytest.raises(ValueError, match="metric_suffix"):
+        AveragingCallback(metric_suffix="")
 
 
 def test_missing_lightning_names_the_extra(monkeypatch):
@@ -308,53 +424,4 @@ def test_missing_lightning_names_the_extra(monkeypatch):
         importlib.import_module("polyak.integrations.lightning")
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    """One rank of a 2-process DDP run, launched by the test (Lightning sees LOCAL_RANK and does not spawn)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        model = Regression()
-        callback = AveragingCallback(ema)
-        t = trainer(out_dir, [callback], max_epochs=2, strategy="ddp", devices=2)
-        t.fit(model, loader(), loader(8, seed=1))
-        state = callback.averager.state_dict()
-        torch.save(
-            {"global_step": t.global_step, "averager": state, "iterates": model.iterates}, f"{out_dir}/rank{rank}.pt"
-        )
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # skip interpreter shutdown after gloo: it sometimes aborts (research/distributed.md 5.4)
-
-
-@pytest.mark.slow
-def test_ddp_strategy(tmp_path):
-    """Two CPU ranks under strategy="ddp": identical averages on both, the EMA of the iterates."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = torch.multiprocessing.start_processes(
-        _ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    for _ in range(24):  # at most 2 minutes
-        if context.join(timeout=5):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("the DDP run did not finish within 2 minutes")
-    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert states[0]["global_step"] == states[1]["global_step"] == 4  # 2 epochs x 2 batches of 4 per rank
-    first, second = (s["averager"] for s in states)
-    assert first["step"] == first["num_updates"] == 4
-    assert_equal(first["shadow"], second["shadow"])
-    assert set(first["shadow"]) == {k for k, _ in Regression().named_parameters()}  # no "module." prefix
-
-    # The average is the EMA of the iterates the DDP run produced (recorded on rank 0).
-    assert len(states[0]["iterates"]) == 4
-    assert_close(first["shadow"], ema_reference(states[0]["iterates"]))
+# Multi-process runs (DDP and FSDP2): tests/distributed/test_trainers.py.

@@ -17,6 +17,9 @@ transformers = pytest.importorskip("transformers")
 import polyak  # noqa: E402
 from polyak.integrations.transformers import AVERAGED_DIR, STATE_FILE, AveragingCallback  # noqa: E402
 
+# In normal use the callback never takes a state_dict() of a swapped model (polyak's own warning): an error here.
+pytestmark = pytest.mark.filterwarnings(r"error:state_dict\(\) of .* taken inside a `swapped\(\)` block")
+
 DECAY = 0.8
 CONFIG = dict(
     vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
@@ -43,9 +46,10 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run(tmp_path, model, callback, iterates, resume=None, max_steps=4, eval_strategy="steps"):
+def run(tmp_path, model, callback, iterates, resume=None, max_steps=4, eval_strategy="steps", train=True, **options):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     optimizer.register_step_post_hook(lambda *_: iterates.append(weights(model)))
+    compute_metrics = options.pop("compute_metrics", None)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=max_steps,
@@ -62,16 +66,19 @@ def run(tmp_path, model, callback, iterates, resume=None, max_steps=4, eval_stra
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,
+        **options,
     )
     trainer = transformers.Trainer(
         model=model,
         args=args,
         train_dataset=Tokens(16, seed=0),
         eval_dataset=Tokens(4, seed=1),
-        callbacks=[callback],
+        callbacks=callback if isinstance(callback, list) else [callback],
         optimizers=(optimizer, None),
+        compute_metrics=compute_metrics,
     )
-    trainer.train(resume_from_checkpoint=resume)
+    if train:
+        trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -104,8 +111,10 @@ def test_trainer_updates_evaluates_saves_and_resumes(tmp_path):
     for k, v in weights(model).items():
         assert torch.equal(v, iterates[-1][k]), k
 
-    # Each evaluation ran on the averaged weights: its loss is the loss the Trainer gives the reference weights.
+    # Each evaluation ran twice: the training weights under eval_loss, the average under eval_loss_ema; each
+    # is the loss the Trainer gives those weights (the float64 reference for the average).
     evals = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert all(log["eval_runtime_ema"] > 0 for log in evals)
     assert [log["step"] for log in evals] == [2, 4]
     reference = {log["step"]: ema_reference(iterates[: log["step"]]) for log in evals}
 
@@ -137,8 +146,11 @@ def test_trainer_updates_evaluates_saves_and_resumes(tmp_path):
         run(tmp_path / "bare", tiny_gpt2(), AveragingCallback(ema), [], resume=str(bare))
 
     for log in evals:  # last: this overwrites the model
+        model.load_state_dict(iterates[log["step"] - 1])
+        assert log["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
         model.load_state_dict({k: v.float() for k, v in reference[log["step"]].items()})
-        assert log["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+        assert log["eval_loss_ema"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+        assert log["eval_loss_ema"] != log["eval_loss"]
 
 
 def test_copy_at_end_and_default_averager(tmp_path):
@@ -148,12 +160,110 @@ def test_copy_at_end_and_default_averager(tmp_path):
     assert isinstance(callback.averager, polyak.EMA)
     # The evaluation at the (truncated) epoch's end ran with the average, which the model now holds.
     (log,) = [log for log in trainer.state.log_history if "eval_loss" in log]
-    assert log["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
+    assert log["eval_loss_ema"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
     # Default rule: decay min(0.999, (1 + n) / (10 + n)) with n = 1 at the second step (the first copies).
     expected = {k: 2 / 11 * iterates[0][k].double() + 9 / 11 * iterates[1][k].double() for k in iterates[0]}
     assert_close(weights(model), expected)
     assert not (tmp_path / "out" / "checkpoint-2" / AVERAGED_DIR).exists()
     assert (tmp_path / "out" / "checkpoint-2" / STATE_FILE).exists()
+
+
+class Failing:
+    """compute_metrics that raises ``error`` on its ``when``-th call (the averaged pass of an evaluation)."""
+
+    def __init__(self, when: int, error: BaseException) -> None:
+        self.calls, self.when, self.error = 0, when, error
+
+    def __call__(self, prediction) -> dict[str, float]:
+        self.calls += 1
+        if self.calls == self.when:
+            raise self.error
+        return {"calls": float(self.calls)}
+
+
+@pytest.mark.parametrize("error", [RuntimeError("metrics failed"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_every_exit_leaves_the_training_weights(tmp_path, error):
+    """An exception or Ctrl-C in the averaged evaluation inside train(): the model holds the training weights,
+    the averager goes on, and save_model() in the user's except block writes the training weights."""
+    model, iterates, callback = tiny_gpt2(), [], AveragingCallback(ema)
+    # Calls: 1 = the training weights at step 2, 2 = the average at step 2.
+    trainer = run(tmp_path, model, callback, iterates, train=False, compute_metrics=Failing(2, error))
+    with pytest.raises(type(error)):
+        trainer.train()
+    assert_close(weights(model), iterates[-1], tol=0)
+    assert len(iterates) == 2
+    trainer.save_model(str(tmp_path / "saved"))
+    from safetensors.torch import load_file
+
+    assert_close(load_file(tmp_path / "saved" / "model.safetensors"), iterates[-1], tol=0)
+    callback.averager.update(model)  # still usable
+    with callback.averager.swapped(model):
+        pass
+
+
+def test_evaluate_by_hand_and_prediction(tmp_path):
+    """trainer.evaluate() after train() reports both sets and leaves the training weights; predict() and an
+    evaluation before train() use the training weights only."""
+    model, iterates, callback = tiny_gpt2(), [], AveragingCallback(ema, metric_suffix="_avg")
+    swa = AveragingCallback(polyak.SWA, metric_suffix="_swa", save_averaged=False)  # a second set of metrics
+    trainer = run(tmp_path, model, [callback, swa], iterates, train=False, eval_strategy="no")
+    before = trainer.evaluate()
+    assert "eval_loss" in before and not any(k.endswith("_avg") for k in before)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert_close(weights(model), iterates[-1], tol=0)
+    model.load_state_dict({k: v.float() for k, v in ema_reference(iterates).items()})
+    assert metrics["eval_loss_avg"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+    model.load_state_dict({k: (sum(it[k].double() for it in iterates) / 4).float() for k in iterates[0]})
+    assert metrics["eval_loss_swa"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+    model.load_state_dict(iterates[-1])
+    assert metrics["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
+    prediction = trainer.predict(Tokens(4, seed=1))
+    assert not any(k.endswith("_avg") for k in prediction.metrics)
+    assert prediction.metrics["test_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+
+    # evaluate_both=False: one pass, the average under the plain names (and the model back afterwards).
+    only = AveragingCallback(ema, evaluate_both=False)
+    trainer2 = run(tmp_path / "only", tiny_gpt2(), only, [], eval_strategy="no")
+    metrics2 = trainer2.evaluate()
+    assert not any(k.endswith("_ema") for k in metrics2)
+    assert metrics2["eval_loss"] == pytest.approx(metrics["eval_loss_avg"], rel=1e-6)
+
+
+@pytest.mark.parametrize("best_model", ["training", "averaged"])
+def test_best_checkpoint_by_the_averaged_metric(tmp_path, best_model):
+    """metric_for_best_model on the averaged loss picks the checkpoint; best_model="averaged" loads its average."""
+    model, iterates = tiny_gpt2(), []
+    callback = AveragingCallback(ema, best_model=best_model)
+    trainer = run(
+        tmp_path, model, callback, iterates, max_steps=6,
+        metric_for_best_model="loss_ema", greater_is_better=False, load_best_model_at_end=True,
+    )  # fmt: skip
+    evals = {log["step"]: log["eval_loss_ema"] for log in trainer.state.log_history if "eval_loss" in log}
+    best = min(evals, key=evals.__getitem__)  # here a checkpoint other than the last one
+    assert best != 6 and trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+    expected = ema_reference(iterates[:best]) if best_model == "averaged" else iterates[best - 1]
+    assert_close(weights(model), expected, tol=1e-6 if best_model == "averaged" else 0)
+    callback.averager.update(model)  # still usable
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="best_model must be"):
+        AveragingCallback(best_model="ema")
+    with pytest.raises(ValueError, match="copy_at_end"):
+        AveragingCallback(best_model="averaged", copy_at_end=True)
+    with pytest.raises(ValueError, match="metric_suffix"):
+        AveragingCallback(metric_suffix="")
+    first, second = AveragingCallback(ema), AveragingCallback(ema)
+    with pytest.raises(ValueError, match="distinct metric_suffix"):
+        run_trainer_with([first, second])
+    with pytest.raises(ValueError, match="only one can"):
+        run_trainer_with([AveragingCallback(ema, evaluate_both=False), AveragingCallback(ema, metric_suffix="_b")])
+
+
+def run_trainer_with(callbacks):
+    args = transformers.TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    return transformers.Trainer(model=tiny_gpt2(), args=args, callbacks=callbacks)
 
 
 def test_missing_transformers_names_the_extra(monkeypatch):

@@ -12,16 +12,19 @@ every polyak averager works in both, e.g. ``AveragingCallback(lambda m: polyak.S
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from types import ModuleType
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from ..distributed import full_model_state_dict, is_dtensor
 from ..ema import EMA
 from ..rules import RationalWarmup
 
-__all__ = ["AveragerFactory", "build_averager", "default_averager"]
+__all__ = ["AveragerFactory", "averaged_full_state", "build_averager", "default_averager"]
 
 AveragerFactory = Callable[[nn.Module], Any]
 """Builds the averager for a model: any object with ``update``, ``swapped``, ``copy_to``, ``state_dict``,
@@ -72,3 +75,30 @@ def require(module: str, extra: str) -> ModuleType:
             f"polyak.integrations.{extra} needs the `{module}` package, which is not installed; "
             f"install it with `pip install polyak[{extra}]`"
         ) from error
+
+
+def check_suffix(suffix: Any) -> str:
+    """A metric-name suffix for the averaged metrics: a non-empty string."""
+    if not isinstance(suffix, str) or not suffix:
+        raise ValueError(f"metric_suffix must be a non-empty string such as '_ema', got {suffix!r}")
+    return suffix
+
+
+def averaged_full_state(averager: Any, model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s state dict holding the averaged weights, gathered in full on rank 0 (``{}`` on other ranks).
+
+    A collective when the model is sharded (FSDP2): every rank must call it. The tensors are copies: the model
+    holds its training weights again when this returns. The averager must hold at least one update; ``None``
+    exports the model's own weights (e.g. after ``copy_to``).
+    """
+    with warnings.catch_warnings():  # the swap is deliberate here: what is exported is the average
+        warnings.filterwarnings("ignore", message=r"state_dict\(\) of .* taken inside a `swapped\(\)` block")
+        with averager.swapped(model) if averager is not None else nullcontext():
+            gathered = full_model_state_dict(model)  # DTensors and ZeRO-3 partitions gathered, one at a time
+            tensors = (*model.parameters(), *model.buffers())
+            live = {t.untyped_storage().data_ptr() for t in tensors if t.numel() and not is_dtensor(t)}
+            # What was not gathered is the model's own memory, which holds the training weights again on return.
+            return {
+                name: value.clone() if value.numel() and value.untyped_storage().data_ptr() in live else value
+                for name, value in gathered.items()
+            }

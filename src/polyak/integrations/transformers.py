@@ -5,19 +5,21 @@ Install with ``pip install polyak[transformers]``.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import inspect
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..distributed import full_model_state_dict, partitioned_names
-from . import AveragerFactory, build_averager, check_factory, require
+from ..distributed import full_state_dict, is_dtensor, partitioned_names
+from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
 
 require("transformers", "transformers")
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput  # noqa: E402
 
 __all__ = ["AVERAGED_DIR", "STATE_FILE", "AveragingCallback", "save_pretrained"]
 
@@ -32,42 +34,125 @@ def _state_file(model: nn.Module) -> str:
     return STATE_FILE
 
 
-def save_pretrained(model: nn.Module, directory: str | Path) -> None:
-    """Write ``model`` to ``directory`` in safetensors: its ``save_pretrained``, else ``model.safetensors``."""
+def save_pretrained(model: nn.Module, directory: str | Path, state: dict[str, Tensor] | None = None) -> None:
+    """Write ``model`` (or ``state`` under its names) to ``directory`` in safetensors: ``save_pretrained``, else
+    ``model.safetensors``."""
     directory = Path(directory)
+    state = state if state is not None else {k: v.detach() for k, v in model.state_dict().items()}
     save: Any = getattr(model, "save_pretrained", None)
     if callable(save):
-        save(directory)
+        save(directory, state_dict=state)
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        require("safetensors.torch", "safetensors").save_model(model, str(directory / "model.safetensors"))
+        require("safetensors.torch", "safetensors").save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors")
+        )
+
+
+def load_weights(model: nn.Module, directory: str | Path) -> None:
+    """Load the weights of a folder written by :func:`save_pretrained` into ``model`` (plain or FSDP2-sharded).
+
+    Entries the folder leaves out must be tied to one it holds (e.g. ``lm_head.weight`` to the embedding).
+    """
+    safetensors_torch = require("safetensors.torch", "safetensors")
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors file in {directory}; was it written with save_averaged=True?")
+    state: dict[str, Any] = {}
+    for file in files:
+        state.update(safetensors_torch.load_file(str(file)))
+    names = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    loaded = {names[name] for name in state if name in names}
+    untied = [n for n in model.state_dict() if n not in state and names.get(n) not in loaded]
+    if untied:
+        raise ValueError(f"{directory} lacks {untied[:3]} ({len(untied)} entries of the model); not loaded")
+    if any(is_dtensor(p) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(state, strict=False)
+
+
+class _Evaluations:
+    """Replaces one Trainer's ``evaluation_loop``: the training weights' pass, then one pass per averager with
+    its weights swapped in for the duration of that pass only (so every exit, an exception included, returns
+    the training weights), its metrics merged under suffixed names."""
+
+    def __init__(self, loop: Callable[..., EvalLoopOutput]) -> None:
+        self.loop = loop
+        self.callbacks: list[AveragingCallback] = []
+
+    def __call__(self, dataloader: Any, description: str, *args: Any, **kwargs: Any) -> EvalLoopOutput:
+        active = [c for c in self.callbacks if c.evaluate and c.averager is not None]
+        if description != "Evaluation" or not active:  # predict() and evaluations before training
+            return self.loop(dataloader, description, *args, **kwargs)
+        if not active[0].evaluate_both:  # then the only one: the average under the plain names
+            return active[0].evaluate_average(self.loop, dataloader, description, *args, **kwargs)
+        output = self.loop(dataloader, description, *args, **kwargs)
+        raw = dict(output.metrics or {})
+        metrics = dict(raw)
+        prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval")
+        for callback in active:
+            suffix = callback.metric_suffix
+            if callback.averager.num_updates == 0:  # the average is the training weights: no extra pass
+                metrics.update({k + suffix: v for k, v in raw.items() if not k.endswith("_preparation_time")})
+                continue
+            started = time.perf_counter()
+            averaged = callback.evaluate_average(self.loop, dataloader, description, *args, **kwargs).metrics or {}
+            metrics.update({k + suffix: v for k, v in averaged.items() if not k.endswith("_preparation_time")})
+            metrics[f"{prefix}_runtime{suffix}"] = round(time.perf_counter() - started, 4)  # the extra pass's cost
+        return output._replace(metrics=metrics)
+
+
+def _calling_trainer(callback: TrainerCallback) -> Trainer:
+    """The Trainer whose event called ``callback`` (found on the call stack; the events do not pass it)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer) and callback in owner.callback_handler.callbacks:
+            return owner
+        frame = frame.f_back
+    raise RuntimeError(
+        "AveragingCallback's event did not come from a transformers.Trainer; pass the callback to "
+        "Trainer(callbacks=[...]) or trainer.add_callback(...)"
+    )
 
 
 class AveragingCallback(TrainerCallback):
     """Keeps an average of the model's weights during ``Trainer.train``: one update per optimizer step.
 
     * Updates after every optimizer step (``on_step_end`` fires after gradient accumulation).
-    * Evaluations that the Trainer runs during training use the averaged weights (swapped in place, and back
-      before any checkpoint is written); an evaluation before the first update uses the training weights.
+    * Every evaluation (during training, and ``trainer.evaluate()`` called by hand afterwards) reports both: the
+      training weights' metrics under their names (``eval_loss``) and the average's with ``metric_suffix``
+      (``eval_loss_ema``), plus ``eval_runtime_ema``, the seconds the extra pass took. The average is swapped in
+      only for its own pass: an exception or Ctrl-C anywhere leaves the training weights in the model and the
+      averager usable. Before the first update the average equals the training weights: their metrics are
+      reported under both names, with no extra pass. ``metric_for_best_model="loss_ema"`` selects checkpoints
+      by the average.
     * Each checkpoint directory gets ``averaged/`` (the averaged model, safetensors, loadable with
-      ``from_pretrained``) and ``polyak_averager.pt`` (the averager's state). Resuming with
-      ``trainer.train(resume_from_checkpoint=...)`` continues the average exactly. Under DeepSpeed ZeRO-3 each rank
-      writes its own ``polyak_averager.rank<r>.pt`` (its partitions), and ``averaged/`` is gathered from all ranks.
-    * ``copy_at_end``: write the averaged weights into the model when training ends (then ``trainer.save_model()``
-      and ``trainer.evaluate()`` use them).
+      ``from_pretrained``; gathered on rank 0 when sharded) and ``polyak_averager.pt`` (the averager's full
+      state). Resuming with ``trainer.train(resume_from_checkpoint=...)`` continues the average exactly. Under
+      DeepSpeed ZeRO-3 each rank writes its own ``polyak_averager.rank<r>.pt`` (its partitions) instead.
+    * ``load_best_model_at_end``: the Trainer loads the best checkpoint's training weights; with
+      ``best_model="averaged"`` the callback then loads that checkpoint's ``averaged/`` copy instead.
 
     Args:
         averager: a function ``model -> averager`` (any polyak averager); default
             :func:`polyak.integrations.default_averager`, an EMA of decay 0.999 with warm-up.
-        evaluate: evaluate with the average during training (default True).
+        evaluate: evaluate with the average (default True).
+        evaluate_both: also evaluate the training weights (default True; one extra evaluation pass). False: only
+            the average, under the plain metric names (at most one callback per Trainer).
+        metric_suffix: appended to the averaged metrics' names (default ``"_ema"``); distinct per callback.
         save_averaged: write ``averaged/`` into each checkpoint (default True); the state file is always written.
         copy_at_end: write the average into the model at the end of training.
+        best_model: with ``load_best_model_at_end``, which copy of the best checkpoint ends in the model:
+            ``"training"`` (the Trainer's choice, default) or ``"averaged"``.
         require_saved_state: when resuming from a checkpoint without ``polyak_averager.pt``, raise (default)
             instead of starting a new average from the resumed weights.
 
     On resume the state is read from ``TrainingArguments.resume_from_checkpoint`` when it names a directory, else
-    from ``output_dir/checkpoint-<step>``. Evaluations you call yourself (``trainer.evaluate()``) see the model as it
-    is; use ``with callback.averager.swapped(model): trainer.evaluate()`` or ``copy_at_end``.
+    from ``output_dir/checkpoint-<step>``.
     """
 
     def __init__(
@@ -75,29 +160,78 @@ class AveragingCallback(TrainerCallback):
         averager: AveragerFactory | None = None,
         *,
         evaluate: bool = True,
+        evaluate_both: bool = True,
+        metric_suffix: str = "_ema",
         save_averaged: bool = True,
         copy_at_end: bool = False,
+        best_model: Literal["training", "averaged"] = "training",
         require_saved_state: bool = True,
     ) -> None:
+        if best_model not in ("training", "averaged"):
+            raise ValueError(f"best_model must be 'training' or 'averaged', got {best_model!r}")
+        if best_model == "averaged" and (copy_at_end or not save_averaged):
+            raise ValueError(
+                "best_model='averaged' loads the best checkpoint's averaged/ copy: it needs save_averaged=True "
+                "and cannot be combined with copy_at_end=True (which writes the final average instead)"
+            )
         self.factory = check_factory(averager)
         self.evaluate = bool(evaluate)
+        self.evaluate_both = bool(evaluate_both)
+        self.metric_suffix = check_suffix(metric_suffix)
         self.save_averaged = bool(save_averaged)
         self.copy_at_end = bool(copy_at_end)
+        self.best_model = best_model
         self.require_saved_state = bool(require_saved_state)
         self.averager: Any = None
+        self._model: nn.Module | None = None
         self._seen_step = 0  # state.global_step already folded into the average
-        self._swap: ExitStack | None = None
+
+    # ------------------------------------------------------------------ evaluation with the average
+
+    def _install(self, trainer: Trainer) -> None:
+        """Route ``trainer``'s evaluations through :class:`_Evaluations` (once per Trainer, shared by callbacks)."""
+        evaluations = trainer.evaluation_loop
+        if not isinstance(evaluations, _Evaluations):
+            evaluations = _Evaluations(trainer.evaluation_loop)
+            trainer.evaluation_loop = evaluations  # type: ignore[method-assign]
+        if self in evaluations.callbacks:
+            return
+        if self.evaluate:
+            evaluating = [c for c in evaluations.callbacks if c.evaluate]
+            if evaluating and not all(c.evaluate_both for c in [*evaluating, self]):
+                raise ValueError(
+                    f"{len(evaluating) + 1} AveragingCallbacks evaluate their average and one has evaluate_both="
+                    "False (its average replaces the training weights' metrics); only one can. Pass evaluate=False "
+                    "to the others, or evaluate_both=True to all"
+                )
+            if any(c.evaluate_both and c.metric_suffix == self.metric_suffix for c in evaluating):
+                raise ValueError(
+                    f"two AveragingCallbacks log their metrics with suffix {self.metric_suffix!r}; "
+                    "give each a distinct metric_suffix"
+                )
+        evaluations.callbacks.append(self)
+
+    def evaluate_average(self, loop: Callable[..., EvalLoopOutput], *args: Any, **kwargs: Any) -> EvalLoopOutput:
+        """One evaluation pass with the averaged weights swapped in (the training weights before any update)."""
+        if self.averager.num_updates == 0 or self._model is None:
+            return loop(*args, **kwargs)
+        with self.averager.swapped(self._model):
+            return loop(*args, **kwargs)
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._install(_calling_trainer(self))
 
     # ------------------------------------------------------------------ building, resuming, updating
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        model: nn.Module = kwargs["model"]
-        self.averager = build_averager(self.factory, model)  # each run starts its own average ...
+        self._install(_calling_trainer(self))
+        self._model = kwargs["model"]
+        self.averager = build_averager(self.factory, self._model)  # each run starts its own average ...
         self._seen_step = state.global_step
         if state.global_step > 0:  # ... unless it resumes one
-            self._resume(args, state.global_step, _state_file(model))
+            self._resume(args, state.global_step, _state_file(self._model))
 
     def _resume(self, args: TrainingArguments, step: int, state_file: str) -> None:
         places = [Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"]
@@ -111,7 +245,7 @@ class AveragingCallback(TrainerCallback):
                         f"{directory / state_file} was written at step {saved.get('global_step')}, but training "
                         f"resumes at step {step}; resume from the checkpoint that holds it"
                     )
-                self.averager.load_state_dict(saved["averager"])
+                self.averager.load_state_dict(saved["averager"])  # a full state: a sharded average keeps its shard
                 return
         if self.require_saved_state:
             raise RuntimeError(
@@ -125,64 +259,36 @@ class AveragingCallback(TrainerCallback):
         while self._seen_step < state.global_step:
             self._seen_step += 1
             self.averager.update(model)
-        if control.should_evaluate:  # the Trainer evaluates right after this event, then saves
-            self._swap_in(model)
-
-    def on_epoch_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        model: nn.Module = kwargs["model"]
-        if control.should_evaluate:
-            self._swap_in(model)
-
-    # ------------------------------------------------------------------ evaluation with the average
-
-    def _swap_in(self, model: nn.Module) -> None:
-        if not self.evaluate or self._swap is not None or self.averager.num_updates == 0:
-            return
-        stack = ExitStack()
-        stack.enter_context(self.averager.swapped(model))
-        self._swap = stack
-
-    def _swap_out(self) -> None:
-        stack, self._swap = self._swap, None
-        if stack is not None:
-            stack.close()
-
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._swap_out()
 
     # ------------------------------------------------------------------ checkpoints and the end
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         model: nn.Module = kwargs["model"]
-        self._swap_out()
         directory = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if partitioned_names(model):  # ZeRO-3: every rank saves its partitions and gathers the export with the others
-            self._save_partitioned(args, state, model, directory)
-            return
+        # Collectives when sharded: every rank gathers, the main process writes.
+        if partitioned_names(model):  # ZeRO-3: every rank keeps its own partitions (same world size to resume)
+            own = {"global_step": state.global_step, "averager": self.averager.state_dict()}
+            torch.save(own, directory / _state_file(model))
+            saved = None
+        else:
+            saved = {"global_step": state.global_step, "averager": full_state_dict(self.averager.state_dict())}
+        averaged = None
+        if self.save_averaged and self.averager.num_updates > 0:
+            averaged = averaged_full_state(self.averager, model)
         if not args.should_save:  # not the main process
             return
         if not directory.is_dir():
             raise RuntimeError(f"the Trainer saved a checkpoint, but {directory} does not exist")
-        torch.save({"global_step": state.global_step, "averager": self.averager.state_dict()}, directory / STATE_FILE)
-        if self.save_averaged and self.averager.num_updates > 0:
-            with self.averager.swapped(model):
-                save_pretrained(model, directory / AVERAGED_DIR)
-
-    def _save_partitioned(self, args: TrainingArguments, state: TrainerState, model: Any, directory: Path) -> None:
-        saved = {"global_step": state.global_step, "averager": self.averager.state_dict()}
-        torch.save(saved, directory / _state_file(model))
-        if self.save_averaged and self.averager.num_updates > 0:
-            with self.averager.swapped(model):
-                weights = full_model_state_dict(model)  # on rank 0, one parameter gathered at a time
-            if args.should_save:
-                model.save_pretrained(directory / AVERAGED_DIR, state_dict=weights)
+        if saved is not None:
+            torch.save(saved, directory / STATE_FILE)
+        if averaged is not None:
+            save_pretrained(model, directory / AVERAGED_DIR, averaged)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model: nn.Module = kwargs["model"]
-        self._swap_out()
+        if self.best_model == "averaged" and args.load_best_model_at_end and state.best_model_checkpoint:
+            load_weights(model, Path(state.best_model_checkpoint) / AVERAGED_DIR)
         if self.copy_at_end and self.averager.num_updates > 0:
             self.averager.copy_to(model)
