@@ -256,7 +256,7 @@ def test_posthoc_summary_reports_reconstructed_minus_direct():
     text = report.posthoc_summary("s", runs, test_size=1000)
     assert text is not None
     assert "σrel 0.05 +0.75 ± 0.35 points (largest 1.00" in text
-    assert "σrel 0.10 -0.50 ± 0.00 points (largest 0.50" in text
+    assert "σrel 0.1 -0.50 ± 0.00 points (largest 0.50" in text
     assert report.posthoc_summary("s", _runs([1.0], [2.0]), test_size=1000) is None
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import plots, report
 from .data import HELD_OUT, Dataset, mnist1d
-from .recipe import BATCH_SIZE, CHANNELS, LEARNING_RATE, METHODS, POSTHOC, RECALCULATED, SETTINGS, WIDTH
+from .recipe import BATCH_SIZE, CHANNELS, LEARNING_RATE, POSTHOC, RECALCULATED, SETTINGS, WIDTH
 from .train import BN_BATCH, train
 
 EVALUATIONS = 40  # test-set evaluations per run, for the plot (post-hoc EMA snapshots are taken at the same steps)
@@ -141,7 +141,7 @@ def _write(results: report.Results, data: Dataset, seeds: int, steps: int, out: 
         "dataset": data.source,
         "recipe": recipe,
         "notes": notes,
-        "methods": [m.name for m in METHODS],
+        "methods": report.rows(results),
         "summaries": paragraphs,
     }
     report.record(results, about, out / "results.json")

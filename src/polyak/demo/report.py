@@ -38,16 +38,21 @@ def _cell(values: list[float] | None) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+def rows(results: Results) -> list[str]:
+    """Every row of the table, in order: the last iterate, the averages, then rows only some settings have."""
+    return list(dict.fromkeys(name for runs in results.values() for name in finals(runs)))
+
+
 def table(results: Results) -> str:
     """A Markdown table: one row per method, one column per setting, mean ± std over seeds (— where a row does
     not apply: BatchNorm recalculation needs BatchNorm, the post-hoc sweep runs in one setting)."""
     columns = {setting: finals(runs) for setting, runs in results.items()}
-    methods = list(dict.fromkeys(name for column in columns.values() for name in column))
-    rows = [["method", *columns], ["---"] * (len(columns) + 1)]
-    rows += [[method, *(_cell(column.get(method)) for column in columns.values())] for method in methods]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    methods = rows(results)
+    cells = [["method", *columns], ["---"] * (len(columns) + 1)]
+    cells += [[method, *(_cell(column.get(method)) for column in columns.values())] for method in methods]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join(
-        "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows
+        "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in cells
     )
 
 
@@ -69,6 +74,11 @@ def noise_level(gains: list[float], accuracy: float, test_size: int) -> float:
     return max(over_seeds, 100.0 * math.sqrt(p * (1.0 - p) / test_size))
 
 
+def _signed(value: float, digits: int) -> str:
+    """``value`` with its sign, rounded to ``digits`` decimals; a value that rounds to zero reads +0.0, not -0.0."""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
+
+
 def _differences(after: list[float], before: list[float]) -> list[float]:
     return [a - b for a, b in zip(after, before, strict=True)]
 
@@ -85,7 +95,7 @@ def verdict(setting: str, runs: list[Curves], test_size: int) -> str:
     best = max(gains, key=lambda name: statistics.fmean(gains[name]))
     gain = statistics.fmean(gains[best])
     noise = noise_level(gains[best], statistics.fmean(last), test_size)
-    measured = f"{gain:+.1f} points over the last iterate (noise level {noise:.1f})"
+    measured = f"{_signed(gain, 1)} points over the last iterate (noise level {noise:.1f})"
     if gain > noise:
         return f"{setting}: averaging helps: {best} is {measured}."
     if gain < -noise:
@@ -105,7 +115,7 @@ def recalculation_verdict(setting: str, runs: list[Curves], test_size: int) -> s
         gains = _differences(final[recalculated], final[base])
         gain = statistics.fmean(gains)
         noise = noise_level(gains, statistics.fmean(final[base]), test_size)
-        parts.append(f"{base} by {gain:+.1f} points (noise level {noise:.1f})")
+        parts.append(f"{base} by {_signed(gain, 1)} points (noise level {noise:.1f})")
         readings.append(_reading(gain, noise))
     if len(set(readings)) == 1:
         reading = f"recalculating {readings[0]}"
@@ -134,7 +144,7 @@ def posthoc_summary(setting: str, runs: list[Curves], test_size: int) -> str | N
         spread = f" ± {statistics.stdev(differences):.2f}" if len(differences) > 1 else ""
         largest = max(abs(d) for d in differences)
         agreement.append(
-            f"σrel {sigma:.2f} {statistics.fmean(differences):+.2f}{spread} points (largest {largest:.2f}, "
+            f"σrel {sigma:g} {_signed(statistics.fmean(differences), 2)}{spread} points (largest {largest:.2f}, "
             f"noise level {noise:.1f})"
         )
     best = chosen(runs)
@@ -149,7 +159,7 @@ def posthoc_summary(setting: str, runs: list[Curves], test_size: int) -> str | N
         f"σrel {sigmas[0]:g} to {sigmas[-1]:g} were reconstructed from them (weight profiles fitted to within "
         f"{100 * worst:.1f}%). Reconstructed minus directly tracked test accuracy, {over}: {'; '.join(agreement)}. "
         f"Chosen on the held-out split (training sequences never trained on), σrel {sigmas[best]:g} gives "
-        f"{_cell(final[POSTHOC])}% test accuracy, {test_means[best] - last:+.1f} points over the last iterate; "
+        f"{_cell(final[POSTHOC])}% test accuracy, {_signed(test_means[best] - last, 1)} points over the last iterate; "
         f"the best width on the test set itself, σrel {sigmas[on_test]:g} ({test_means[on_test]:.1f}%), is "
         "picked after seeing the test set, which flatters it."
     )
