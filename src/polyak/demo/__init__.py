@@ -57,7 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "compared with the directly tracked ones, and one is chosen on a held-out split of the training data. "
         "Prints a table (mean ± std over seeds) and its reading; writes them, a plot of test accuracy over "
         "training, a plot of accuracy against σrel and a JSON record of every evaluation to --out. About "
-        "1-2 minutes on two CPU cores (--quick: ~10 s). Deterministic for given options."
+        "one minute of CPU time on one thread (--quick: ~10 s), longer on a busy machine. Deterministic for given "
+        "options."
     )
     parser.add_argument(
         "--seeds",
