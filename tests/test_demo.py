@@ -257,6 +257,9 @@ def test_posthoc_summary_reports_reconstructed_minus_direct():
     assert text is not None
     assert "σrel 0.05 +0.75 ± 0.35 points (largest 1.00" in text
     assert "σrel 0.1 -0.50 ± 0.00 points (largest 0.50" in text
+    assert "they agree within the noise level" in text  # 1.6 points on 1,000 test examples
+    far = [_swept([50.0] * n, test, direct=(50.0, 40.0)), _swept([50.0] * n, test, direct=(50.0, 40.0))]
+    assert "they differ by more than the noise at σrel 0.1." in (report.posthoc_summary("s", far, 1000) or "")
     assert report.posthoc_summary("s", _runs([1.0], [2.0]), test_size=1000) is None
 
 

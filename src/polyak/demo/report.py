@@ -136,13 +136,15 @@ def posthoc_summary(setting: str, runs: list[Curves], test_size: int) -> str | N
     sigmas = sweeps[0].sigma_rels
     worst = max(max(s.profile_errors) for s in sweeps)
     final = finals(runs)
-    agreement = []
+    agreement, apart = [], []
     for sigma, row in DIRECT_SIGMA_RELS.items():
         i = sigmas.index(sigma)
         differences = _differences([s.test[i] for s in sweeps], final[row])
         noise = noise_level(differences, statistics.fmean(final[row]), test_size)
         spread = f" ± {statistics.stdev(differences):.2f}" if len(differences) > 1 else ""
         largest = max(abs(d) for d in differences)
+        if abs(statistics.fmean(differences)) > noise:
+            apart.append(f"{sigma:g}")
         agreement.append(
             f"σrel {sigma:g} {_signed(statistics.fmean(differences), 2)}{spread} points (largest {largest:.2f}, "
             f"noise level {noise:.1f})"
@@ -153,11 +155,17 @@ def posthoc_summary(setting: str, runs: list[Curves], test_size: int) -> str | N
     last = statistics.fmean(final[LAST])
     over = f"mean over {len(sweeps)} seeds" if len(sweeps) > 1 else "one seed"
     saved = " and ".join(f"{s:g}" for s in sweeps[0].saved_sigma_rels)
+    reading = (
+        f"they differ by more than the noise at σrel {', '.join(apart)}"
+        if apart
+        else "they agree within the noise level"
+    )
     return (
         f"Post-hoc EMA ({setting}): PostHocEMA kept {sweeps[0].snapshots} snapshots of the widths σrel "
         f"{saved} in each run; after training, {len(sigmas)} widths from "
         f"σrel {sigmas[0]:g} to {sigmas[-1]:g} were reconstructed from them (weight profiles fitted to within "
-        f"{100 * worst:.1f}%). Reconstructed minus directly tracked test accuracy, {over}: {'; '.join(agreement)}. "
+        f"{100 * worst:.1f}%). Reconstructed minus directly tracked test accuracy, {over}: {'; '.join(agreement)}: "
+        f"{reading}. "
         f"Chosen on the held-out split (training sequences never trained on), σrel {sigmas[best]:g} gives "
         f"{_cell(final[POSTHOC])}% test accuracy, {_signed(test_means[best] - last, 1)} points over the last iterate; "
         f"the best width on the test set itself, σrel {sigmas[on_test]:g} ({test_means[on_test]:.1f}%), is "
