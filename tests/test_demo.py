@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
@@ -15,9 +17,25 @@ pytest.importorskip("mnist1d")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from polyak.demo import report
-from polyak.demo.data import mnist1d, with_label_noise
-from polyak.demo.train import LAST, METHODS, SETTINGS, Curves, train
+import polyak
+from polyak.demo import plots, report
+from polyak.demo.data import HELD_OUT, mnist1d, with_label_noise
+from polyak.demo.recipe import (
+    DIRECT_SIGMA_RELS,
+    LAST,
+    METHODS,
+    POSTHOC,
+    RECALCULATED,
+    SETTINGS,
+    SWEEP_SIGMA_RELS,
+    cnn,
+)
+from polyak.demo.train import Curves, Sweep, _evaluate, train
+
+FILES = ("accuracy.png", "sigma_rel.png", "table.md", "results.json")
+BN_SETTING = next(s for s in SETTINGS if s.model == "cnn")
+POSTHOC_SETTING = next(s for s in SETTINGS if s.posthoc)
+RECALCULATED_ROWS = [m.name + RECALCULATED for m in METHODS if m.recalculate]
 
 
 @pytest.fixture(scope="module")
@@ -25,45 +43,126 @@ def data():
     return mnist1d()
 
 
-def test_quick_run_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    png = (out / "accuracy.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
-    assert str(out / "accuracy.png") in printed
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As the demo itself runs: the models are tiny, and threads only fight over a busy machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """`polyak demo --quick` run twice into two folders: (folder, printed text) for each."""
+    runs = []
+    for k in range(2):
+        out = tmp_path_factory.mktemp(f"demo{k}") / "out"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["demo", "--quick", "--out", str(out)]) == 0
+        runs.append((out, printed.getvalue()))
+    return runs
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(quick_runs):
+    out, printed = quick_runs[0]
+    for name in ("accuracy.png", "sigma_rel.png"):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+        assert str(out / name) in printed
     table = (out / "table.md").read_text()
     assert table.strip() in printed
-    names = [LAST, *(m.name for m in METHODS)]
-    for name in names:
+    rows = [LAST, *(m.name for m in METHODS), POSTHOC, *RECALCULATED_ROWS]
+    for name in rows:
         assert f"| {name} " in table
     for setting in SETTINGS:
         assert f"{setting.name}: averaging " in table  # one verdict per setting
+    assert f"{BN_SETTING.name}: recomputing the BatchNorm statistics" in table
+    assert f"Post-hoc EMA ({POSTHOC_SETTING.name})" in table
 
     record = json.loads((out / "results.json").read_text())
     assert set(record["settings"]) == {s.name for s in SETTINGS}
-    for curves in record["settings"].values():
-        assert list(curves) == names
+    for setting, curves in record["settings"].items():
+        expected = [LAST, *(m.name for m in METHODS)] + (RECALCULATED_ROWS if setting == BN_SETTING.name else [])
+        assert list(curves) == expected
         for name, per_seed in curves.items():
             assert len(per_seed) == 2  # quick: two seeds
             for curve in per_seed:
                 assert len(curve) == len(record["steps"])
                 final = curve[-1]
-                assert math.isfinite(final) and 0.0 <= final <= 100.0, (name, final)
+                assert math.isfinite(final) and 0.0 <= final <= 100.0, (setting, name, final)
         # the last iterate has learned something: above chance (10 classes) in every setting
         assert min(curve[-1] for curve in curves[LAST]) > 10.0
+    for name in RECALCULATED_ROWS:  # so have the averages with recomputed BatchNorm statistics
+        assert min(curve[-1] for curve in record["settings"][BN_SETTING.name][name]) > 10.0
+
+    sweep = record["posthoc"][POSTHOC_SETTING.name]
+    assert list(record["posthoc"]) == [POSTHOC_SETTING.name]
+    assert sweep["sigma_rels"] == list(SWEEP_SIGMA_RELS)
+    assert sweep["chosen_on_held_out"] in SWEEP_SIGMA_RELS
+    for key in ("test", "held_out"):
+        assert len(sweep[key]) == 2
+        for values in sweep[key]:
+            assert len(values) == len(SWEEP_SIGMA_RELS)
+            assert all(math.isfinite(v) and 10.0 < v <= 100.0 for v in values), (key, values)
+    for errors in sweep["profile_errors"]:
+        assert all(0.0 <= e < 1.0 for e in errors)
+    assert record["summaries"] == table.split("\n\n")[2:4]  # the two paragraphs that read the table
+
+
+@pytest.mark.slow
+def test_quick_runs_are_byte_identical(quick_runs):
+    (first, _), (again, _) = quick_runs
+    for name in FILES:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
 
 
 def test_same_seed_same_numbers(data):
     def run(seed):
-        return train(data, SETTINGS[2], seed, steps=120, evaluations=3, advance=lambda n: None)
+        return train(data, BN_SETTING, seed, steps=120, evaluations=3, advance=lambda n: None)
 
     first, again, other = run(0), run(0), run(1)
-    assert first.steps == again.steps
+    assert first.steps == again.steps == [40, 80, 120]
+    assert list(first.accuracy) == [LAST, *(m.name for m in METHODS), *RECALCULATED_ROWS]
     for name, curve in first.accuracy.items():
         numpy.testing.assert_array_equal(curve, again.accuracy[name])  # NaN == NaN here: SWA has not begun
     assert first.accuracy[LAST] != other.accuracy[LAST]
-    assert first.steps == [40, 80, 120]
+
+
+def test_posthoc_sweep_is_deterministic_and_complete(data):
+    def run():
+        return train(data, POSTHOC_SETTING, 0, steps=100, evaluations=4, advance=lambda n: None).sweep
+
+    first, again = run(), run()
+    assert first is not None and first == again
+    assert first.sigma_rels == list(SWEEP_SIGMA_RELS) and first.snapshots == 4
+    assert all(math.isfinite(v) for v in first.test + first.held_out)
+
+
+def test_evaluation_leaves_the_model_as_it_was(data):
+    """update_bn runs on the averages inside `swapped`: the training model's weights, BatchNorm statistics and
+    mode come back exactly, so evaluating does not change the run."""
+    torch.manual_seed(0)
+    model = cnn(data.x.shape[1], data.classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    trackers = {"EMA": polyak.EMA(model, decay=0.9), "SWA": polyak.SWA(model)}
+    for tracker in trackers.values():
+        tracker.attach(optimizer)
+    for step in range(5):
+        index = torch.arange(16) + 16 * step
+        nn_loss = torch.nn.functional.cross_entropy(model(data.x[index]), data.y[index])
+        optimizer.zero_grad()
+        nn_loss.backward()
+        optimizer.step()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    into = {name: [] for name in (LAST, "EMA", "SWA", "EMA" + RECALCULATED, "SWA" + RECALCULATED)}
+    _evaluate(model, trackers, {"EMA", "SWA"}, data, into)
+    assert model.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(len(values) == 1 and math.isfinite(values[0]) for values in into.values())
 
 
 def test_progress_counts_every_step(data):
@@ -72,10 +171,11 @@ def test_progress_counts_every_step(data):
     assert sum(seen) == 100
 
 
-def test_dataset_is_the_standard_split(data):
-    assert data.x.shape == (4000, 40) and data.x_test.shape == (1000, 40)
+def test_dataset_is_the_standard_split_with_a_held_out_part(data):
+    assert data.x.shape == (4000 - HELD_OUT, 40) and data.x_held_out.shape == (HELD_OUT, 40)
+    assert data.y_held_out.shape == (HELD_OUT,) and data.x_test.shape == (1000, 40)
     assert data.x.dtype == torch.float32 and data.classes == 10
-    assert "MNIST-1D" in data.source
+    assert "MNIST-1D" in data.source and f"{HELD_OUT} held out" in data.source
 
 
 def test_label_noise_replaces_the_asked_share():
@@ -87,9 +187,9 @@ def test_label_noise_replaces_the_asked_share():
     assert torch.equal(with_label_noise(labels, 0.0, 10, torch.Generator()), labels)
 
 
-def _runs(last, averaged):
+def _runs(last, averaged, name="avg"):
     """One Curves per seed with the given final accuracies for the last iterate and one average."""
-    return [Curves([1], {LAST: [a], "avg": [b]}) for a, b in zip(last, averaged, strict=True)]
+    return [Curves([1], {LAST: [a], name: [b]}) for a, b in zip(last, averaged, strict=True)]
 
 
 @pytest.mark.parametrize(
@@ -105,10 +205,92 @@ def test_verdict_reads_the_numbers(averaged, word):
     assert text.startswith(f"s: averaging {word}")
 
 
+@pytest.mark.parametrize(
+    ("recalculated", "word"),
+    [
+        ([94.0, 95.0, 96.0], "helps"),
+        ([90.2, 89.9, 90.1], "makes no clear difference"),
+        ([80.0, 81.0, 79.0], "hurts"),
+    ],
+)
+def test_recalculation_verdict_reads_the_numbers(recalculated, word):
+    averaged = [90.0, 90.0, 90.0]
+    runs = [
+        Curves([1], {LAST: [85.0], "EMA": [a], "EMA" + RECALCULATED: [r]})
+        for a, r in zip(averaged, recalculated, strict=True)
+    ]
+    text = report.recalculation_verdict("s", runs, test_size=1000)
+    assert text is not None and text.endswith(f": recalculating {word}.")
+    assert f"changes EMA by {sum(recalculated) / 3 - 90.0:+.1f} points" in text
+    assert report.recalculation_verdict("s", _runs([1.0], [2.0]), test_size=1000) is None
+
+
+def _swept(held_out, test, direct=(50.0, 50.0)):
+    """A run with a sweep over SWEEP_SIGMA_RELS and the directly tracked widths' final accuracies."""
+    rows = {LAST: [40.0], **{row: [value] for row, value in zip(DIRECT_SIGMA_RELS.values(), direct, strict=True)}}
+    sweep = Sweep(list(SWEEP_SIGMA_RELS), test, held_out, [0.01] * len(test), 40, [0.03, 0.15])
+    return Curves([1], rows, sweep)
+
+
+def test_the_width_is_chosen_on_the_held_out_split_not_the_test_set():
+    n = len(SWEEP_SIGMA_RELS)
+    held_out = [50.0] * n
+    held_out[1] = 60.0  # best on held out
+    test = [50.0] * n
+    test[-1] = 70.0  # best on test
+    runs = [_swept(held_out, test), _swept(held_out, test)]
+    assert report.chosen(runs) == 1
+    assert report.finals(runs)[POSTHOC] == [50.0, 50.0]
+    text = report.posthoc_summary("s", runs, test_size=1000)
+    assert text is not None
+    assert f"σrel {SWEEP_SIGMA_RELS[1]:g} gives 50.0 ± 0.0% test accuracy" in text
+    assert f"on the test set itself, σrel {SWEEP_SIGMA_RELS[-1]:g} (70.0%)" in text
+
+
+def test_posthoc_summary_reports_reconstructed_minus_direct():
+    n = len(SWEEP_SIGMA_RELS)
+    test = [50.0] * n
+    test[SWEEP_SIGMA_RELS.index(0.05)] = 51.0
+    test[SWEEP_SIGMA_RELS.index(0.10)] = 49.5
+    runs = [_swept([50.0] * n, test, direct=(50.0, 50.0)), _swept([50.0] * n, test, direct=(50.5, 50.0))]
+    text = report.posthoc_summary("s", runs, test_size=1000)
+    assert text is not None
+    assert "σrel 0.05 +0.75 ± 0.35 points (largest 1.00" in text
+    assert "σrel 0.1 -0.50 ± 0.00 points (largest 0.50" in text
+    assert "they agree within the noise level" in text  # 1.6 points on 1,000 test examples
+    far = [_swept([50.0] * n, test, direct=(50.0, 40.0)), _swept([50.0] * n, test, direct=(50.0, 40.0))]
+    assert "they differ by more than the noise at σrel 0.1." in (report.posthoc_summary("s", far, 1000) or "")
+    assert report.posthoc_summary("s", _runs([1.0], [2.0]), test_size=1000) is None
+
+
+def test_table_marks_rows_that_do_not_apply():
+    results = {"a": _runs([60.0, 61.0], [62.0, 63.0]), "b": _runs([60.0, 61.0], [62.0, 63.0], name="other")}
+    lines = report.table(results).splitlines()
+    assert [cell.strip() for cell in lines[2].split("|")[1:4]] == ["last iterate", "60.5 ± 0.7", "60.5 ± 0.7"]
+    assert f"| {report.MISSING}" in next(line for line in lines if line.startswith("| avg "))
+    assert next(line for line in lines if line.startswith("| other ")).split("|")[2].strip() == report.MISSING
+
+
+def test_every_row_has_its_own_colour_and_style():
+    rows = [LAST, *(m.name for m in METHODS), *RECALCULATED_ROWS]
+    assert set(rows) <= set(plots.STYLES)
+    looks = {(plots.STYLES[row]["color"], plots.STYLES[row]["linestyle"]) for row in rows}
+    assert len(looks) == len(rows)
+
+
 def test_noise_level_is_at_least_the_test_set_error():
     # identical gains on every seed: only the test set's own sampling error remains
     assert report.noise_level([1.0, 1.0, 1.0], 50.0, 10_000) == pytest.approx(0.5)
     assert report.noise_level([0.0, 4.0], 50.0, 10_000) == pytest.approx(2 * math.sqrt(8) / math.sqrt(2))
+
+
+def test_help_names_every_method(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("EMA 0.99", "0.999", "SWA", "power-function EMA", "BEMA", "update_bn", "PostHocEMA", "σrel"):
+        assert words in text, words
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from . import __version__
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("polyak.demo", "show on real data (MNIST-1D, CPU, ~1 min) when averaged weights beat the last iterate"),
+    "demo": ("polyak.demo", "show on real data (MNIST-1D, ~1 min of CPU) when averaged weights beat the last iterate"),
     "average": ("polyak.commands.average", "average checkpoint files (uniform, weighted or EMA), streaming"),
     "export": ("polyak.commands.export", "write the averaged weights of a checkpoint as a model-ready state dict"),
     "bench": ("polyak.bench", "time the averaging update against the memory-bandwidth floor and other libraries"),

@@ -10,13 +10,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+HELD_OUT = 500  # training sequences set aside (the last ones) to choose the EMA length on, never trained on
+
 
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs (float32, one row per example) and integer class labels."""
+    """Inputs (float32, one row per example) and integer class labels: train, held-out and test splits."""
 
     x: Tensor
     y: Tensor
+    x_held_out: Tensor
+    y_held_out: Tensor
     x_test: Tensor
     y_test: Tensor
     source: str  # one line naming the dataset and how it was made
@@ -27,7 +31,8 @@ class Dataset:
 
 
 def mnist1d() -> Dataset:
-    """The standard MNIST-1D split (4,000 train / 1,000 test sequences of length 40, 10 classes).
+    """The standard MNIST-1D split (4,000 train / 1,000 test sequences of length 40, 10 classes), of which the
+    last HELD_OUT training sequences are held out (for choices made after training, such as the EMA length).
 
     Built with ``mnist1d.data.make_dataset`` and its default arguments (generator seed 42), which takes
     about two seconds; the global ``random`` / ``numpy`` generator states it reseeds are restored.
@@ -44,11 +49,12 @@ def mnist1d() -> Dataset:
     x, y = torch.tensor(raw["x"], dtype=torch.float32), torch.tensor(raw["y"], dtype=torch.int64)
     x_test, y_test = torch.tensor(raw["x_test"], dtype=torch.float32), torch.tensor(raw["y_test"], dtype=torch.int64)
     version = importlib.metadata.version("mnist1d")
+    kept = len(y) - HELD_OUT
     source = (
         f"MNIST-1D (Greydanus & Kobak), generated locally by mnist1d {version} make_dataset (seed {args.seed}): "
-        f"{len(y):,} train / {len(y_test):,} test sequences of length {x.shape[1]}"
+        f"{kept:,} train + {HELD_OUT:,} held out / {len(y_test):,} test sequences of length {x.shape[1]}"
     )
-    return Dataset(x, y, x_test, y_test, source)
+    return Dataset(x[:kept], y[:kept], x[kept:], y[kept:], x_test, y_test, source)
 
 
 def with_label_noise(labels: Tensor, fraction: float, classes: int, generator: torch.Generator) -> Tensor:

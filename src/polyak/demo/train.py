@@ -1,85 +1,59 @@
-"""One training run per (setting, seed): an MLP on MNIST-1D, every average tracked alongside by polyak."""
+"""One training run per (setting, seed): every average tracked alongside by polyak, evaluated on the test set
+during training; BatchNorm statistics recomputed for some; post-hoc EMA widths reconstructed at the end."""
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 import polyak
-from polyak.rules import PowerFunction
+from polyak.bn import norm_layers
+from polyak.io import open_safetensors
+from polyak.posthoc import reconstruct
 
 from .data import Dataset, with_label_noise
+from .recipe import (
+    BATCH_SIZE,
+    LAST,
+    LEARNING_RATE,
+    METHODS,
+    MODELS,
+    RECALCULATED,
+    SNAPSHOT_SIGMA_RELS,
+    SWEEP_SIGMA_RELS,
+    Setting,
+    Tracker,
+)
 
-LEARNING_RATE = 0.5  # plain SGD, no momentum: high enough that the last iterate keeps jumping around
-BATCH_SIZE = 16
-WIDTH = 100  # hidden units in each of the MLP's two hidden layers
-LAST = "last iterate"
-
-
-class Tracker(Protocol):
-    """What the demo needs from an averager: polyak's front ends (EMA, SWA, ...) all provide it."""
-
-    num_updates: int
-
-    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle: ...
-
-    def swapped(self, model: nn.Module | None = None) -> AbstractContextManager[nn.Module]: ...
+BN_BATCH = 500  # training sequences per batch when update_bn recomputes the BatchNorm statistics
 
 
 @dataclass(frozen=True)
-class Method:
-    """A row of the table: a name and how to build its averager from the model and the run's length in steps."""
+class Sweep:
+    """Post-hoc EMA after training: accuracy (%) of the average reconstructed for each relative width."""
 
-    name: str
-    make: Callable[[nn.Module, int], Tracker]
-
-
-# One line per row. Any front end with ``attach``, ``swapped`` and ``num_updates`` fits as is (e.g. BEMA).
-METHODS: tuple[Method, ...] = (
-    Method("EMA 0.99", lambda model, steps: polyak.EMA(model, decay=0.99)),
-    Method("EMA 0.999", lambda model, steps: polyak.EMA(model, decay=0.999)),
-    Method("SWA (last 25%)", lambda model, steps: polyak.SWA(model, start_step=steps - steps // 4)),
-    Method("power EMA σrel 0.05", lambda model, steps: polyak.EMA(model, rule=PowerFunction(sigma_rel=0.05))),
-    Method("power EMA σrel 0.10", lambda model, steps: polyak.EMA(model, rule=PowerFunction(sigma_rel=0.10))),
-    Method("BEMA", lambda model, steps: polyak.BEMA(model)),
-)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A column of the table: how the learning rate evolves and how many training labels are wrong."""
-
-    name: str
-    decay_lr: bool = False  # cosine decay from LEARNING_RATE to 0 over the run, else constant
-    label_noise: float = 0.0  # fraction of training labels replaced by a random class
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("constant LR"),
-    Setting("decaying LR", decay_lr=True),
-    Setting("constant LR, 30% noisy labels", label_noise=0.3),
-)
+    sigma_rels: list[float]
+    test: list[float]
+    held_out: list[float]  # on the training sequences held out from training
+    profile_errors: list[float]  # relative L2 error of each reconstructed weight profile (0 = exact)
+    snapshots: int  # how many snapshots the reconstruction combined
+    saved_sigma_rels: list[float]  # the widths each snapshot holds
 
 
 @dataclass(frozen=True)
 class Curves:
-    """Test accuracy (%) over one run, for the last iterate and each average (NaN before an average starts)."""
+    """Test accuracy (%) over one run, for the last iterate and each average (NaN before an average starts),
+    and the post-hoc sweep at the end (settings with ``posthoc`` only)."""
 
     steps: list[int]
     accuracy: dict[str, list[float]]
-
-
-def mlp(inputs: int, classes: int) -> nn.Sequential:
-    """Two hidden ReLU layers of WIDTH units (no BatchNorm, so the averages need no statistics recomputed)."""
-    return nn.Sequential(
-        nn.Linear(inputs, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, classes)
-    )
+    sweep: Sweep | None = None
 
 
 @torch.no_grad()
@@ -106,38 +80,82 @@ def train(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = mlp(data.x.shape[1], data.classes)
+        model = MODELS[setting.model](data.x.shape[1], data.classes)
     generator = torch.Generator().manual_seed(seed)
     labels = with_label_noise(data.y, setting.label_noise, data.classes, generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if setting.decay_lr else None
-    trackers = {method.name: method.make(model, steps) for method in METHODS}
+    trackers: dict[str, Tracker] = {method.name: method.make(model, steps) for method in METHODS}
     for tracker in trackers.values():
         tracker.attach(optimizer)  # one training loop; every average follows the same optimizer steps
+    recalculated = {m.name for m in METHODS if m.recalculate} if norm_layers(model) else set()
+    posthoc = polyak.PostHocEMA(model, SNAPSHOT_SIGMA_RELS) if setting.posthoc else None
+    if posthoc is not None:
+        posthoc.attach(optimizer)
 
     checkpoints = sorted({max(1, round(k * steps / evaluations)) for k in range(1, evaluations + 1)})
     due = set(checkpoints)
-    curves = Curves(checkpoints, {name: [] for name in (LAST, *trackers)})
+    names = [LAST, *trackers, *(name + RECALCULATED for name in trackers if name in recalculated)]
+    curves = Curves(checkpoints, {name: [] for name in names})
     batches = _batches(len(labels), generator)
     done = 0
-    for step in range(1, steps + 1):
-        index = next(batches)
-        loss = nn.functional.cross_entropy(model(data.x[index]), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
-        if step in due:
-            model.eval()
-            curves.accuracy[LAST].append(accuracy(model, data.x_test, data.y_test))
-            for name, tracker in trackers.items():
-                if tracker.num_updates == 0:
-                    curves.accuracy[name].append(float("nan"))
-                    continue
-                with tracker.swapped(model):
-                    curves.accuracy[name].append(accuracy(model, data.x_test, data.y_test))
-            model.train()
-            advance(step - done)
-            done = step
-    return curves
+    with tempfile.TemporaryDirectory(prefix="polyak-demo-") as scratch:
+        snapshots = Path(scratch) / "snapshots"
+        for step in range(1, steps + 1):
+            index = next(batches)
+            loss = nn.functional.cross_entropy(model(data.x[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            if step in due:
+                _evaluate(model, trackers, recalculated, data, curves.accuracy)
+                if posthoc is not None:
+                    posthoc.snapshot(snapshots)
+                advance(step - done)
+                done = step
+        if posthoc is None:
+            return curves
+        return Curves(curves.steps, curves.accuracy, _sweep(model, snapshots, Path(scratch) / "sweep", data))
+
+
+def _evaluate(
+    model: nn.Module,
+    trackers: dict[str, Tracker],
+    recalculated: set[str],
+    data: Dataset,
+    into: dict[str, list[float]],
+) -> None:
+    """Append the test accuracy of the last iterate and of every average (after ``update_bn`` as well, for the
+    averages in ``recalculated``) to ``into``; the model is left as it was, in train mode."""
+    model.eval()
+    into[LAST].append(accuracy(model, data.x_test, data.y_test))
+    for name, tracker in trackers.items():
+        rows = [name, name + RECALCULATED] if name in recalculated else [name]
+        if tracker.num_updates == 0:
+            for row in rows:
+                into[row].append(float("nan"))
+            continue
+        with tracker.swapped(model):  # the model's own weights and statistics come back on exit
+            into[name].append(accuracy(model, data.x_test, data.y_test))
+            if name in recalculated:
+                polyak.update_bn(data.x.split(BN_BATCH), model)
+                into[name + RECALCULATED].append(accuracy(model, data.x_test, data.y_test))
+    model.train()
+
+
+def _sweep(model: nn.Module, snapshots: Path, folder: Path, data: Dataset) -> Sweep:
+    """Reconstruct the EMA of every width in SWEEP_SIGMA_RELS at the last snapshot and evaluate each one on
+    the held-out and the test sequences."""
+    folder.mkdir()
+    outputs = [folder / f"sigma-rel-{i}.safetensors" for i in range(len(SWEEP_SIGMA_RELS))]
+    result = reconstruct(snapshots, SWEEP_SIGMA_RELS, outputs)
+    probe = copy.deepcopy(model).eval()
+    test, held_out = [], []
+    for output in outputs:
+        probe.load_state_dict(dict(open_safetensors(output)))
+        test.append(accuracy(probe, data.x_test, data.y_test))
+        held_out.append(accuracy(probe, data.x_held_out, data.y_held_out))
+    errors = [float(e) for e in result.errors]
+    return Sweep(list(SWEEP_SIGMA_RELS), test, held_out, errors, len(result.snapshots), list(SNAPSHOT_SIGMA_RELS))
