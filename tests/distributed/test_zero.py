@@ -131,7 +131,7 @@ def test_transformers_trainer_under_zero3(tmp_path):
         loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf" / f"checkpoint-{step}" / AVERAGED_DIR)
         for name, p in loaded.named_parameters():
             torch.testing.assert_close(p.double(), expected_state[name], rtol=1e-5, atol=1e-6)
-        if step == 2:  # the evaluation at step 2 saw the average: the loaded model's loss, by the Trainer's count
+        if step == 2:  # eval_loss_ema at step 2 is the average's loss: the loaded model's, by the Trainer's count
             args = transformers.TrainingArguments(str(tmp_path / "eval"), use_cpu=True, report_to="none")
             loss = transformers.Trainer(model=loaded, args=args).evaluate(Tokens(4, seed=1))["eval_loss"]
             torch.testing.assert_close(first["eval_loss"][2], loss, rtol=1e-5, atol=1e-6)

@@ -231,7 +231,7 @@ def _trainer_run(out: Path, resume: str | None) -> dict[str, Any]:
             record["seen"][state.global_step] = _gathered(deepspeed, model)
 
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> None:
-            record["eval_loss"][state.global_step] = metrics["eval_loss"]
+            record["eval_loss"][state.global_step] = metrics["eval_loss_ema"]  # the average, beside the raw eval_loss
 
         def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module, **kwargs: Any) -> None:
             record["full"] = full_state_dict(averaging.averager.state_dict()["shadow"], model=model)
