@@ -102,6 +102,7 @@ class BEMA(FrontEnd):
         """Weight of the correction ``theta - theta_0`` at ``s`` steps since averaging began."""
         return 0.0 if self.eta is None else (self.rho + self.gamma * s) ** -self.eta
 
+    @torch.compiler.disable  # inside a compiled step: one graph break, no recompile per step
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; take ``theta_0`` at the burn-in step; update the EMA every ``update_every``."""
         self._check_not_swapped("update")

@@ -112,6 +112,7 @@ class Averager(FrontEnd):
 
     # ------------------------------------------------------------------ updating
 
+    @torch.compiler.disable  # inside a compiled step: one graph break, no recompile per step
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; on every ``update_every``-th step, fold ``model`` into the average."""
         self._check_not_swapped("update")

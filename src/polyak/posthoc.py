@@ -196,6 +196,7 @@ class PostHocEMA(FrontEnd):
         """Relative widths of the tracked profiles."""
         return [rule.sigma_rel for rule in self.rules]
 
+    @torch.compiler.disable  # inside a compiled step: one graph break, no recompile per step
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; fold the model into every average on update steps; snapshot when due."""
         t = self.step + 1 - self.start_step

@@ -253,6 +253,7 @@ class AveragedModel(nn.Module):
             copy = self._count_copies[device] = torch.empty((), dtype=torch.long, device=device)
         return copy.fill_(n)
 
+    @torch.compiler.disable  # inside a compiled step: one graph break, no recompile per step
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         """Fold ``model`` into the average: a copy on the first call, then the averaging function."""
