@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .front_end import FrontEnd, check_schedule
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
-from .shadow import _NONFINITE, NonFinite, Policy, Shadow
+from .shadow import _NONFINITE, NonFinite, Policy, Rounding, Shadow
 
 __all__ = ["EMA", "SWA", "Averager", "load_state"]
 
@@ -62,8 +62,9 @@ class Averager(FrontEnd):
             ``"raise"`` (``RuntimeError`` naming the tensor before anything changes; syncs with the device).
             A skipped update still counts as a step in time; a refused one (``"raise"``) does not count at
             all. Steps that ``GradScaler`` skips never reach an attached averager, so they are no steps.
-        buffers, frozen, exclude, include_nonpersistent, dtype, device: what is averaged and how it is
-            stored; see :class:`~polyak.shadow.Shadow`. By default the average is float32 or wider.
+        buffers, frozen, exclude, include_nonpersistent, dtype, device, rounding: what is averaged and how it
+            is stored; see :class:`~polyak.shadow.Shadow`. By default the average is float32 or wider;
+            ``dtype=torch.bfloat16, rounding="stochastic"`` halves that memory without stalling the average.
     """
 
     _FORMAT = _AVERAGER_FORMAT
@@ -84,6 +85,7 @@ class Averager(FrontEnd):
         include_nonpersistent: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        rounding: Rounding = "nearest",
     ) -> None:
         check_schedule(model, update_every, "start_step", start_step)
         if not isinstance(rule, Rule):
@@ -103,6 +105,7 @@ class Averager(FrontEnd):
             include_nonpersistent=include_nonpersistent,
             dtype=dtype,
             device=device,
+            rounding=rounding,
         )
         self.step = 0  # optimizer steps seen (calls to update)
         self.num_updates = 0  # updates folded into the average
@@ -185,12 +188,16 @@ class Averager(FrontEnd):
         Allowed inside ``swapped()``: a swap backs the model up and leaves the average itself untouched, so
         a checkpoint taken during evaluation holds the same average as one taken outside.
         """
-        return self._state(shadow=self.shadow.state_dict())
+        rounding = {"rounding_state": self.shadow.rounding_state()} if self.shadow.rounding != "nearest" else {}
+        return self._state(shadow=self.shadow.state_dict(), **rounding)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; raises before changing anything if it does not fit."""
         counters = self._checked_counters(state)
-        self.shadow.load_state_dict(state.get("shadow"))  # type: ignore[arg-type]  # checked there
+        self.shadow.check_state_dict(state.get("shadow"))  # type: ignore[arg-type]  # checked there
+        if self.shadow.rounding != "nearest":
+            self.shadow.load_rounding_state(state.get("rounding_state"))
+        self.shadow.load_state_dict(state.get("shadow"))  # type: ignore[arg-type]
         self._set_counters(counters)
         self._skipped = counters["skipped_updates"]
 
