@@ -1,4 +1,4 @@
-"""Stochastic rounding into a bfloat16 average: unbiased, seeded, resumable, sync-free, and refused where it is wrong."""
+"""Stochastic rounding into a bfloat16 average: unbiased, seeded, resumable, sync-free, refused where wrong."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_resume_is_bit_exact():
 
 
 def test_update_has_no_host_sync_and_no_allocation():
-    ema, model = run(4, steps=3)
+    ema, _ = run(4, steps=3)
     with Census() as census:
         ema.update()
     assert census.syncs == 0 and census.allocated == 0
