@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .front_end import FrontEnd, check_schedule
+from .front_end import FrontEnd, check_schedule, eager_when_compiled
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
 from .shadow import _NONFINITE, NonFinite, Policy, Rounding, Shadow
 
@@ -115,7 +115,7 @@ class Averager(FrontEnd):
 
     # ------------------------------------------------------------------ updating
 
-    @torch.compiler.disable  # inside a compiled step: one graph break, no recompile per step
+    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; on every ``update_every``-th step, fold ``model`` into the average."""
         self._check_not_swapped("update")
