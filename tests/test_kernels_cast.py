@@ -48,3 +48,21 @@ def test_fp16_model_into_float32_average_matches_float64(monkeypatch):
     for name, value in reference.items():
         assert ema.shadow.tensors()[name].dtype == torch.float32
         torch.testing.assert_close(ema.shadow.tensors()[name].double(), value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_average_of_a_channels_last_model_is_laid_out_like_it():
+    torch.manual_seed(2)
+    model = SmallCNN().to(memory_format=torch.channels_last)
+    ema = EMA(model, decay=0.5, dtype=torch.bfloat16, rounding="stochastic")
+    weight = ema.shadow.tensors()["features.3.weight"]
+    assert weight.stride() == model.features[3].weight.stride()  # read and written in the model's memory order
+    ema.update()
+    start = weight.double().clone()
+    with torch.no_grad():
+        model.features[3].weight.add_(1.0)
+    ema.update()
+    exact = start + 0.5 * (model.features[3].weight.double() - start)
+    assert ((weight.double() - exact).abs() <= 2**-7 * exact.abs()).all()  # within one bf16 spacing
+    restored = SmallCNN()
+    restored.load_state_dict(ema.shadow.state_dict())  # loads into a model of the default layout
+    torch.testing.assert_close(restored.features[3].weight.double(), weight.double(), rtol=0, atol=0)

@@ -167,7 +167,7 @@ class CastLerp:
             for i, a, b in batch:
                 whole = (a, b) == (0, sizes[i])
                 view = scratch[offset : offset + b - a]
-                views.append(view.view(shadows[i].shape) if whole else view)
+                views.append(view.as_strided(shadows[i].shape, shadows[i].stride()) if whole else view)
                 targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
                 pieces.append((i, a, b, whole))
                 offset += b - a
@@ -274,12 +274,9 @@ class StochasticLerp(CastLerp):
     """
 
     def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor], generator: torch.Generator) -> None:
-        wrong = next((s for s in shadows if s.dtype != torch.bfloat16 or not s.is_contiguous()), None)
+        wrong = next((s for s in shadows if s.dtype != torch.bfloat16), None)
         if wrong is not None:
-            raise ValueError(
-                f"stochastic rounding writes contiguous bfloat16 averages, got a {wrong.dtype} tensor of strides "
-                f"{wrong.stride()}"
-            )
+            raise ValueError(f"stochastic rounding writes bfloat16 averages, got a {wrong.dtype} tensor")
         super().__init__(shadows, models, staging=torch.float32)
         if any(not isinstance(target, Tensor) for target, *_ in self.batches):
             raise ValueError("stochastic rounding needs the average's own flat storage, not adopted tensors")

@@ -154,6 +154,16 @@ class _Plan:
         return all(map(is_, map(getitem, dicts, names), children))
 
 
+def _laid_out_like(piece: Tensor, tensor: Tensor) -> Tensor:
+    """The flat ``piece`` viewed with ``tensor``'s shape and, when dense (e.g. channels_last), its strides too:
+    an average laid out like its model is read and written in the same memory order, not strided."""
+    if tensor.is_contiguous():
+        return piece.view(tensor.shape)
+    # empty_like keeps the strides of a dense tensor exactly and makes its own for any other
+    dense = torch.empty_like(tensor, device="meta").stride() == tensor.stride()
+    return piece.as_strided(tensor.shape, tensor.stride()) if dense else piece.view(tensor.shape)
+
+
 def _mark_swapped(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
     """State-dict hook while swapped: mark the module's metadata entry (kept by ``torch.save``) and warn."""
     local_metadata[_SWAP_MARK] = True
@@ -292,7 +302,7 @@ class Shadow:
             offset = 0
             for (f, _), shard in zip(members, shards, strict=True):
                 n = shard.numel()
-                view = flat[offset : offset + n].view(shard.shape)
+                view = _laid_out_like(flat[offset : offset + n], shard)
                 value = distributed.sharded_like(view, f.tensor) if shard is not f.tensor else view
                 slots.append(_Slot(f.name, mode, view, model_dtype, value))
                 offset += n
