@@ -260,8 +260,11 @@ def _live_storages() -> dict[int, int]:
     found: dict[int, int] = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), Tensor) and obj.device.type != "meta":  # type() avoids lazy proxies
-            storage = obj.untyped_storage()
-            found[storage.data_ptr()] = storage.nbytes()
+            try:
+                storage = obj.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # a fake tensor left by torch.compile's tracing: it holds no memory
+                continue
     return found
 
 

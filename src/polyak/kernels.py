@@ -267,7 +267,7 @@ class StochasticLerp(CastLerp):
 
     The random low bits of a batch are a fixed random pattern XOR one 16-bit draw from ``generator`` per batch
     and update: each value's bits are uniform and independent from one update to the next (all that
-    unbiasedness needs), for one integer operation instead of a random number per value (some 50 times
+    unbiasedness needs), for one integer operation instead of a random number per value (20 to 50 times
     dearer on a CPU). Values of one batch share the draw, so their rounding errors are not independent of each
     other within an update. Scratch: the float32 staging buffer, a float32 copy of the batch's average and the
     pattern (int32), each of up to ``_CHUNK`` elements (12 MiB in all).
