@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .front_end import FrontEnd, check_schedule
+from .front_end import FrontEnd, check_schedule, eager_when_compiled
 from .module_tensors import copy_module
 from .shadow import Policy, Shadow, extrapolated, write_extrapolated
 
@@ -103,6 +103,7 @@ class BEMA(FrontEnd):
         """Weight of the correction ``theta - theta_0`` at ``s`` steps since averaging began."""
         return 0.0 if self.eta is None else (self.rho + self.gamma * s) ** -self.eta
 
+    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; take ``theta_0`` at the burn-in step; update the EMA every ``update_every``."""
         self._check_not_swapped("update")

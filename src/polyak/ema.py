@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .front_end import FrontEnd, check_schedule
+from .front_end import FrontEnd, check_schedule, eager_when_compiled
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
-from .shadow import _NONFINITE, NonFinite, Policy, Shadow
+from .shadow import _NONFINITE, NonFinite, Policy, Rounding, Shadow
 
 __all__ = ["EMA", "SWA", "Averager", "load_state"]
 
@@ -63,8 +63,9 @@ class Averager(FrontEnd):
             A skipped update still counts as a step in time; a refused one (``"raise"``) does not count at
             all. Steps that ``GradScaler`` skips never reach an attached averager, so they are no steps.
         buffers: which buffers take part; this and ``frozen``, ``exclude``, ``include_nonpersistent``,
-            ``dtype`` and ``device`` (what is averaged and how it is stored) are :class:`~polyak.shadow.Shadow`'s
-            options. By default the average is float32 or wider.
+            ``dtype``, ``device`` and ``rounding`` (what is averaged and how it is stored) are
+            :class:`~polyak.shadow.Shadow`'s options. By default the average is float32 or wider;
+            ``dtype=torch.bfloat16, rounding="stochastic"`` halves that memory without stalling the average.
     """
 
     _FORMAT = _AVERAGER_FORMAT
@@ -85,6 +86,7 @@ class Averager(FrontEnd):
         include_nonpersistent: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        rounding: Rounding = "nearest",
     ) -> None:
         check_schedule(model, update_every, "start_step", start_step)
         if not isinstance(rule, Rule):
@@ -104,6 +106,7 @@ class Averager(FrontEnd):
             include_nonpersistent=include_nonpersistent,
             dtype=dtype,
             device=device,
+            rounding=rounding,
         )
         self.step = 0  # optimizer steps seen (calls to update)
         self.num_updates = 0  # updates folded into the average
@@ -113,6 +116,7 @@ class Averager(FrontEnd):
 
     # ------------------------------------------------------------------ updating
 
+    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; on every ``update_every``-th step, fold ``model`` into the average."""
         self._check_not_swapped("update")
@@ -185,12 +189,16 @@ class Averager(FrontEnd):
         Allowed inside ``swapped()``: a swap backs the model up and leaves the average itself untouched, so
         a checkpoint taken during evaluation holds the same average as one taken outside.
         """
-        return self._state(shadow=self.shadow.state_dict())
+        rounding = {"rounding_state": self.shadow.rounding_state()} if self.shadow.rounding != "nearest" else {}
+        return self._state(shadow=self.shadow.state_dict(), **rounding)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; raises before changing anything if it does not fit."""
         counters = self._checked_counters(state)
-        self.shadow.load_state_dict(state.get("shadow"))  # type: ignore[arg-type]  # checked there
+        self.shadow.check_state_dict(state.get("shadow"))  # type: ignore[arg-type]  # checked there
+        if self.shadow.rounding != "nearest":
+            self.shadow.load_rounding_state(state.get("rounding_state"))
+        self.shadow.load_state_dict(state.get("shadow"))  # type: ignore[arg-type]
         self._set_counters(counters)
         self._skipped = counters["skipped_updates"]
 

@@ -6,13 +6,34 @@ plumbing around them, so that each behaves the same way where users touch it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FrontEnd", "check_schedule"]
+__all__ = ["FrontEnd", "check_schedule", "eager_when_compiled"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def eager_when_compiled(update: _F) -> _F:
+    """Run ``update`` eagerly when dynamo traces it (one graph break), so a compiled step does not recompile.
+
+    Traced, an update's Python counters would be guarded on and recompiled for at every step until dynamo's
+    limit. Outside tracing the check costs ~0.15 us (``torch.compiler.disable`` alone: ~1.5 us per call).
+    """
+    eager = torch.compiler.disable(update)
+
+    @functools.wraps(update)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_dynamo_compiling():
+            return eager(*args, **kwargs)
+        return update(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_schedule(model: Any, update_every: Any, start_name: str, start: Any) -> None:

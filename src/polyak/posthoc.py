@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._safetensors import AtomicWriter, read_metadata
-from .front_end import FrontEnd, check_schedule
+from .front_end import FrontEnd, check_schedule, eager_when_compiled
 from .io import TensorFile, open_safetensors
 from .rules import PowerFunction, sigma_rel_to_gamma
 from .shadow import Policy, Shadow, check_same_layout, update_many
@@ -201,6 +201,7 @@ class PostHocEMA(FrontEnd):
         """Relative widths of the tracked profiles."""
         return self._sigma_rels or [rule.sigma_rel for rule in self.rules]
 
+    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; fold the model into every average on update steps; snapshot when due."""
         t = self.step + 1 - self.start_step

@@ -26,12 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .kernels import CastLerp, copy_all, foreach_lerp, merge_runs
+from .kernels import CastLerp, StochasticLerp, copy_all, foreach_lerp, merge_runs
 from .module_tensors import Found, copy_module, unwrap, walk
 
 __all__ = [
     "NonFinite",
     "Policy",
+    "Rounding",
     "Shadow",
     "check_same_layout",
     "extrapolated",
@@ -44,6 +45,8 @@ Policy = Literal["average", "copy", "skip"]
 _POLICIES = ("average", "copy", "skip")
 NonFinite = Literal["propagate", "skip", "raise"]
 _NONFINITE = ("propagate", "skip", "raise")
+Rounding = Literal["nearest", "stochastic"]
+_ROUNDINGS = ("nearest", "stochastic")
 
 # Modules that hold swapped-in averaged weights right now (any Shadow's), and the state-dict marker key.
 _SWAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -152,6 +155,16 @@ class _Plan:
         return all(map(is_, map(getitem, dicts, names), children))
 
 
+def _laid_out_like(piece: Tensor, tensor: Tensor) -> Tensor:
+    """The flat ``piece`` viewed with ``tensor``'s shape and, when dense (e.g. channels_last), its strides too:
+    an average laid out like its model is read and written in the same memory order, not strided."""
+    if tensor.is_contiguous():
+        return piece.view(tensor.shape)
+    # empty_like keeps the strides of a dense tensor exactly and makes its own for any other
+    dense = torch.empty_like(tensor, device="meta").stride() == tensor.stride()
+    return piece.as_strided(tensor.shape, tensor.stride()) if dense else piece.view(tensor.shape)
+
+
 def _mark_swapped(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
     """State-dict hook while swapped: mark the module's metadata entry (kept by ``torch.save``) and warn."""
     local_metadata[_SWAP_MARK] = True
@@ -185,6 +198,10 @@ class Shadow:
         device: where the shadow lives. Default: beside each model tensor.
         adopt: store nothing of its own: ``module``'s tensors are the storage, so an update writes into
             ``module`` (which is then the average, not the model). ``dtype`` and ``device`` must be None.
+        rounding: how an update's float32 result is written into a ``dtype=torch.bfloat16`` average:
+            ``"nearest"`` (default; an increment under half a bf16 spacing is lost, so a long average stalls)
+            or ``"stochastic"`` (up or down at random, unbiased; the random stream is seeded from
+            ``torch.initial_seed()`` and saved by :meth:`rounding_state`).
     """
 
     def __init__(
@@ -198,7 +215,16 @@ class Shadow:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         adopt: bool = False,
+        rounding: Rounding = "nearest",
     ) -> None:
+        if rounding not in _ROUNDINGS:
+            raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
+        if rounding == "stochastic" and dtype != torch.bfloat16:
+            raise ValueError(
+                f'rounding="stochastic" is for a bfloat16 average; got dtype={dtype}. Pass dtype=torch.bfloat16, '
+                'or keep rounding="nearest" (a float32 average stalls only for increments under 6e-8 of a weight; '
+                "use dtype=torch.float64 there)"
+            )
         if adopt and (dtype is not None or device is not None):
             raise ValueError("Shadow(adopt=True) stores the module's own tensors: leave dtype and device as None")
         for arg, value in (("buffers", buffers), ("frozen", frozen)):
@@ -212,6 +238,7 @@ class Shadow:
         self.include_nonpersistent = bool(include_nonpersistent)
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None
+        self.rounding: Rounding = rounding
 
         distributed.reshard(module)  # FSDP2 keeps some parameters gathered after an evaluation forward
         aliases: dict[str, str] = {}
@@ -226,6 +253,15 @@ class Shadow:
         # other names of tied tensors (e.g. lm_head.weight for embed.weight), so exports load with strict=True
         self.aliases = {alias: name for alias, name in aliases.items() if name in self._by_name}
         self._plan: _Plan | None = None
+        # stochastic rounding: one random stream per device of the average, and the kernels of the current plan
+        self._generators: dict[str, torch.Generator] = {}
+        if rounding == "stochastic":
+            for device in {str(slot.tensor.device) for slot in self._slots if slot.mode == "average"}:
+                self._generators[device] = torch.Generator(device).manual_seed(torch.initial_seed())
+            complex_ = next((slot.name for slot in self._slots if slot.tensor.is_complex()), None)
+            if complex_ is not None:
+                raise ValueError(f'rounding="stochastic" averages real tensors; {complex_!r} is complex: exclude it')
+        self._rounded: tuple[_Plan, list[StochasticLerp]] | None = None
         if not adopt:
             self.copy_from(module)
 
@@ -267,7 +303,7 @@ class Shadow:
             offset = 0
             for (f, _), shard in zip(members, shards, strict=True):
                 n = shard.numel()
-                view = flat[offset : offset + n].view(shard.shape)
+                view = _laid_out_like(flat[offset : offset + n], shard)
                 value = distributed.sharded_like(view, f.tensor) if distributed.is_dtensor(f.tensor) else view
                 slots.append(_Slot(f.name, mode, view, model_dtype, value))
                 offset += n
@@ -375,10 +411,11 @@ class Shadow:
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         plan = self._plan_for(module)
+        rounded = self._stochastic(plan) if self.rounding == "stochastic" else None
         if nonfinite == "skip":
             keep = plan.finite()
             if keep is not None:
-                for staged in plan.staged():
+                for staged in rounded if rounded is not None else plan.staged():
                     staged.run(weight, keep)
                 if plan.copies[0]:
                     torch._foreach_copy_(*plan.copies)
@@ -390,13 +427,55 @@ class Shadow:
         if isinstance(weight, float) and weight == 1.0:
             self._copy_all(plan)
             return None
-        for shadows, models in plan.lerps:
+        for shadows, models in plan.lerps if rounded is None else ():
             foreach_lerp(shadows, models, weight)
-        for cast in plan.casts:
+        for cast in plan.casts if rounded is None else rounded:
             cast.run(weight)
         if plan.copies[0]:
             torch._foreach_copy_(*plan.copies)
         return None
+
+    def _stochastic(self, plan: _Plan) -> list[StochasticLerp]:
+        """The stochastically rounding kernels of ``plan``: one per (average device, model device and dtype)."""
+        if self._rounded is None or self._rounded[0] is not plan:
+            groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
+            for slot, data in zip(self._slots, plan.data, strict=True):
+                if slot.mode == "average":
+                    key = (slot.tensor.device, data.device, data.dtype)
+                    groups.setdefault(key, ([], []))
+                    groups[key][0].append(slot.tensor)
+                    groups[key][1].append(data)
+            kernels = [StochasticLerp(s, m, self._generators[str(s[0].device)]) for s, m in groups.values()]
+            for kernel in kernels:  # a kernel may read a flat model range: watch it like the plan's own
+                plan.watched.extend(kernel.watched)
+            plan.pointers = [t.data_ptr() for t in plan.watched]
+            self._rounded = (plan, kernels)
+        return self._rounded[1]
+
+    def rounding_state(self) -> dict[str, Tensor]:
+        """The state of each random stream of stochastic rounding, by device (empty when rounding to nearest)."""
+        return {device: generator.get_state() for device, generator in self._generators.items()}
+
+    def load_rounding_state(self, state: Any) -> None:
+        """Restore :meth:`rounding_state`, after checking it (nothing changes on error)."""
+        if not isinstance(state, dict) or set(state) != set(self._generators):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"saved rounding state is for devices {found}, this average rounds stochastically on "
+                f"{sorted(self._generators)}; build it with the same dtype, rounding and device"
+            )
+        for device, value in state.items():
+            if not (isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
+                raise ValueError(f"saved rounding state for {device!r} is not a generator state (a 1-d uint8 tensor)")
+        before = self.rounding_state()
+        try:
+            for device, value in state.items():
+                self._generators[device].set_state(value)
+        except RuntimeError as error:
+            for device, value in before.items():
+                self._generators[device].set_state(value)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"saved rounding state is damaged ({reason}); nothing was loaded") from None
 
     def _raise_nonfinite(self, plan: _Plan) -> None:
         for slot, tensor in zip(self._slots, plan.data, strict=True):  # local shards: no collective
@@ -506,7 +585,7 @@ class Shadow:
             "exclude": list(self.exclude),
             "include_nonpersistent": self.include_nonpersistent,
             "dtype": str(self.dtype) if self.dtype is not None else None,
-        }
+        } | ({"rounding": self.rounding} if self.rounding != "nearest" else {})
 
     def state_dict(self) -> dict[str, Tensor]:
         """The stored tensors by name (references into the shadow's buffers), tied names included.

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import SWALR
 
 from .bn import update_bn
+from .front_end import eager_when_compiled
 from .module_tensors import copy_module
 from .rules import ConstantDecay, EqualWeights, Rule
 from .shadow import Shadow
@@ -254,6 +255,7 @@ class AveragedModel(nn.Module):
             copy = self._count_copies[device] = torch.empty((), dtype=torch.long, device=device)
         return copy.fill_(n)
 
+    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         """Fold ``model`` into the average: a copy on the first call, then the averaging function."""
