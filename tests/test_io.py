@@ -21,8 +21,8 @@ from polyak.io import (
     TensorSpec,
     atomic_write,
     load_torch,
-    open_writer,
     open_safetensors,
+    open_writer,
     save_state_dict,
     torch_tensors,
 )

@@ -255,7 +255,8 @@ class Average(LazyStateDict):
     def pieces(self, name: str) -> Iterator[Tensor]:
         spec, source = self.specs[name], self.inputs[-1].specs[name]
         averaged = source.dtype.is_floating_point or source.dtype.is_complex
-        accumulate = torch.promote_types(source.dtype, torch.float32) if averaged else source.dtype
+        wide = (torch.float64, torch.complex64, torch.complex128)
+        accumulate = source.dtype if source.dtype in wide or not averaged else torch.float32
         for start in range(0, spec.numel, _CHUNK):
             count = min(_CHUNK, spec.numel - start)
             if not averaged:  # integer and bool tensors: copied from the newest input
@@ -269,7 +270,9 @@ class Average(LazyStateDict):
                 piece = checkpoint.read(name, start, start + count, out=self._buffer("in", source.dtype, count))
                 if first and piece.dtype == accumulate:
                     torch.mul(piece, weight, out=total)
-                elif first or piece.dtype.itemsize == 1:  # float8 takes no part in arithmetic: staged through total's dtype
+                elif (
+                    first or piece.dtype.itemsize == 1
+                ):  # float8 takes no part in arithmetic: staged through total's dtype
                     staged = total if first else self._buffer("staged", accumulate, count)
                     staged.copy_(piece)
                     if first:
@@ -417,7 +420,9 @@ def newest_checkpoints(where: str | os.PathLike[str], count: int) -> tuple[list[
         ignored = sorted(p.name for p in files if step(p) is None)
         if ignored:
             shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
-            how += f"; ignoring {len(ignored)} file{'s' if len(ignored) > 1 else ''} with no number in the name ({shown})"
+            how += (
+                f"; ignoring {len(ignored)} file{'s' if len(ignored) > 1 else ''} with no number in the name ({shown})"
+            )
     else:
         chosen, how = sorted(files, key=lambda p: p.stat().st_mtime), "modification time"
     if len(chosen) < count:

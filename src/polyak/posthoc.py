@@ -407,9 +407,9 @@ def reconstruct(
     step = snapshots[-1].step if step is None else int(step)
     steps = [snap.step for snap in snapshots]
     if not force and step not in steps:
-        where = "after the last snapshot" if step > steps[-1] else "between snapshots"
+        position = "after the last snapshot" if step > steps[-1] else "between snapshots"
         raise ValueError(
-            f"step {step} is {where} (snapshot steps: {_listed(steps)}); the snapshots hold no average of the "
+            f"step {step} is {position} (snapshot steps: {_listed(steps)}); the snapshots hold no average of the "
             "training since the one before it, so the result would not be that EMA: pick a snapshot's step, "
             "or force it (--force)"
         )

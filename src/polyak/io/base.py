@@ -168,7 +168,7 @@ def sniff(path: Path) -> Literal["safetensors", "zip", "pickle"]:
 
 
 def output_format(path: str | os.PathLike[str]) -> Format:
-    """``"pt"`` for ``.pt/.pth/.bin/.ckpt`` names, ``"safetensors"`` for ``.safetensors``; any other suffix is refused."""
+    """``"pt"`` for ``.pt/.pth/.bin/.ckpt``, ``"safetensors"`` for ``.safetensors``; other suffixes are refused."""
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise CheckpointError(

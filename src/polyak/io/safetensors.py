@@ -65,18 +65,30 @@ def _parse(raw: bytes) -> dict[str, Any]:
 def _entry(name: str, value: Any) -> tuple[TensorSpec, tuple[int, int]]:
     if not isinstance(value, dict):
         raise TypeError(f"tensor {name!r} is described by a {type(value).__name__}, not an object")
-    code, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    code: Any = value.get("dtype")
+    shape: Any = value.get("shape")
+    offsets: Any = value.get("data_offsets")
     dtype = DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
         raise TypeError(f"tensor {name!r} has unsupported dtype {code!r}")
-    exact = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-    if not (exact and all(type(n) is int and n >= 0 for n in (*shape, *offsets))):  # not bools, not floats
+    numbers = [*shape, *offsets] if isinstance(shape, list) and isinstance(offsets, list) else None
+    if not (numbers and len(offsets) == 2 and all(type(n) is int and n >= 0 for n in numbers)):  # no bools
         raise TypeError(f"tensor {name!r} has shape {shape!r} and offsets {offsets!r}; expected non-negative integers")
     spec = TensorSpec(tuple(shape), dtype)
     begin, stop = offsets
     if stop - begin != spec.nbytes:
         raise ValueError(f"tensor {name!r} spans {stop - begin} bytes, its {spec} needs {spec.nbytes}")
     return spec, (begin, stop)
+
+
+def _one_off(key: str) -> bool:
+    """Whether ``key`` is polyak's checksum key with one character changed."""
+    return len(key) == len(CHECKSUM_KEY) and sum(a != b for a, b in zip(key, CHECKSUM_KEY, strict=True)) == 1
+
+
+def _bytes(tensor: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a writable buffer over its memory."""
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 class SafetensorsFile(TensorFile):
@@ -111,7 +123,9 @@ class SafetensorsFile(TensorFile):
             begin, stop = entries[name][1]
             if begin < end or stop > data:
                 reason = f"ends at byte {stop} of {data}" if stop > data else "overlaps another tensor"
-                raise CheckpointError(f"{path}: truncated or corrupt safetensors file: tensor {name!r} {reason}; {_DAMAGED}")
+                raise CheckpointError(
+                    f"{path}: truncated or corrupt safetensors file: tensor {name!r} {reason}; {_DAMAGED}"
+                )
             end = stop
         self._offsets = {name: begin for name, (_, (begin, _)) in entries.items()}
         super().__init__(path, {name: spec for name, (spec, _) in entries.items()})
@@ -123,6 +137,10 @@ class SafetensorsFile(TensorFile):
     def _checksums(self, raw: bytes, order: list[str]) -> dict[str, int] | None:
         field = _CHECKSUM_FIELD.search(raw)
         if CHECKSUM_KEY not in self.metadata:
+            if any(_one_off(key) for key in self.metadata):  # polyak's key itself hit: not a foreign file
+                raise CheckpointError(
+                    f"{self.path}: damaged safetensors file (its checksum key is altered); {_DAMAGED}"
+                )
             return None
         words = self.metadata[CHECKSUM_KEY].split()
         if field is None or len(words) != len(order) + 1 or field.group(1).decode() != self.metadata[CHECKSUM_KEY]:
@@ -139,7 +157,7 @@ class SafetensorsFile(TensorFile):
         out = torch.empty(count, dtype=spec.dtype) if out is None else out[:count]
         if not count:
             return out
-        buffer = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        buffer = _bytes(out)
         with open_regular(self.path) as f:
             offset = self._start + self._offsets[name] + start * spec.dtype.itemsize
             if identity(f.fileno()) != self._identity or _pread_into(f.fileno(), buffer, offset) != len(buffer):
@@ -174,7 +192,9 @@ class SafetensorsWriter(TensorWriter):
         super().__init__(path, specs, names)
         extra = dict(metadata or {})
         if "__metadata__" in specs or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
-            raise CheckpointError("safetensors metadata must map strings to strings; no tensor may be named __metadata__")
+            raise CheckpointError(
+                "safetensors metadata must map strings to strings; no tensor may be named __metadata__"
+            )
         if CHECKSUM_KEY in extra:
             raise CheckpointError(f"metadata key {CHECKSUM_KEY!r} is polyak's own; pick another name")
         for name, spec in self.specs.items():
@@ -200,13 +220,17 @@ class SafetensorsWriter(TensorWriter):
         offset = 0
         for name in self.names:
             spec = self.specs[name]
-            header[name] = {"dtype": CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            header[name] = {
+                "dtype": CODES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         return blob + b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
 
     def _put(self, name: str, start: int, flat: Tensor, keep: bool) -> None:
-        data = memoryview(flat.contiguous().view(torch.uint8).numpy()).cast("B")
+        data = _bytes(flat.contiguous())
         self._crcs[self._index] = zlib.crc32(data, self._crcs[self._index])
         self._file.write(data)
 

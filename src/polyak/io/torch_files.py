@@ -53,7 +53,9 @@ def check_zip(path: Path) -> None:
             archive = zipfile.ZipFile(f)
             members = archive.infolist()
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({one_line(error)})") from None
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({one_line(error)})"
+            ) from None
         declared = sum(m.file_size for m in members)
         if declared > _INFLATION * size + _SLACK:
             raise CheckpointError(
@@ -94,16 +96,17 @@ def _check_member(fd: int, archive: zipfile.ZipFile, member: zipfile.ZipInfo, si
         raise ValueError(f"fails its CRC check (recorded {member.CRC:08x}, computed {crc:08x})")
 
 
-def load_torch(
-    path: str | os.PathLike[str], *, map_location: Any = "cpu", mmap: bool = True
-) -> tuple[Any, bool]:
+def load_torch(path: str | os.PathLike[str], *, map_location: Any = "cpu", mmap: bool = True) -> tuple[Any, bool]:
     """``torch.load`` a PyTorch file safely: checked (see the module), ``weights_only=True``, mapped if ``mmap``.
 
     Returns the loaded object and whether its tensors are memory-mapped (files written before PyTorch 1.6
     cannot be; they are read whole). Raises :class:`CheckpointError` with a one-line reason.
     """
     path = Path(path)
-    zipped = sniff(path) == "zip"
+    kind = sniff(path)
+    if kind == "safetensors":
+        raise CheckpointError(f"{path}: a safetensors file, not a PyTorch one; open it with polyak.io.open_safetensors")
+    zipped = kind == "zip"
     if zipped:
         check_zip(path)
     with open_regular(path) as f:
@@ -119,7 +122,9 @@ def load_torch(
             "alone (torch.save(model.state_dict(), ...)) or as safetensors, or pick a state dict with --key"
         ) from None
     except Exception as error:  # torch raises RuntimeError, EOFError, zipfile and OS errors on bad files
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({one_line(error)})") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({one_line(error)})"
+        ) from None
     with open_regular(path) as f:
         if identity(f.fileno()) != before:
             raise CheckpointError(f"{path}: the file changed while it was being read; load it again")

@@ -24,7 +24,7 @@ def open_writer(
     format: Format | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> TensorWriter:
-    """A :class:`~polyak.io.TensorWriter` for ``path``: write its ``names`` in order (whole or in flat pieces), then commit.
+    """A :class:`~polyak.io.TensorWriter` for ``path``: write its ``names`` in order (whole or in pieces), then commit.
 
     ``format``: ``"safetensors"`` (streamed to disk, with polyak's checksums) or ``"pt"`` (a plain dict of
     tensors for ``torch.load``, gathered in memory and saved at commit); by default from the suffix
@@ -53,16 +53,16 @@ def save_state_dict(
     ``"format": "pt"``. ``progress`` shows a bar (needs ``tqdm``). See :func:`~polyak.io.atomic_write` for
     what happens to an existing file, a symbolic link or a full disk.
     """
-    lazy = isinstance(state, LazyStateDict)
-    specs = state.specs if lazy else {name: _spec(name, tensor) for name, tensor in state.items()}
+    lazy = state if isinstance(state, LazyStateDict) else None
+    specs = lazy.specs if lazy is not None else {name: _spec(name, tensor) for name, tensor in state.items()}
     bar = _bar(sum(s.nbytes for s in specs.values()), f"writing {Path(path).name}", progress)
     try:
         with open_writer(path, specs, format=format, metadata=metadata) as writer:
             for name in writer.names:
                 spec, written = specs[name], 0
-                for piece in state.pieces(name) if lazy else [state[name]]:  # type: ignore[attr-defined]
-                    _check(name, piece, spec, written + piece.numel() if lazy else None)
-                    writer.write(piece, keep=not lazy)
+                for piece in lazy.pieces(name) if lazy is not None else [state[name]]:
+                    _check(name, piece, spec, written + piece.numel() if lazy is not None else None)
+                    writer.write(piece, keep=lazy is None)
                     written += piece.numel()
                 if written != spec.numel:
                     raise RuntimeError(f"tensor {name!r} came out with {written} elements, announced as {spec}")
@@ -80,8 +80,11 @@ def _spec(name: str, tensor: Any) -> TensorSpec:
 
 
 def _check(name: str, tensor: Tensor, spec: TensorSpec, written: int | None) -> None:
-    whole = written is None
-    if tensor.dtype != spec.dtype or (whole and tuple(tensor.shape) != spec.shape) or (not whole and written > spec.numel):
+    if (
+        tensor.dtype != spec.dtype
+        or (written is None and tuple(tensor.shape) != spec.shape)
+        or (written is not None and written > spec.numel)
+    ):
         found = f"shape {tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
         raise RuntimeError(f"tensor {name!r} came out as {found}, announced as {spec}")
 
