@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from ..checkpoints import average_checkpoints, average_weights, newest_checkpoints
 from ..io import CheckpointError, output_format, save_state_dict
 from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
@@ -79,6 +81,7 @@ def _average(args: argparse.Namespace) -> None:
     if len(paths) == 1:
         report(f"only one checkpoint given: the output is {paths[0]} itself, converted (nothing to average)")
     started = time.perf_counter()
+    torch.set_num_threads(1)  # pieces of 1 MiB are memory-bound; more threads only wait on each other
     average = average_checkpoints(
         paths,
         weights=args.weights,
