@@ -233,6 +233,14 @@ def test_a_step_too_large_for_int64_is_refused(tmp_path: Path, capsys: pytest.Ca
         find_snapshots(huge)
     one_line_exit_2(capsys, ["posthoc", str(huge), "--sigma-rel", "0.1", "-o", str(tmp_path / "o.pt")], "int64")
     assert not (tmp_path / "o.pt").exists()
+    state_path = tmp_path / "ema.pt"
+    averager_state(state_path)
+    state = torch.load(state_path, weights_only=True)
+    for value in (2**63, -1, True, 1.5):
+        torch.save({**state, "step": value}, state_path)
+        with pytest.raises(ValueError, match="damaged averager state: step") as caught:
+            polyak.load_state(state_path)
+        assert "\n" not in str(caught.value)
 
 
 @contextmanager

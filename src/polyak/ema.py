@@ -42,6 +42,13 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device | 
         raise ValueError(
             f"{os.fspath(path)!r} is not a polyak averager state (format {found!r}, expected {_AVERAGER_FORMAT!r})"
         )
+    for counter in ("step", "num_updates", "last_update_step", "skipped_updates", "start_step", "update_every"):
+        value = state.get(counter, 0)
+        if type(value) is not int or not 0 <= value < 2**63:  # what a torch.int64 step counter can hold
+            raise ValueError(
+                f"{os.fspath(path)!r} is a damaged averager state: {counter} is {value!r}, expected an integer "
+                "in [0, 2**63); re-create the state or load an earlier checkpoint"
+            )
     return state
 
 
