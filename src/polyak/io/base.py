@@ -181,7 +181,7 @@ def output_format(path: str | os.PathLike[str]) -> Format:
 def _os_error(error: BaseException) -> OSError | None:
     """The OS error behind ``error``, if any (torch wraps a failed write in a RuntimeError)."""
     seen: BaseException | None = error
-    while seen is not None:
+    while isinstance(seen, (OSError, RuntimeError)):
         if isinstance(seen, OSError):
             return seen
         seen = seen.__cause__ or seen.__context__
