@@ -385,6 +385,17 @@ def test_posthoc_never_writes_where_it_would_read_a_snapshot(
     link = tmp_path / "innocent.safetensors"
     link.symlink_to(directory / "phema-000000000004.safetensors")
     one_line_exit_2(capsys, ["posthoc", str(directory), "--sigma-rel", "0.1", "-o", str(link)], "snapshot")
+    same = [
+        "posthoc",
+        str(directory),
+        "--sigma-rel",
+        "0.1",
+        "0.08",
+        "-o",
+        str(tmp_path / "a.pt"),
+        str(tmp_path / "a.pt"),
+    ]
+    one_line_exit_2(capsys, same, "same file")
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert main(["posthoc", str(directory), "--sigma-rel", "0.1", "-o", str(directory / "ema.safetensors")]) == 0
 

@@ -392,6 +392,8 @@ def reconstruct(
         raise ValueError(f"give one output path per target sigma_rel: {len(targets)} targets, {len(outputs)} outputs")
     formats = [output_format(output) for output in outputs]
     directory = Path(directory)
+    if len({os.path.realpath(output) for output in outputs}) != len(outputs):
+        raise ValueError(f"two outputs are the same file ({', '.join(map(str, outputs))}); give one per target")
     for output in outputs:
         where = Path(os.path.realpath(output))
         if where.parent == Path(os.path.realpath(directory)) and fnmatch.fnmatch(where.name, _PATTERN):
