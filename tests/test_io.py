@@ -262,3 +262,23 @@ def test_safetensors_files_interoperate(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="tensor 'b'"), open_writer(tmp_path / "bad.safetensors", specs) as w:
         w.write(torch.zeros(1))  # float32 data for the int64 tensor that comes first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "theirs.safetensors"]
+
+
+def test_checksums_are_zlib_crc32_whichever_implementation_computes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file checksummed by the fast CRC-32 (isal, when installed) verifies with zlib's, and the other way round."""
+    import zlib
+
+    import polyak.io.safetensors as st_module
+    from polyak.io import base
+
+    data = os.urandom(1 << 16)
+    assert base.crc32(data) == zlib.crc32(data) and base.crc32(data, 7) == zlib.crc32(data, 7)
+    tensors = {"w": torch.randn(5000), "i": torch.arange(7, dtype=torch.int16)}
+    fast, plain = tmp_path / "fast.safetensors", tmp_path / "plain.safetensors"
+    save_state_dict(tensors, fast)
+    monkeypatch.setattr(st_module, "crc32", zlib.crc32)
+    save_state_dict(tensors, plain)
+    assert fast.read_bytes() == plain.read_bytes()
+    assert_same(dict(open_safetensors(fast)), tensors)

@@ -16,6 +16,11 @@ from typing import IO, Literal
 import torch
 from torch import Tensor
 
+try:  # the same CRC-32 as zlib's, ~10x faster (optional: pip install 'polyak[fast]'); used by the format modules
+    from isal.isal_zlib import crc32
+except ImportError:
+    from zlib import crc32  # noqa: F401
+
 Format = Literal["safetensors", "pt"]
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SUFFIXES = (".safetensors", *TORCH_SUFFIXES)

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-import zlib
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,7 +24,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import CheckpointError, TensorFile, TensorSpec, TensorWriter, atomic_write, identity, one_line, open_regular
+from .base import (
+    CheckpointError,
+    TensorFile,
+    TensorSpec,
+    TensorWriter,
+    atomic_write,
+    crc32,
+    identity,
+    one_line,
+    open_regular,
+)
 from .base import pread_into as _pread_into
 
 __all__ = ["SafetensorsFile", "SafetensorsWriter"]
@@ -146,7 +155,7 @@ class SafetensorsFile(TensorFile):
         if field is None or len(words) != len(order) + 1 or field.group(1).decode() != self.metadata[CHECKSUM_KEY]:
             raise CheckpointError(f"{self.path}: damaged safetensors file (its checksum list is malformed); {_DAMAGED}")
         blank = raw[: field.start(1)] + re.sub(rb"[0-9a-f]", b"0", field.group(1)) + raw[field.end(1) :]
-        if f"{zlib.crc32(blank):08x}" != words[0]:
+        if f"{crc32(blank):08x}" != words[0]:
             raise CheckpointError(f"{self.path}: damaged safetensors file (its header fails its checksum); {_DAMAGED}")
         return {name: int(word, 16) for name, word in zip(order, words[1:], strict=True)}
 
@@ -172,7 +181,7 @@ class SafetensorsFile(TensorFile):
             if start != 0:
                 return
             crc = 0
-        crc = zlib.crc32(data, crc)
+        crc = crc32(data, crc)
         if stop < self.specs[name].numel:
             self._running[name] = (stop, crc)
         elif crc != self._expected[name]:  # type: ignore[index]
@@ -231,11 +240,11 @@ class SafetensorsWriter(TensorWriter):
 
     def _put(self, name: str, start: int, flat: Tensor, keep: bool) -> None:
         data = _bytes(flat.contiguous())
-        self._crcs[self._index] = zlib.crc32(data, self._crcs[self._index])
+        self._crcs[self._index] = crc32(data, self._crcs[self._index])
         self._file.write(data)
 
     def _finish(self) -> None:
-        header = self._encode([zlib.crc32(self._header), *self._crcs])
+        header = self._encode([crc32(self._header), *self._crcs])
         try:
             self._file.seek(8)
             self._file.write(header)

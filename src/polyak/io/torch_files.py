@@ -31,6 +31,7 @@ from .base import (
     TensorSpec,
     TensorWriter,
     atomic_write,
+    crc32,
     identity,
     one_line,
     open_regular,
@@ -90,7 +91,7 @@ def _check_member(fd: int, archive: zipfile.ZipFile, member: zipfile.ZipInfo, si
         piece = buffer[: min(len(buffer), member.file_size - done)]
         if _pread_into(fd, piece, start + done) != len(piece):
             raise ValueError("is cut short")
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
         done += len(piece)
     if member.CRC and crc != member.CRC:  # a zero CRC is a writer that did not compute one
         raise ValueError(f"fails its CRC check (recorded {member.CRC:08x}, computed {crc:08x})")
