@@ -122,9 +122,8 @@ def identity(fd: int) -> tuple[int, ...]:
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
-@contextmanager
-def open_regular(path: Path) -> Iterator[IO[bytes]]:
-    """Open ``path`` for unbuffered reading, refusing anything but a regular file (a FIFO or device would hang)."""
+def regular_file(path: Path) -> IO[bytes]:
+    """``path`` opened for unbuffered reading; anything but a regular file is refused (a FIFO or device would hang)."""
     try:
         info = os.stat(path)
         if stat.S_ISDIR(info.st_mode):
@@ -137,10 +136,17 @@ def open_regular(path: Path) -> Iterator[IO[bytes]]:
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
     f = os.fdopen(fd, "rb", buffering=0)
-    with f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the checks
-            raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); give a checkpoint file")
-        os.set_blocking(fd, True)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the checks
+        f.close()
+        raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); give a checkpoint file")
+    os.set_blocking(fd, True)
+    return f
+
+
+@contextmanager
+def open_regular(path: Path) -> Iterator[IO[bytes]]:
+    """:func:`regular_file`, closed at the end of the block."""
+    with regular_file(path) as f:
         yield f
 
 

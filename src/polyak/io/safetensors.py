@@ -16,10 +16,12 @@ import json
 import os
 import re
 import sys
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -34,6 +36,7 @@ from .base import (
     identity,
     one_line,
     open_regular,
+    regular_file,
 )
 from .base import pread_into as _pread_into
 
@@ -60,6 +63,8 @@ DTYPES: dict[str, torch.dtype] = {
 CODES = {dtype: code for code, dtype in DTYPES.items()}
 MAX_HEADER = 100 << 20  # bytes; the limit the safetensors library enforces too
 CHECKSUM_KEY = "polyak.crc32"
+_KEPT_OPEN = 32  # files whose descriptor stays open between reads (an average reads its inputs in turn)
+_recent: OrderedDict[int, weakref.ref[SafetensorsFile]] = OrderedDict()
 _CHECKSUM_FIELD = re.compile(rb'"polyak\.crc32":"([0-9a-f ]*)"')
 _DAMAGED = "re-create or re-download it"
 
@@ -141,7 +146,8 @@ class SafetensorsFile(TensorFile):
         self.metadata: dict[str, str] = metadata
         self._expected = self._checksums(raw, order)
         self.checked = self._expected is not None
-        self._running: dict[str, tuple[int, int]] = {}  # tensor -> (next element, CRC so far), for in-order reads
+        self._running: dict[str, tuple[int, int]] = {}
+        self._file: IO[bytes] | None = None  # tensor -> (next element, CRC so far), for in-order reads
 
     def _checksums(self, raw: bytes, order: list[str]) -> dict[str, int] | None:
         field = _CHECKSUM_FIELD.search(raw)
@@ -167,13 +173,35 @@ class SafetensorsFile(TensorFile):
         if not count:
             return out
         buffer = _bytes(out)
-        with open_regular(self.path) as f:
-            offset = self._start + self._offsets[name] + start * spec.dtype.itemsize
-            if identity(f.fileno()) != self._identity or _pread_into(f.fileno(), buffer, offset) != len(buffer):
-                raise CheckpointError(f"{self.path}: the file changed while it was being read; open it again")
+        fd = self._fd()
+        offset = self._start + self._offsets[name] + start * spec.dtype.itemsize
+        if not self._same_file(fd) or _pread_into(fd, buffer, offset) != len(buffer):
+            raise CheckpointError(f"{self.path}: the file changed while it was being read; open it again")
         if self._expected is not None:
             self._check(name, start, stop, buffer)
         return out
+
+    def _fd(self) -> int:
+        """The file's descriptor, kept open between reads for the most recently read files (at most _KEPT_OPEN)."""
+        if self._file is None:
+            self._file = regular_file(self.path)
+        key = id(self)
+        _recent.pop(key, None)
+        _recent[key] = weakref.ref(self)
+        while len(_recent) > _KEPT_OPEN:
+            other = _recent.popitem(last=False)[1]()
+            if other is not None and other._file is not None:
+                other._file.close()
+                other._file = None
+        return self._file.fileno()
+
+    def _same_file(self, fd: int) -> bool:
+        """Whether ``fd`` still holds the version opened, and ``path`` still names it (not replaced, not rewritten)."""
+        try:
+            named = os.stat(self.path)
+        except OSError:
+            return False
+        return identity(fd) == self._identity and (named.st_dev, named.st_ino) == self._identity[:2]
 
     def _check(self, name: str, start: int, stop: int, data: memoryview) -> None:
         at, crc = self._running.pop(name, (0, 0))
