@@ -282,3 +282,16 @@ def test_checksums_are_zlib_crc32_whichever_implementation_computes_them(
     save_state_dict(tensors, plain)
     assert fast.read_bytes() == plain.read_bytes()
     assert_same(dict(open_safetensors(fast)), tensors)
+
+
+def test_many_open_files_hold_a_bounded_number_of_descriptors(tmp_path: Path) -> None:
+    """Reads keep the last 32 files open (no open per piece), never one descriptor per file of a large average."""
+    files = []
+    for i in range(40):
+        save_state_dict({"w": torch.full((10,), float(i))}, tmp_path / f"{i}.safetensors")
+        files.append(open_safetensors(tmp_path / f"{i}.safetensors"))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for i, opened in enumerate(files):
+            assert torch.equal(opened["w"], torch.full((10,), float(i)))
+    assert len(os.listdir("/proc/self/fd")) - before <= 32

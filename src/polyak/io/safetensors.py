@@ -186,6 +186,9 @@ class SafetensorsFile(TensorFile):
         if self._file is None:
             self._file = regular_file(self.path)
         key = id(self)
+        if key in _recent and _recent[key]() is self:
+            _recent.move_to_end(key)
+            return self._file.fileno()
         _recent.pop(key, None)
         _recent[key] = weakref.ref(self)
         while len(_recent) > _KEPT_OPEN:
