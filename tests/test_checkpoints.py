@@ -160,7 +160,7 @@ def test_mismatched_inputs_name_the_file_and_tensor(tmp_path: Path) -> None:
         torch.save(state, tmp_path / name)
     a = tmp_path / "a.pt"
     for name, expected in [("missing.pt", "not in"), ("shape.pt", "shape (11,)"), ("dtype.pt", "float64")]:
-        with pytest.raises(CheckpointError, match="--no-strict") as caught:
+        with pytest.raises(CheckpointError, match="strict=False") as caught:
             polyak.average_checkpoints([a, tmp_path / name])
         assert "'head.bias'" in str(caught.value) and name in str(caught.value) and expected in str(caught.value)
         loose = polyak.average_checkpoints([a, tmp_path / name], strict=False)
@@ -281,7 +281,7 @@ def test_command_line_average_and_export(tmp_path: Path, capsys: pytest.CaptureF
     capsys.readouterr()
     argv = ["average", str(tmp_path / "model.pt"), str(tmp_path / "smaller.pt"), "-o", str(tmp_path / "common.pt")]
     assert main(argv) == 2 and "--no-strict" in capsys.readouterr().err
-    assert main([*argv, "--no-strict"]) == 0 and "left out 1 tensor(s)" in capsys.readouterr().err
+    assert main([*argv, "--no-strict"]) == 0 and "left out 1 tensor not" in capsys.readouterr().err
     assert set(torch.load(tmp_path / "common.pt")) == set(smaller)
     with pytest.raises(SystemExit) as help_exit:
         main(["average", "--help"])

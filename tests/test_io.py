@@ -22,6 +22,7 @@ from polyak.io import (
     atomic_write,
     load_torch,
     open_safetensors,
+    open_writer,
     save_state_dict,
     torch_tensors,
 )
@@ -60,7 +61,9 @@ def test_safetensors_written_here_read_by_the_library_and_back(tmp_path: Path) -
     save_state_dict(tensors, path, metadata={"note": "hi"})
     assert_same(safetensors.torch.load_file(path), tensors)
     with safetensors.safe_open(path, "pt") as f:
-        assert f.metadata() == {"format": "pt", "note": "hi"}
+        metadata = f.metadata()
+        assert metadata.pop("polyak.crc32").count(" ") == len(tensors)  # the header's checksum, then each tensor's
+        assert metadata == {"format": "pt", "note": "hi"}
     assert_same(dict(open_safetensors(path)), tensors)
 
 
@@ -231,3 +234,64 @@ def test_pickled_objects_are_refused_not_run(tmp_path: Path) -> None:
         load_torch(path)
     assert "\n" not in str(caught.value) and "GLOBAL" in str(caught.value)
     assert not marker.exists()
+
+
+def test_safetensors_files_interoperate(tmp_path: Path) -> None:
+    """Our reader reads files from the safetensors package, and the package reads ours."""
+    st = pytest.importorskip("safetensors.torch")
+    tensors = {
+        "a": torch.randn(3, 4, dtype=torch.bfloat16),
+        "b": torch.arange(5),
+        "c": torch.tensor(2.5, dtype=torch.float64),
+        "d": torch.tensor([True, False]),
+        "e": torch.empty(0, 3),
+    }
+    st.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
+    theirs = open_safetensors(tmp_path / "theirs.safetensors")
+    assert theirs.metadata == {"k": "v"} and not theirs.checked and set(theirs) == set(tensors)
+    for name, value in tensors.items():
+        assert torch.equal(theirs[name], value), name
+    specs = {name: TensorSpec(tuple(value.shape), value.dtype) for name, value in tensors.items()}
+    with open_writer(tmp_path / "ours.safetensors", specs, metadata={"k": "v"}) as writer:
+        for name in writer.names:  # whole tensors, or flat pieces of them in order
+            for piece in tensors[name].reshape(-1).split(2):
+                writer.write(piece)
+    loaded = st.load_file(str(tmp_path / "ours.safetensors"))
+    for name, value in tensors.items():
+        assert torch.equal(loaded[name], value), name
+    with pytest.raises(RuntimeError, match="tensor 'b'"), open_writer(tmp_path / "bad.safetensors", specs) as w:
+        w.write(torch.zeros(1))  # float32 data for the int64 tensor that comes first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "theirs.safetensors"]
+
+
+def test_checksums_are_zlib_crc32_whichever_implementation_computes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file checksummed by the fast CRC-32 (isal, when installed) verifies with zlib's, and the other way round."""
+    import zlib
+
+    import polyak.io.safetensors as st_module
+    from polyak.io import base
+
+    data = os.urandom(1 << 16)
+    assert base.crc32(data) == zlib.crc32(data) and base.crc32(data, 7) == zlib.crc32(data, 7)
+    tensors = {"w": torch.randn(5000), "i": torch.arange(7, dtype=torch.int16)}
+    fast, plain = tmp_path / "fast.safetensors", tmp_path / "plain.safetensors"
+    save_state_dict(tensors, fast)
+    monkeypatch.setattr(st_module, "crc32", zlib.crc32)
+    save_state_dict(tensors, plain)
+    assert fast.read_bytes() == plain.read_bytes()
+    assert_same(dict(open_safetensors(fast)), tensors)
+
+
+def test_many_open_files_hold_a_bounded_number_of_descriptors(tmp_path: Path) -> None:
+    """Reads keep the last 32 files open (no open per piece), never one descriptor per file of a large average."""
+    files = []
+    for i in range(40):
+        save_state_dict({"w": torch.full((10,), float(i))}, tmp_path / f"{i}.safetensors")
+        files.append(open_safetensors(tmp_path / f"{i}.safetensors"))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for i, opened in enumerate(files):
+            assert torch.equal(opened["w"], torch.full((10,), float(i)))
+    assert len(os.listdir("/proc/self/fd")) - before <= 32

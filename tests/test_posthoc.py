@@ -15,7 +15,6 @@ from models import SmallCNN, TinyTransformer, train_steps
 from torch import nn
 
 import polyak
-from polyak._safetensors import AtomicWriter, read_metadata
 from polyak.cli import main
 from polyak.io import open_safetensors
 from polyak.posthoc import find_snapshots, reconstruct, solve_coefficients
@@ -198,33 +197,6 @@ def train_with_snapshots(tmp_path, steps=60, every=3, snapshot_every=6, direct=(
     return tracker, history
 
 
-def test_safetensors_files_interoperate(tmp_path):
-    """Our reader reads files from the safetensors package, and the package reads ours."""
-    st = pytest.importorskip("safetensors.torch")
-    tensors = {
-        "a": torch.randn(3, 4, dtype=torch.bfloat16),
-        "b": torch.arange(5),
-        "c": torch.tensor(2.5, dtype=torch.float64),
-        "d": torch.tensor([True, False]),
-        "e": torch.empty(0, 3),
-    }
-    st.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
-    theirs = open_safetensors(tmp_path / "theirs.safetensors")
-    assert read_metadata(tmp_path / "theirs.safetensors") == {"k": "v"} and set(theirs) == set(tensors)
-    for name, value in tensors.items():
-        assert torch.equal(theirs[name], value), name
-    layout = [(name, value.shape, value.dtype) for name, value in tensors.items()]
-    with AtomicWriter(tmp_path / "ours.safetensors", layout, {"k": "v"}) as writer:
-        for value in tensors.values():
-            writer.write(value)
-    loaded = st.load_file(str(tmp_path / "ours.safetensors"))
-    for name, value in tensors.items():
-        assert torch.equal(loaded[name], value), name
-    with pytest.raises(ValueError, match="tensor 'a'"), AtomicWriter(tmp_path / "bad.safetensors", layout, {}) as w:
-        w.write(torch.zeros(3, 4))  # float32 data for a bfloat16 tensor
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "theirs.safetensors"]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One 60-step run with snapshots and direct EMAs, shared by the reconstruction tests (read-only)."""
@@ -261,7 +233,8 @@ def test_stored_profile_reconstructs_the_direct_ema(tmp_path, trained, step):
     out = tmp_path / "ema.safetensors"
     result = reconstruct(directory, [0.1], [out], step=step)
     assert result.errors[0] < 1e-6
-    tensors, metadata = open_safetensors(out), read_metadata(out)
+    tensors = open_safetensors(out)
+    metadata = tensors.metadata
     assert metadata["step"] == str(step) and float(metadata["sigma_rel"]) == 0.1
     for name, value in history[step]["direct"][0.1].items():
         got = tensors[name]

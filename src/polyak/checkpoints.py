@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ from .io import (
     TensorSpec,
     load_torch,
     one_line,
+    open_regular,
     open_safetensors,
     sniff,
     torch_tensors,
@@ -42,7 +43,8 @@ from .module_tensors import canonical_name
 __all__ = ["Average", "Export", "average_checkpoints", "export_weights", "newest_checkpoints", "open_checkpoint"]
 
 _AVERAGER_FORMAT = "polyak.averager/1"
-_CHUNK = 1 << 22  # elements read from an input at a time
+_MAX_INDEX = 64 << 20  # bytes of a sharded checkpoint's index
+_CHUNK = 1 << 18  # elements read from an input at a time: 1 MiB of float32, which stays in the CPU cache
 # Names of state dicts that hold a model's own weights, most telling first.
 _MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "network", "weights", "params")
 # A key whose words include one of these holds averaged weights ("ema", "model_ema", "swa_state_dict", ...).
@@ -91,13 +93,15 @@ class _Shards(TensorFile):
     """A state dict split over several files by an index (Hugging Face's ``model.safetensors.index.json``)."""
 
     def __init__(self, path: Path) -> None:
+        with open_regular(path) as f:
+            raw = f.read(_MAX_INDEX + 1)
         try:
-            weight_map = json.loads(path.read_bytes())["weight_map"]
+            if len(raw) > _MAX_INDEX:
+                raise ValueError(f"larger than {_MAX_INDEX} bytes")
+            weight_map = json.loads(raw)["weight_map"]
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
                 raise TypeError("weight_map must map tensor names to file names")
-        except OSError as error:
-            raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
             raise CheckpointError(f"{path}: not a checkpoint index with a weight_map ({one_line(error)})") from None
         shards = {name: open_checkpoint(path.parent / name) for name in sorted(set(weight_map.values()))}
         self._owner = {}
@@ -211,10 +215,12 @@ def average_weights(count: int, weights: Sequence[float] | None = None, ema_deca
 
 
 class Average(LazyStateDict):
-    """The weighted average of checkpoints, computed tensor by tensor when read (see :func:`average_checkpoints`).
+    """The weighted average of checkpoints, computed piece by piece when read (see :func:`average_checkpoints`).
 
     ``inputs``: the opened files, oldest first; ``weights``: their normalised weights; ``left_out``: tensors
-    not in the output (non-strict mode), each with the reason.
+    not in the output (non-strict mode), each with the reason. Each flat piece of ``_CHUNK`` elements is read
+    from every input into one reused buffer (``pread``, no mapping) and accumulated in another, small enough to
+    stay in the CPU cache; a streaming writer takes the pieces as they come (:meth:`pieces`).
     """
 
     def __init__(
@@ -228,29 +234,55 @@ class Average(LazyStateDict):
         self.inputs = inputs
         self.weights = weights
         self.left_out = left_out
-        self._buffers: dict[torch.dtype, Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def _buffer(self, role: str, dtype: torch.dtype, count: int) -> Tensor:
+        """One reused buffer per role and dtype: no fresh pages to fault in for every piece."""
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[role, dtype] = torch.empty(max(count, _CHUNK), dtype=dtype)
+        return buffer[:count]
 
     def _average(self, name: str) -> Tensor:
+        spec = self.specs[name]
+        out = torch.empty(spec.numel, dtype=spec.dtype)
+        start = 0
+        for piece in self.pieces(name):
+            out[start : start + piece.numel()].copy_(piece)
+            start += piece.numel()
+        return out.view(spec.shape)
+
+    def pieces(self, name: str) -> Iterator[Tensor]:
         spec, source = self.specs[name], self.inputs[-1].specs[name]
-        if not (source.dtype.is_floating_point or source.dtype.is_complex):
-            return self.inputs[-1][name]
-        total = torch.empty(spec.numel, dtype=torch.promote_types(source.dtype, torch.float32))
-        buffer = self._buffers.get(source.dtype)
-        if buffer is None:  # one per dtype, reused for every piece: no fresh pages to fault in
-            buffer = self._buffers[source.dtype] = torch.empty(_CHUNK, dtype=source.dtype)
-        first = True
-        for checkpoint, weight in zip(self.inputs, self.weights, strict=True):
-            if weight == 0.0:
+        averaged = source.dtype.is_floating_point or source.dtype.is_complex
+        wide = (torch.float64, torch.complex64, torch.complex128)
+        accumulate = source.dtype if source.dtype in wide or not averaged else torch.float32
+        for start in range(0, spec.numel, _CHUNK):
+            count = min(_CHUNK, spec.numel - start)
+            if not averaged:  # integer and bool tensors: copied from the newest input
+                yield self.inputs[-1].read(name, start, start + count, out=self._buffer("in", source.dtype, count))
                 continue
-            for start in range(0, spec.numel, _CHUNK):
-                piece = checkpoint.read(name, start, start + _CHUNK, out=buffer)
-                part = total[start : start + piece.numel()]
-                if first:
-                    part.copy_(piece).mul_(weight)
+            total = self._buffer("total", accumulate, count)
+            first = True
+            for checkpoint, weight in zip(self.inputs, self.weights, strict=True):
+                if weight == 0.0:
+                    continue
+                piece = checkpoint.read(name, start, start + count, out=self._buffer("in", source.dtype, count))
+                if first and piece.dtype == accumulate:
+                    torch.mul(piece, weight, out=total)
+                elif (
+                    first or piece.dtype.itemsize == 1
+                ):  # float8 takes no part in arithmetic: staged through total's dtype
+                    staged = total if first else self._buffer("staged", accumulate, count)
+                    staged.copy_(piece)
+                    if first:
+                        total.mul_(weight)
+                    else:
+                        total.add_(staged, alpha=weight)
                 else:
-                    part.add_(piece, alpha=weight)
-            first = False
-        return total.view(spec.shape).to(spec.dtype)
+                    total.add_(piece, alpha=weight)
+                first = False
+            yield total if spec.dtype == accumulate else self._buffer("out", spec.dtype, count).copy_(total)
 
 
 def average_checkpoints(
@@ -298,7 +330,7 @@ def average_checkpoints(
     if strict and left_out:
         reason = next(iter(left_out.values()))
         more = f" (and {len(left_out) - 1} more)" if len(left_out) > 1 else ""
-        raise CheckpointError(f"{reason}{more}; use strict=False (--no-strict) to average only the common tensors")
+        raise CheckpointError(f"{reason}{more}; pass strict=False to average only the common tensors")
     specs = {
         name: TensorSpec(spec.shape, dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype)
         for name, spec in first.specs.items()
@@ -363,8 +395,9 @@ def newest_checkpoints(where: str | os.PathLike[str], count: int) -> tuple[list[
     """The newest ``count`` checkpoints in a folder (or matching a glob pattern), oldest first; and the ordering.
 
     Files are ordered by the step number in their name (the last number; for a pattern, else the one in the
-    folder's name, as in ``checkpoint-500/model.safetensors``); files without a number are then ignored,
-    so ``checkpoint_best.pt`` is not counted twice. When no file has a number, by modification time.
+    folder's name, as in ``checkpoint-500/model.safetensors``); files without a number are then ignored (and
+    named in the ordering), so ``checkpoint_best.pt`` is not counted twice. When no file has a number, by
+    modification time.
     """
     where = Path(where)
     if count < 1:
@@ -384,6 +417,12 @@ def newest_checkpoints(where: str | os.PathLike[str], count: int) -> tuple[list[
     numbered = [p for p in files if step(p) is not None]
     if numbered:
         chosen, how = sorted(numbered, key=lambda p: (step(p), p.stat().st_mtime)), "step number in the name"
+        ignored = sorted(p.name for p in files if step(p) is None)
+        if ignored:
+            shown = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
+            how += (
+                f"; ignoring {len(ignored)} file{'s' if len(ignored) > 1 else ''} with no number in the name ({shown})"
+            )
     else:
         chosen, how = sorted(files, key=lambda p: p.stat().st_mtime), "modification time"
     if len(chosen) < count:

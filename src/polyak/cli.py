@@ -26,7 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polyak",
-        description="Averaged copies of a model's weights (EMA, SWA, ...): tools that work on checkpoints.",
+        description=(
+            "polyak keeps averaged copies of a model's weights (EMA, SWA, post-hoc EMA). The command runs a demo "
+            "and a benchmark, and works on checkpoint files (average, export, posthoc)."
+        ),
         epilog="Run `polyak COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"polyak {__version__}")

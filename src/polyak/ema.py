@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .front_end import FrontEnd, check_schedule, eager_when_compiled
+from .io import CheckpointError, load_torch
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
 from .shadow import _NONFINITE, NonFinite, Policy, Rounding, Shadow
 
@@ -22,24 +23,32 @@ _AVERAGER_FORMAT = "polyak.averager/1"
 def load_state(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Read an averager state saved with ``torch.save(averager.state_dict(), path)``, safely.
 
-    Only tensors and plain Python values are unpickled (``weights_only=True``). A file that is missing,
-    truncated, corrupt or not a polyak state raises a one-line ``ValueError`` (``FileNotFoundError`` if absent).
+    Only tensors and plain Python values are unpickled (``weights_only=True``), and the file is checked first
+    (zip CRCs, declared sizes: see :mod:`polyak.io`). A file that is missing raises ``FileNotFoundError``; one
+    that is truncated, damaged, not a regular file, or not a polyak state, a one-line ``ValueError``.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no averager state at {os.fspath(path)!r}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... from deep inside
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        state, _ = load_torch(path, map_location=map_location, mmap=False)
+    except CheckpointError as error:
+        reason = str(error).removeprefix(f"{os.fspath(path)}: ")
         raise ValueError(
             f"cannot read averager state {os.fspath(path)!r}: the file is truncated, corrupt or holds "
-            f"objects other than tensors and plain values ({type(error).__name__}: {reason[:200]})"
+            f"objects other than tensors and plain values ({reason[:300]})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != _AVERAGER_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(
             f"{os.fspath(path)!r} is not a polyak averager state (format {found!r}, expected {_AVERAGER_FORMAT!r})"
         )
+    for counter in ("step", "num_updates", "last_update_step", "skipped_updates", "start_step", "update_every"):
+        value = state.get(counter, 0)
+        if type(value) is not int or not 0 <= value < 2**63:  # what a torch.int64 step counter can hold
+            raise ValueError(
+                f"{os.fspath(path)!r} is a damaged averager state: {counter} is {value!r}, expected an integer "
+                "in [0, 2**63); re-create the state or load an earlier checkpoint"
+            )
     return state
 
 

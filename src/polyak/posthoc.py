@@ -11,8 +11,9 @@ averaging began (``step - start_step``), the time the profiles are defined in.
 
 from __future__ import annotations
 
+import fnmatch
 import json
-import math
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -23,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._safetensors import AtomicWriter, read_metadata
 from .front_end import FrontEnd, check_schedule, eager_when_compiled
-from .io import TensorFile, open_safetensors
+from .io import SafetensorsFile, TensorSpec, open_writer, output_format
 from .rules import PowerFunction, sigma_rel_to_gamma
 from .shadow import Policy, Shadow, check_same_layout, update_many
 
@@ -78,7 +78,7 @@ def solve_coefficients(
     if not (np.all(np.isfinite(t)) and np.all(t > 0)):
         raise ValueError(f"steps must be positive finite numbers of steps, got {t.tolist()}")
     if not (np.isfinite(target_step) and target_step > 0):
-        raise ValueError(f"target_step must be a positive number of steps, got {target_step!r}")
+        raise ValueError(f"target_step must be a positive number of steps, got {target_step}")
     if targets.size == 0:
         raise ValueError("target_sigma_rels is empty; give at least one relative width, e.g. [0.1]")
     gammas = np.array([sigma_rel_to_gamma(x) for x in s])
@@ -239,16 +239,16 @@ class PostHocEMA(FrontEnd):
             "aliases": json.dumps(self.shadows[0].aliases),  # other names of tied tensors
             "polyak_version": _version(),
         }
-        layout, tensors = [], []
+        specs, tensors = {}, {}
         for k, shadow in enumerate(self.shadows):
             for name, tensor in shadow.tensors().items():
                 dtype = self.snapshot_dtype if modes[name] == "average" else tensor.dtype
-                layout.append((f"{k}/{name}", tensor.shape, dtype))
-                tensors.append((tensor, dtype))
+                specs[f"{k}/{name}"] = TensorSpec(tuple(tensor.shape), dtype)
+                tensors[f"{k}/{name}"] = tensor
         path = where / f"phema-{self.last_update_step:012d}.safetensors"
-        with AtomicWriter(path, layout, metadata) as writer:
-            for tensor, dtype in tensors:
-                writer.write(tensor.to(dtype))
+        with open_writer(path, specs, format="safetensors", metadata=metadata) as writer:
+            for key in writer.names:
+                writer.write(tensors[key].to(specs[key].dtype))
         return path
 
     @contextmanager
@@ -316,17 +316,18 @@ class Snapshot:
     names: tuple[str, ...]
     copied: frozenset[str]
     aliases: dict[str, str]
-    tensors: TensorFile
+    tensors: SafetensorsFile
 
 
 def find_snapshots(directory: str | Path) -> list[Snapshot]:
-    """The snapshots (``phema-*.safetensors``) in ``directory``, by step."""
+    """The snapshots (``phema-*.safetensors``) in ``directory``, by step; each file's header and checksums checked."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"snapshot directory {str(directory)!r} does not exist or is not a directory")
     snapshots = []
     for path in sorted(directory.glob(_PATTERN)):
-        tensors, metadata = open_safetensors(path), read_metadata(path)
+        tensors = SafetensorsFile(path)
+        metadata = tensors.metadata
         if metadata.get("format") != _FORMAT:
             raise ValueError(
                 f"{str(path)!r} is not a polyak snapshot (format {metadata.get('format')!r}, expected {_FORMAT!r}); "
@@ -337,13 +338,17 @@ def find_snapshots(directory: str | Path) -> list[Snapshot]:
                 path,
                 int(metadata["step"]),
                 tuple(float(s) for s in json.loads(metadata["sigma_rels"])),
-                tuple(json.loads(metadata["names"])),
-                frozenset(json.loads(metadata["copied"])),
-                dict(json.loads(metadata["aliases"])),
+                tuple(str(n) for n in json.loads(metadata["names"])),
+                frozenset(str(n) for n in json.loads(metadata["copied"])),
+                {str(a): str(n) for a, n in json.loads(metadata["aliases"]).items()},
                 tensors,
             )
-        except (KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"{str(path)!r}: snapshot metadata is incomplete or malformed ({error!r})") from error
+            if not 0 < snapshot.step < 2**63:
+                raise ValueError(f"step {snapshot.step} is not a positive int64")
+            for sigma_rel in snapshot.sigma_rels:
+                sigma_rel_to_gamma(sigma_rel)
+        except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as error:
+            raise ValueError(f"{str(path)!r}: snapshot metadata is incomplete or malformed ({error})") from None
         keys = [f"{k}/{name}" for k in range(len(snapshot.sigma_rels)) for name in snapshot.names]
         missing = [key for key in keys if key not in tensors]
         if missing:
@@ -364,6 +369,10 @@ class Reconstruction:
     errors: np.ndarray
 
 
+MAX_FIT_ERROR = 0.1
+"""The largest relative L2 error of a fitted profile that :func:`reconstruct` accepts without ``force``."""
+
+
 def reconstruct(
     directory: str | Path,
     sigma_rels: Sequence[float],
@@ -371,26 +380,63 @@ def reconstruct(
     *,
     step: int | None = None,
     dtype: torch.dtype = torch.float32,
+    force: bool = False,
 ) -> Reconstruction:
     """Synthesise the EMA of each relative width in ``sigma_rels`` at ``step`` from the snapshots in ``directory``.
 
-    Writes one safetensors file per target to ``outputs`` (a state dict of the tracked tensors, averaged ones in
-    ``dtype``). Uses only snapshots at or before ``step`` (default: the latest snapshot's step). Tensors are
-    combined in flat pieces (accumulated in float64) and streamed to the outputs, so memory stays at about one
-    piece per target (1Mi elements), whatever the number of snapshots or the size of the tensors. Copied tensors
+    Writes one file per target to ``outputs``, in the format of its suffix (``.safetensors``, or
+    ``.pt/.pth/.bin/.ckpt`` for ``torch.load``): a state dict of the tracked tensors, averaged ones in ``dtype``.
+    Uses only snapshots at or before ``step`` (default: the latest snapshot's step). Tensors are combined in flat
+    pieces (accumulated in float64) and streamed to the outputs, so memory stays at about one piece per target
+    (1Mi elements; one output model for a ``.pt`` output), whatever the number of snapshots. Copied tensors
     come from the latest snapshot used.
+
+    Refused (``ValueError``): snapshots whose tensors differ in names, shapes or dtypes; an output that a later
+    run would read as a snapshot (``phema-*.safetensors`` in ``directory``); and, unless ``force``, a target the
+    snapshots cannot express: a ``step`` that is not a snapshot's step (after the last one nothing was seen;
+    between two, the training since the earlier one is missing), or a fit whose relative profile error is
+    above :data:`MAX_FIT_ERROR`.
     """
     targets = tuple(float(s) for s in sigma_rels)
     if len(outputs) != len(targets):
         raise ValueError(f"give one output path per target sigma_rel: {len(targets)} targets, {len(outputs)} outputs")
+    formats = [output_format(output) for output in outputs]
+    directory = Path(directory)
+    if len({os.path.realpath(output) for output in outputs}) != len(outputs):
+        raise ValueError(f"two outputs are the same file ({', '.join(map(str, outputs))}); give one per target")
+    for output in outputs:
+        where = Path(os.path.realpath(output))
+        if where.parent == Path(os.path.realpath(directory)) and fnmatch.fnmatch(where.name, _PATTERN):
+            raise ValueError(
+                f"output {str(output)!r} is named like a snapshot in the snapshot directory, where a later run "
+                "would read it as one; write it elsewhere or under another name"
+            )
     snapshots = find_snapshots(directory)
     if not snapshots:
         raise ValueError(f"no snapshots ({_PATTERN}) in {str(directory)!r}; write them with PostHocEMA(directory=...)")
+    if step is not None and (isinstance(step, bool) or not 0 < int(step) < 2**63):
+        raise ValueError(f"step must be a positive number of steps since averaging began, got {step}")
     step = snapshots[-1].step if step is None else int(step)
+    steps = [snap.step for snap in snapshots]
+    if not force and step not in steps:
+        position = "after the last snapshot" if step > steps[-1] else "between snapshots"
+        raise ValueError(
+            f"step {step} is {position} (snapshot steps: {_listed(steps)}); the snapshots hold no average of the "
+            "training since the one before it, so the result would not be that EMA: pick a snapshot's step, "
+            "or force it (--force)"
+        )
     rows = [(i, k) for i, snap in enumerate(snapshots) for k in range(len(snap.sigma_rels))]
     coefficients, errors = solve_coefficients(
         [snapshots[i].step for i, _ in rows], [snapshots[i].sigma_rels[k] for i, k in rows], step, targets
     )
+    worst = int(np.argmax(errors))
+    if not force and float(errors[worst]) > MAX_FIT_ERROR:
+        raise ValueError(
+            f"sigma_rel {targets[worst]:g} at step {step} is fitted with a relative profile error of "
+            f"{float(errors[worst]):.2g}, above {MAX_FIT_ERROR:g}: the snapshots' widths "
+            f"({_listed(sorted({s for snap in snapshots for s in snap.sigma_rels}))}) cannot express it; pick a "
+            "width nearer theirs, or force it (--force)"
+        )
     used = [i for i, snap in enumerate(snapshots) if snap.step <= step]
     last = snapshots[used[-1]]
     for i in used:
@@ -400,19 +446,26 @@ def reconstruct(
                 f"snapshots {str(snapshots[i].path)!r} and {str(last.path)!r} hold different tensors; "
                 "reconstruct from snapshots of one model only"
             )
+        for key, spec in last.tensors.specs.items():
+            found = snap.tensors.specs.get(key)
+            if found is not None and (found.shape != spec.shape or found.dtype != spec.dtype):
+                raise ValueError(
+                    f"tensor {key!r} has {found} in {str(snap.path)!r} but {spec} in {str(last.path)!r}; "
+                    "reconstruct from snapshots of one model only"
+                )
     tied: dict[str, list[str]] = {}
     for alias, name in last.aliases.items():
         tied.setdefault(name, []).append(alias)
-    layout, sources = [], []  # a tied tensor is written under each of its names, so the output loads strictly
+    specs, sources = {}, {}  # a tied tensor is written under each of its names, so the output loads strictly
     for name in last.names:
         spec = last.tensors.specs[f"0/{name}"]
         for out_name in (name, *tied.get(name, ())):
-            layout.append((out_name, spec.shape, spec.dtype if name in last.copied else dtype))
-            sources.append(name)
+            specs[out_name] = TensorSpec(spec.shape, spec.dtype if name in last.copied else dtype)
+            sources[out_name] = name
     live = [(row, i, k) for row, (i, k) in enumerate(rows) if np.any(coefficients[row] != 0)]
     with ExitStack() as stack:
         writers = []
-        for target, error, output in zip(targets, errors, outputs, strict=True):
+        for target, error, output, fmt in zip(targets, errors, outputs, formats, strict=True):
             metadata = {
                 "format": "polyak.posthoc.reconstruction/1",
                 "sigma_rel": repr(target),
@@ -422,7 +475,7 @@ def reconstruct(
                 "snapshots": str(len(used)),
                 "polyak_version": _version(),
             }
-            writers.append(stack.enter_context(AtomicWriter(output, layout, metadata)))
+            writers.append(stack.enter_context(open_writer(output, specs, format=fmt, metadata=metadata)))
         # Buffers allocated once and reused, so memory does not depend on how the allocator recycles them.
         sums = torch.empty(len(targets), _CHUNK, dtype=torch.float64)
         buffers: dict[torch.dtype, torch.Tensor] = {}
@@ -432,8 +485,8 @@ def reconstruct(
                 buffers[dtype] = torch.empty(_CHUNK, dtype=dtype)
             return buffers[dtype][:n]
 
-        for (_, shape, out_dtype), name in zip(layout, sources, strict=True):
-            numel = math.prod(shape)
+        for out_name in writers[0].names:  # every writer takes the tensors in the same order
+            out_dtype, name, numel = specs[out_name].dtype, sources[out_name], specs[out_name].numel
             for start in range(0, numel, _CHUNK):
                 stop = min(numel, start + _CHUNK)
                 if name in last.copied:
@@ -452,3 +505,9 @@ def reconstruct(
                 for writer, total in zip(writers, totals, strict=True):
                     writer.write(buffer(out_dtype, stop - start).copy_(total))
     return Reconstruction(step, targets, snapshots, rows, coefficients, errors)
+
+
+def _listed(numbers: Sequence[float]) -> str:
+    """Plain numbers for a message (never ``np.float64(0.5)``), eliding a long middle."""
+    shown = [f"{float(x):g}" for x in numbers]
+    return ", ".join(shown if len(shown) <= 8 else [*shown[:3], "...", *shown[-3:]])

@@ -1,4 +1,4 @@
-"""Command-line subcommands that work on checkpoint files; see :mod:`polyak.cli` for the registry."""
+"""The ``polyak`` subcommands, one module each; see :mod:`polyak.cli` for the registry. Shared helpers here."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ from collections.abc import Callable
 
 import torch
 
-from ..io import CheckpointError
+from ..io import one_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+OUTPUT_HELP = (
+    "output file: .safetensors or .pt/.pth/.bin/.ckpt (other suffixes are refused unless --format is given); "
+    "an existing file is replaced atomically and keeps its permissions; a symbolic link is written through"
+)
 
 
 def say(message: str) -> None:
@@ -18,13 +22,24 @@ def say(message: str) -> None:
 
 
 def guarded(command: str, body: Callable[[], None]) -> int:
-    """Run ``body``; a bad file or argument becomes ``polyak COMMAND: error: <one line>`` and exit code 2."""
+    """Run ``body``; a bad file, argument or OS error becomes ``polyak COMMAND: error: <one line>``, exit code 2.
+
+    Interrupted (Ctrl-C): exit code 130, and every output is left as it was (writes are atomic).
+    """
     try:
         body()
-    except CheckpointError as error:
-        say(f"polyak {command}: error: {error}")
+    except KeyboardInterrupt:
+        say(f"polyak {command}: interrupted; no output was changed")
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError, OverflowError, RecursionError, MemoryError) as error:
+        say(f"polyak {command}: error: {one_line(error)}")
         return 2
     return 0
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 checkpoint"``, ``"3 checkpoints"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def size(nbytes: int) -> str:

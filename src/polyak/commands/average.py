@@ -7,9 +7,11 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoints import average_checkpoints, newest_checkpoints
+import torch
+
+from ..checkpoints import average_checkpoints, average_weights, newest_checkpoints
 from ..io import CheckpointError, output_format, save_state_dict
-from . import DTYPES, guarded, say, size
+from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
 
 EXAMPLES = """\
 examples:
@@ -24,6 +26,9 @@ Floating-point tensors are averaged in float32 (float64 for float64 inputs) and 
 dtype unless --dtype is given; integer and bool tensors are copied from the last (newest) file. Weights
 are normalised to sum to 1. --ema D weighs file i of N (oldest first) by (1-D)*D^(N-1-i), the first by
 D^(N-1): an EMA started from the first file. Memory: about one output tensor (one output model for .pt).
+A single input is allowed (it converts: --dtype, --format) and says so. Every input is checked before
+anything is averaged: zip CRCs and declared sizes of PyTorch files, polyak's checksums in safetensors files it
+wrote; a damaged, truncated or non-regular file (a pipe, a device) is refused with one line and exit code 2.
 """
 
 
@@ -33,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoints", nargs="*", metavar="CKPT", help="checkpoint files (or a sharded one's .index.json), oldest first"
     )
-    parser.add_argument("-o", "--output", required=True, help="output file: .safetensors (default) or .pt/.pth/.bin")
+    parser.add_argument("-o", "--output", required=True, help=OUTPUT_HELP)
     parser.add_argument(
         "--last", nargs=2, metavar=("N", "DIR"), help="the newest N checkpoints in folder DIR (or a quoted glob)"
     )
@@ -67,18 +72,28 @@ def _average(args: argparse.Namespace) -> None:
         except ValueError:
             raise CheckpointError(f"--last needs a number of checkpoints, got {args.last[0]!r}") from None
         paths, how = newest_checkpoints(args.last[1], count)
-        report(f"newest {count} by {how}: " + ", ".join(str(p) for p in paths))
     if not paths:
         raise CheckpointError("no checkpoints given; pass files or --last N DIR")
+    fmt = args.format or output_format(args.output)
+    _check_weights(args, len(paths))
+    if args.last:
+        report(f"newest {plural(count, 'checkpoint')} by {how}: " + ", ".join(str(p) for p in paths))
+    if len(paths) == 1:
+        report(f"only one checkpoint given: the output is {paths[0]} itself, converted (nothing to average)")
     started = time.perf_counter()
+    torch.set_num_threads(1)  # pieces of 1 MiB are memory-bound; more threads only wait on each other
     average = average_checkpoints(
         paths,
         weights=args.weights,
         ema_decay=args.ema,
         key=args.key,
-        strict=args.strict,
+        strict=False,
         dtype=DTYPES[args.dtype] if args.dtype else None,
     )
+    if args.strict and average.left_out:
+        reason = next(iter(average.left_out.values()))
+        more = f" (and {len(average.left_out) - 1} more)" if len(average.left_out) > 1 else ""
+        raise CheckpointError(f"{reason}{more}; add --no-strict to average only the tensors every file has")
     notes: dict[str, list[str]] = {}
     for opened in average.inputs:
         if opened.note:
@@ -87,16 +102,30 @@ def _average(args: argparse.Namespace) -> None:
         report(f"{where[0] if len(where) == 1 else f'{len(where)} checkpoints'}: {note}")
     if average.left_out:
         shown = "; ".join(list(average.left_out.values())[:3])
-        report(f"left out {len(average.left_out)} tensor(s) not shared by every file: {shown}")
+        report(f"left out {plural(len(average.left_out), 'tensor')} not shared by every file: {shown}")
     if not average.specs:
         raise CheckpointError("no tensor is common to all the checkpoints; nothing to write")
     weights = ", ".join(f"{w:.4g}" for w in average.weights)
-    report(f"averaging {len(paths)} checkpoints with weights {weights}")
+    report(f"averaging {plural(len(paths), 'checkpoint')} with weights {weights}")
     metadata = {"polyak": json.dumps({"average": [Path(p).name for p in paths], "weights": average.weights})}
-    save_state_dict(average, args.output, format=args.format, metadata=metadata, progress=not args.quiet)
+    save_state_dict(average, args.output, format=fmt, metadata=metadata, progress=not args.quiet)
     read = sum(s.nbytes for f in average.inputs for n, s in f.specs.items() if n in average.specs)
     seconds = time.perf_counter() - started
     report(
-        f"wrote {args.output} ({args.format or output_format(args.output)}, {len(average)} tensors, "
+        f"wrote {args.output} ({fmt}, {plural(len(average), 'tensor')}, "
         f"{size(sum(s.nbytes for s in average.specs.values()))}) from {size(read)} of inputs in {seconds:.1f} s"
     )
+
+
+def _check_weights(args: argparse.Namespace, count: int) -> None:
+    """Refuse bad --weights / --ema values, in the flags' own words, before any file is opened."""
+    if args.ema is not None and not 0.0 <= args.ema < 1.0:
+        raise CheckpointError(f"--ema must be a decay in [0, 1) per file, got {args.ema:g}; e.g. --ema 0.9")
+    if args.weights is not None and len(args.weights) != count:
+        raise CheckpointError(
+            f"--weights got {len(args.weights)} values for {plural(count, 'checkpoint')}; give one weight per file"
+        )
+    try:
+        average_weights(count, args.weights, args.ema)
+    except CheckpointError as error:
+        raise CheckpointError(f"--weights: {error}") from None

@@ -6,7 +6,7 @@ import argparse
 
 from ..checkpoints import export_weights
 from ..io import output_format, save_state_dict
-from . import DTYPES, guarded, say, size
+from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
 
 EXAMPLES = """\
 examples:
@@ -25,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
     parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file (.pt/.pth/.bin/.ckpt/.safetensors)")
-    parser.add_argument("-o", "--output", required=True, help="output file: .safetensors (default) or .pt/.pth/.bin")
+    parser.add_argument("-o", "--output", required=True, help=OUTPUT_HELP)
     parser.add_argument("--key", help="state dict inside a training checkpoint (default: the averaged weights)")
     parser.add_argument("--strip-prefix", metavar="PREFIX", help="remove this prefix from names, e.g. model.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point tensors (default: keep)")
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
+    fmt = args.format or output_format(args.output)  # an unknown suffix is refused before any reading
     exported = export_weights(
         args.checkpoint,
         key=args.key,
@@ -47,7 +48,7 @@ def _export(args: argparse.Namespace) -> None:
     source = exported.source
     if not args.quiet:
         say(f"{args.checkpoint}: {source.note or 'using ' + repr(source.key or 'the whole file')}")
-    save_state_dict(exported, args.output, format=args.format, progress=not args.quiet)
+    save_state_dict(exported, args.output, format=fmt, progress=not args.quiet)
     if not args.quiet:
         total = size(sum(s.nbytes for s in exported.specs.values()))
-        say(f"wrote {args.output} ({args.format or output_format(args.output)}, {len(exported)} tensors, {total})")
+        say(f"wrote {args.output} ({fmt}, {plural(len(exported), 'tensor')}, {total})")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..posthoc import Reconstruction, reconstruct
+from ..posthoc import MAX_FIT_ERROR, Reconstruction, reconstruct
 from ..rules import sigma_rel_to_gamma
-from . import DTYPES
+from . import DTYPES, guarded, plural
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,28 +21,41 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--step", type=int, default=None, help="step (since averaging began) of the wanted EMA; default: the latest"
     )
     parser.add_argument(
-        "-o", "--output", nargs="+", required=True, help="output .safetensors file(s), one per --sigma-rel"
+        "-o",
+        "--output",
+        nargs="+",
+        required=True,
+        help="output file(s), one per --sigma-rel: .safetensors or .pt/.pth/.bin/.ckpt (other suffixes are refused; "
+        "not a phema-*.safetensors name in SNAPSHOT_DIR); an existing file is replaced atomically and keeps its "
+        "permissions; a symbolic link is written through",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"write even a target the snapshots cannot express: a --step that is not a snapshot's step, or a fit "
+        f"whose relative profile error is above {MAX_FIT_ERROR:g}",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of averaged tensors")
     parser.add_argument("--plot", metavar="PNG", help="also plot each target profile against its reconstruction")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = reconstruct(args.directory, args.sigma_rel, args.output, step=args.step, dtype=DTYPES[args.dtype])
-    except (ValueError, RuntimeError, OSError) as error:
-        print(f"polyak posthoc: error: {error}", file=sys.stderr)
-        return 2
+    return guarded("posthoc", lambda: _posthoc(args))
+
+
+def _posthoc(args: argparse.Namespace) -> None:
+    result = reconstruct(
+        args.directory, args.sigma_rel, args.output, step=args.step, dtype=DTYPES[args.dtype], force=args.force
+    )
     used = sum(1 for snap in result.snapshots if snap.step <= result.step)
     for sigma_rel, fit_error, output in zip(result.sigma_rels, result.errors, args.output, strict=True):
         print(
             f"sigma_rel {sigma_rel:g} (gamma {sigma_rel_to_gamma(sigma_rel):.3f}) at step {result.step} "
-            f"from {used} snapshots: relative profile error {fit_error:.2e} -> {output}"
+            f"from {plural(used, 'snapshot')}: relative profile error {float(fit_error):.2e} -> {output}"
         )
     if args.plot:
         plot(result, args.plot)
         print(f"profile plot -> {args.plot}")
-    return 0
 
 
 def plot(result: Reconstruction, path: str | Path) -> None:
