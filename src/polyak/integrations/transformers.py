@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import full_state_dict, is_dtensor, partitioned_names
+from ..io import load_torch
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
 
 require("transformers", "transformers")
@@ -239,7 +240,7 @@ class AveragingCallback(TrainerCallback):
             places.insert(0, Path(args.resume_from_checkpoint))
         for directory in places:
             if (directory / state_file).is_file():
-                saved = torch.load(directory / state_file, map_location="cpu", weights_only=True)
+                saved, _ = load_torch(directory / state_file, mmap=False)  # checked: CRCs, sizes, no pickled code
                 if saved.get("global_step") != step:
                     raise RuntimeError(
                         f"{directory / state_file} was written at step {saved.get('global_step')}, but training "
