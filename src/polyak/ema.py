@@ -179,7 +179,8 @@ class Averager(FrontEnd):
             "update_every": self.update_every,
             "start_step": self.start_step,
             "policy": self._policy(),
-        } | ({"target": "module"} if self.target is not None else {})
+            "target": None if self.target is None else "module",  # states without the key load as None
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: counters, configuration (checked on load), tensors.
