@@ -242,3 +242,34 @@ def test_target_resume_and_start_step():
     shadow_only = polyak.EMA(qnet(), tau=0.2, start_step=3)
     with pytest.raises(ValueError, match="target"):
         shadow_only.load_state_dict(saved)
+
+
+def test_target_update_costs_no_sync_and_no_allocation():
+    from polyak.bench import Census
+
+    online = qnet(torch.float32)
+    ema = polyak.EMA(online, tau=0.005, target="copy")
+    ema.update()
+    with Census() as census:
+        for _ in range(3):
+            ema.update()
+    assert census.syncs == 0
+    assert census.allocated == 0
+
+
+def test_target_skips_nonfinite_updates():
+    online = qnet(torch.float32)
+    ema = polyak.EMA(online, tau=0.1, target="copy", nonfinite="skip")
+    for _ in train_steps(online, 2):
+        ema.update()
+    before = {k: v.clone() for k, v in ema.target.state_dict().items()}
+    with torch.no_grad():
+        online[0].weight[0, 0] = float("nan")
+    ema.update()
+    assert ema.skipped_updates == 1
+    for key, value in ema.target.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(value, before[key]), key
+    raising = polyak.EMA(online, tau=0.1, target="copy", nonfinite="raise")
+    with pytest.raises(RuntimeError, match="'0.weight' holds inf or NaN"):
+        raising.update()

@@ -70,7 +70,7 @@ class Rule(ABC):
 
     @abstractmethod
     def decay_at(self, j: int) -> float:
-        """Per-step decay at step ``j >= 2`` (step 1 always copies)."""
+        """Per-step decay at step ``j >= 1`` (an average that starts with a copy never uses step 1's)."""
 
     def config(self) -> dict[str, Any]:
         """Hyper-parameters, as saved in a state dict and compared on load."""
