@@ -271,5 +271,5 @@ def test_target_skips_nonfinite_updates():
         if value.is_floating_point():
             assert torch.equal(value, before[key]), key
     raising = polyak.EMA(online, tau=0.1, target="copy", nonfinite="raise")
-    with pytest.raises(RuntimeError, match="'0.weight' holds inf or NaN"):
+    with pytest.raises(RuntimeError, match=r"'0\.weight' holds inf or NaN"):
         raising.update()
