@@ -183,3 +183,18 @@ def test_switch_ema_writes_the_average_back(blend):
     for bad in (dict(switch_every=3), dict(switch_every=0), dict(switch_blend=0.0), dict(switch_blend=1.5)):
         with pytest.raises(ValueError, match="switch"):
             polyak.EMA(model, decay=0.7, update_every=2, **{"switch_every": 4, **bad})
+
+
+def test_multi_ema_skips_nonfinite_updates_in_every_average():
+    model = net()
+    multi = polyak.MultiEMA(model, decays=(0.5, 0.9), nonfinite="skip")
+    multi.update()
+    before = {name: {k: v.clone() for k, v in ema.shadow.tensors().items()} for name, ema in multi.items()}
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))
+    multi.update()
+    for name, ema in multi.items():
+        assert ema.skipped_updates == 1 and ema.step == 2
+        for key, value in ema.shadow.tensors().items():
+            if value.is_floating_point():
+                assert torch.equal(value, before[name][key]), (name, key)
