@@ -273,3 +273,21 @@ def test_target_skips_nonfinite_updates():
     raising = polyak.EMA(online, tau=0.1, target="copy", nonfinite="raise")
     with pytest.raises(RuntimeError, match=r"'0\.weight' holds inf or NaN"):
         raising.update()
+
+
+def test_target_converted_after_construction_keeps_the_average():
+    """target.double() replaces the target's tensors; the average follows them instead of going stale."""
+    online = qnet(torch.float32)
+    ema = polyak.EMA(online, tau=0.5, target="copy")
+    reference = copy.deepcopy(online).double()
+    for _ in train_steps(online, 2):
+        ema.update()
+        sb3_polyak_update(online.parameters(), reference.parameters(), 0.5)
+    ema.target.double()
+    online.double()
+    for _ in train_steps(online, 3):
+        ema.update()
+        sb3_polyak_update(online.parameters(), reference.parameters(), 0.5)
+    assert ema.target[0].weight.dtype == torch.float64
+    for got, want in zip(ema.target.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .durations import to_steps
 from .front_end import FrontEnd, check_schedule
-from .live import Target, adopt, make_target
+from .live import Target, adopt, first_tensor, make_target
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
 from .shadow import _NONFINITE, NonFinite, Policy, Shadow, write_blended
 
@@ -248,6 +248,7 @@ class Averager(FrontEnd):
         self.switch_every, self.switch_blend = switch_every, blend
         self.lazy = lazy
         self.target: nn.Module | None = None
+        self._target_first: Tensor | None = None
         self._shadow: Shadow | None = None
         self._options = {**options, "dtype": dtype, "device": device}
         if target is not None:
@@ -255,6 +256,8 @@ class Averager(FrontEnd):
                 raise ValueError("lazy=True allocates the average late; a target module exists from the start")
             self.target = make_target(model, target, dtype=dtype, device=device)
             self._shadow = adopt(model, self.target, **options)
+            self._target_first = first_tensor(self.target)
+            self._target_memory = self._target_pointer()
         elif not lazy:
             self._shadow = Shadow(model, **self._options)
 
@@ -271,6 +274,8 @@ class Averager(FrontEnd):
     def _begin_update(self, module: nn.Module) -> float | None:
         """The weight of this step's update, or None when this step does not update the average."""
         t = self.step + 1 - self.start_step
+        if self.target is not None and self._target_pointer() != self._target_memory:
+            self._readopt(module)
         if t == 0 and self.target is not None:  # the step before averaging starts: the target starts here
             self.shadow.copy_from(module)
         if t < 1 or t % self.update_every:
@@ -281,6 +286,16 @@ class Averager(FrontEnd):
         if self.target is not None:  # blends from the start (the initial copy is the iterate at time 0)
             return 1.0 - self.rule.decay_over(t, delta)
         return self.rule.weight(t, delta)
+
+    def _target_pointer(self) -> int:
+        """Where the target's first tensor lives now: one check per update notices a converted target."""
+        return 0 if self._target_first is None else self._target_first.data_ptr()
+
+    def _readopt(self, module: nn.Module) -> None:
+        """The target was converted (``.to()``, ``.half()``): store the average in its new tensors, which hold it."""
+        options = {k: v for k, v in self._options.items() if k not in ("dtype", "device")}
+        self._shadow = adopt(module, self.target, copy=False, **options)  # type: ignore[arg-type]  # a target is set
+        self._target_memory = self._target_pointer()
 
     def _end_update(self, module: nn.Module, applied: Tensor | None) -> None:
         """Count the update :meth:`_begin_update` asked for; switch the model to the average when due."""

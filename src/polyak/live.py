@@ -80,8 +80,9 @@ def make_target(
     return target
 
 
-def adopt(model: nn.Module, target: nn.Module, **options: Any) -> Shadow:
-    """A shadow stored in ``target``'s own tensors, selected as in ``model``, holding ``model``'s values.
+def adopt(model: nn.Module, target: nn.Module, *, copy: bool = True, **options: Any) -> Shadow:
+    """A shadow stored in ``target``'s own tensors, selected as in ``model``, holding ``model``'s values
+    (``copy=False``: keeping the target's).
 
     Which parameters are averaged follows ``model`` (``requires_grad``), not the target; afterwards no
     parameter of the target requires grad.
@@ -92,5 +93,12 @@ def adopt(model: nn.Module, target: nn.Module, **options: Any) -> Shadow:
             f.tensor.requires_grad_(online[f.name].requires_grad)
     shadow = Shadow(target, adopt=True, **options)
     unwrap(target).requires_grad_(False)
-    shadow.copy_from(model)
+    if copy:
+        shadow.copy_from(model)
     return shadow
+
+
+def first_tensor(module: nn.Module) -> torch.Tensor | None:
+    """The module's first parameter or buffer: converting the module (``.to()``, ``.half()``) gives it new memory."""
+    found = walk(module)[0]
+    return found[0].tensor if found else None
