@@ -116,6 +116,10 @@ def test_multi_ema_errors():
         polyak.MultiEMA(model, decays=())
     with pytest.raises(ValueError, match="differ"):
         polyak.MultiEMA(model, decays=(0.9, 0.9))
+    with pytest.raises(TypeError, match="mapping"):
+        polyak.MultiEMA(model, decays=(CosineMomentum(total_steps=3),))
+    with pytest.raises(ValueError, match="decay must be in"):
+        polyak.MultiEMA(model, decays=(0.9, 1.5))
     with pytest.raises(ValueError, match="without dots"):
         polyak.MultiEMA(model, decays={"a.b": 0.9})
     with pytest.raises(ValueError, match="target"):

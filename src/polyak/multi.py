@@ -46,7 +46,12 @@ class MultiEMA:
         if isinstance(decays, Mapping):
             named = dict(decays)
         elif isinstance(decays, Sequence) and not isinstance(decays, str):
-            named = {_name(float(d)) if isinstance(d, (int, float)) else str(d): d for d in decays}
+            if not all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in decays):
+                raise TypeError(
+                    f"a sequence of decays holds numbers only, got {list(decays)!r}; name rules with a mapping, "
+                    'e.g. {"teacher": CosineMomentum(...)}'
+                )
+            named = {_name(float(d)): d for d in decays}
             if len(named) != len(decays):
                 raise ValueError(f"decays must differ from each other, got {list(decays)!r}")
         else:
