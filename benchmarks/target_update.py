@@ -6,8 +6,9 @@ Shapes: the DQN CartPole Q-network (4-128-128-2), a TD3/SAC critic pair (256-256
 Nature-DQN Atari CNN. Contenders, each updating a target module in place after one optimizer step:
 ``sb3 loop`` (Stable-Baselines3's ``polyak_update``: ``mul_`` then ``add_`` per tensor), ``foreach lerp``
 (one ``torch._foreach_lerp_`` over prebuilt lists, the fastest hand-written form) and ``polyak``
-(``EMA(net, tau=0.005, target="copy").update()``). Reported: median microseconds per update over rounds that
-alternate the contenders, and each one's ratio to ``foreach lerp`` measured in the same run.
+(``EMA(net, tau=0.005, target="copy").update()``). Reported: median microseconds per update over rounds in
+which the contenders take turns (in a rotating order), and the median over rounds of polyak's time over
+``foreach lerp``'s in the same round.
 """
 
 from __future__ import annotations
@@ -69,18 +70,20 @@ def main(repeats: int = 2000, threads: int = 1) -> dict[str, dict[str, float]]:
         for fn in calls.values():  # warm up
             for _ in range(20):
                 fn()
-        batch = 10
-        for _ in range(max(1, repeats // batch)):
-            for key, fn in calls.items():
+        batch, keys = 10, list(calls)
+        for round_ in range(max(1, repeats // batch)):
+            for key in keys[round_ % 3 :] + keys[: round_ % 3]:  # the order rotates from round to round
                 start = time.perf_counter()
                 for _ in range(batch):
-                    fn()
+                    calls[key]()
                 times[key].append((time.perf_counter() - start) / batch * 1e6)
         medians = {key: statistics.median(values) for key, values in times.items()}
+        ratios = [a / b for a, b in zip(times["polyak"], times["foreach lerp"], strict=True)]
+        medians["polyak / foreach"] = ratio = statistics.median(ratios)  # within each round, then the median
         results[name] = medians
         count = sum(p.numel() for p in model.parameters())
         cells = " | ".join(f"{medians[key]:.1f} µs" for key in calls)
-        print(f"| {name} | {count:,} | {cells} | {medians['polyak'] / medians['foreach lerp']:.2f} |", flush=True)
+        print(f"| {name} | {count:,} | {cells} | {ratio:.2f} |", flush=True)
     return results
 
 
