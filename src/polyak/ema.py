@@ -226,7 +226,8 @@ class Averager(FrontEnd):
           its train/eval mode is its own. The target starts as the model's weights at the start of averaging
           (construction, or the step before ``start_step``) and every update blends into it, as the target
           networks of DQN/SAC/TD3 and the teachers of BYOL/DINO/Mean Teacher do: the first update's weight is
-          ``1 - decay`` (``tau``), not a copy. Do not move or re-create its tensors after construction.
+          ``1 - decay`` (``tau``), not a copy. Converting it later (``.to()``, ``.double()``) is followed; replacing
+          its submodules is not.
         - ``lazy=True``: no memory for the average until the first update after ``start_step``.
         - ``switch_every=N`` (a multiple of ``update_every``): every N optimizer steps after the update, move the
           model to the average, ``model <- model + switch_blend * (average - model)`` (Switch EMA, Li et al.
@@ -235,7 +236,7 @@ class Averager(FrontEnd):
         if not isinstance(lazy, bool):
             raise TypeError(f"lazy must be a bool, got {type(lazy).__name__}")
         if switch_every is not None and not (
-            isinstance(switch_every, int) and switch_every >= 1 and switch_every % self.update_every == 0
+            type(switch_every) is int and switch_every >= 1 and switch_every % self.update_every == 0
         ):
             raise ValueError(
                 f"switch_every must be None or a positive multiple of update_every={self.update_every} (optimizer "
