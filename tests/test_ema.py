@@ -164,7 +164,7 @@ def test_grad_scaler_skipped_steps_are_not_averaged():
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match="exactly one of decay, half_life or rule"):
+    with pytest.raises(ValueError, match="exactly one of decay, tau, half_life or rule"):
         polyak.EMA(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="exactly one"):
         polyak.EMA(nn.Linear(2, 2), decay=0.9, half_life=10)

@@ -70,3 +70,28 @@ def test_compile_amp_runs():
     results = load("compile_amp").main(steps=40)  # the suite's one real (inductor) compile
     assert all(math.isfinite(v) and v > 0 for v in results.values())
     assert results["last iterate again"] == results["last iterate"] != results["EMA 0.98"]
+
+
+def test_dqn_cartpole_runs():
+    import pytest
+
+    pytest.importorskip("gymnasium")
+    results = load("dqn_cartpole").main(steps=1600, seeds=(0,))
+    assert results[0]["target updates"] == (1600 - 1000) // 500  # hard copies every 500 optimizer steps
+    assert 8 <= results[0]["greedy return"] <= 500 and results[0]["episodes"] > 0
+
+
+def test_td3_pendulum_runs():
+    import pytest
+
+    pytest.importorskip("gymnasium")
+    results = load("td3_pendulum").main(steps=1100, seeds=(0,))
+    assert results[0]["target updates"] == 50  # with every second critic step
+    assert -2000 < results[0]["eval return"] <= 0  # Pendulum's rewards are in [-16.3, 0] per step, 200 steps
+
+
+def test_mean_teacher_mnist1d_runs():
+    results = load("mean_teacher_mnist1d").main(steps=60, labels=100, seeds=(0,))
+    assert set(results[0]) == {"student", "teacher"}
+    assert all(0.0 <= v <= 1.0 for v in results[0].values())
+    assert results[0]["student"] > 0.15  # above chance (0.1) after 60 steps

@@ -22,9 +22,11 @@ from typing import Any
 
 __all__ = [
     "ConstantDecay",
+    "CosineMomentum",
     "DebiasedDecay",
     "EqualWeights",
     "HalfLife",
+    "LinearMomentum",
     "PowerFunction",
     "PowerWarmup",
     "RationalWarmup",
@@ -68,7 +70,7 @@ class Rule(ABC):
 
     @abstractmethod
     def decay_at(self, j: int) -> float:
-        """Per-step decay at step ``j >= 2`` (step 1 always copies)."""
+        """Per-step decay at step ``j >= 1`` (an average that starts with a copy never uses step 1's)."""
 
     def config(self) -> dict[str, Any]:
         """Hyper-parameters, as saved in a state dict and compared on load."""
@@ -277,3 +279,77 @@ def rule_from_config(config: dict[str, Any]) -> Rule:
     if name == "HalfLife":
         return HalfLife(kwargs["half_life"])
     return _RULES[name](**kwargs)
+
+
+# ---------------------------------------------------------------------- momentum schedules (target networks, teachers)
+#
+# Any schedule is a small Rule: subclass it as a frozen dataclass whose fields are the hyper-parameters and define
+# ``decay_at(j)``, the per-step decay at optimizer step j >= 1. Everything else (``update_every``, saving and
+# checking the settings on load) follows. For example, a decay that steps from 0.99 to 0.999 at step 1000:
+#
+#     @dataclass(frozen=True)
+#     class StepDecay(Rule):
+#         before: float = 0.99
+#         after: float = 0.999
+#         at: int = 1000
+#
+#         def decay_at(self, j: int) -> float:
+#             return self.before if j < self.at else self.after
+
+
+def _check_momentum(start: float, end: float, total_steps: int) -> tuple[float, float]:
+    start, end = float(start), float(end)
+    for name, value in (("start", start), ("end", end)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a decay in [0, 1], got {value!r}")
+    if not (isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps >= 1):
+        raise ValueError(f"total_steps must be an int >= 1 (optimizer steps), got {total_steps!r}")
+    return start, end
+
+
+@dataclass(frozen=True)
+class CosineMomentum(Rule):
+    """Decay that rises from ``start`` to ``end`` on a half cosine over ``total_steps`` optimizer steps.
+
+    ``m_t = end - (end - start) * (cos(pi * k / total_steps) + 1) / 2`` with ``k = min(t - 1, total_steps)``:
+    the first step uses ``start``, step ``total_steps + 1`` and later use ``end``. With ``end=1`` this is the
+    momentum-encoder schedule of BYOL (Grill et al. 2020, eq. in section 3.2; k counted from 0) and DINO.
+    """
+
+    start: float = 0.996
+    end: float = 1.0
+    total_steps: int = 1
+
+    def __post_init__(self) -> None:
+        start, end = _check_momentum(self.start, self.end, self.total_steps)
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+
+    def decay_at(self, j: int) -> float:
+        k = min(j - 1, self.total_steps)
+        return self.end - (self.end - self.start) * (math.cos(math.pi * k / self.total_steps) + 1.0) / 2.0
+
+
+@dataclass(frozen=True)
+class LinearMomentum(Rule):
+    """Decay that moves linearly from ``start`` to ``end`` over ``total_steps`` optimizer steps.
+
+    ``m_t = start + (end - start) * k / total_steps`` with ``k = min(t - 1, total_steps)`` (as
+    :class:`CosineMomentum`: the first step uses ``start``, step ``total_steps + 1`` and later use ``end``).
+    """
+
+    start: float = 0.99
+    end: float = 1.0
+    total_steps: int = 1
+
+    def __post_init__(self) -> None:
+        start, end = _check_momentum(self.start, self.end, self.total_steps)
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+
+    def decay_at(self, j: int) -> float:
+        k = min(j - 1, self.total_steps)
+        return self.start + (self.end - self.start) * k / self.total_steps
+
+
+_RULES.update(CosineMomentum=CosineMomentum, LinearMomentum=LinearMomentum)

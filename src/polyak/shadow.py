@@ -741,3 +741,25 @@ def extrapolated(module: nn.Module, average: Shadow, anchor: Shadow, alpha: floa
     finally:
         with torch.no_grad():
             copy_all(live, backup)
+
+
+@torch.no_grad()
+def write_blended(module: nn.Module, average: Shadow, factor: float) -> None:
+    """Move ``module`` toward the stored average in place: ``module <- module + factor * (average - module)``.
+
+    ``factor=1`` copies the average into the module (Switch EMA); a smaller factor blends the averaged tensors
+    in the shadow's precision (copied tensors, e.g. integer buffers, are left as they are).
+    """
+    _refuse_swapped(module)
+    plan = average._plan_for(module)
+    if factor == 1.0:
+        copy_all(plan.data, [slot.tensor for slot in average._slots])
+        return
+    slots = zip(average._slots, plan.data, strict=True)
+    pairs = [(slot.tensor, data) for slot, data in slots if slot.mode == "average"]
+    if not pairs:
+        return
+    stored, live = [s for s, _ in pairs], [d for _, d in pairs]
+    moved = [d.to(device=s.device, dtype=s.dtype, copy=True) for s, d in pairs]
+    torch._foreach_lerp_(moved, stored, float(factor))
+    torch._foreach_copy_(live, moved)
