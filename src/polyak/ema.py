@@ -184,6 +184,7 @@ class Averager(FrontEnd):
         Allowed inside ``swapped()``: a swap backs the model up and leaves the average itself untouched, so
         a checkpoint taken during evaluation holds the same average as one taken outside.
         """
+        self.shadow.check(self.model)  # a model changed since the last update: refused here too
         return self._state(shadow=self.shadow.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
