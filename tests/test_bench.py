@@ -30,3 +30,20 @@ def test_markdown_table(capsys, monkeypatch):
     assert main(["bench", "--quick", "--shapes", "gpt2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| polyak EMA |" in out and "x floor" in out and "Goals" in out
+
+
+def test_rl_shapes_have_the_rl_rows_and_every_overhead_goal_is_printed(capsys, monkeypatch):
+    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)
+    assert main(["bench", "--quick", "--shapes", "sac", "dqn", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for shape in report["shapes"]:
+        names = {r["name"]: r for r in shape["results"]}
+        for row in ("stable-baselines3 polyak_update", "TorchRL SoftUpdate", "lightly update_momentum"):
+            assert names[row]["note"] == "re-implemented", row
+        assert names["bare _foreach_lerp_ over the same tensors"]["ops"] == 1
+        assert shape["tensors"] == {"sac": 12, "dqn": 10}[shape["shape"]]
+    goals = report["goals"]
+    for shape in ("sac", "dqn"):
+        assert any(line.startswith(f"- {shape}, polyak EMA: ") and "bare _foreach_lerp_" in line for line in goals)
+        assert any(line.startswith(f"- {shape}, polyak EMA, flatten_parameters: ") for line in goals)
+    assert all(line.endswith(("met", "(goal 0.25)")) for line in goals if "goal <=" in line or "goal 0" in line)
