@@ -135,6 +135,8 @@ class Plan:
     data: list[Tensor]  # what the kernels read and write: ``live`` detached, DTensors by their local shards
     dtensors: list[Tensor] = field(default_factory=list)  # the DTensors of ``live`` ...
     shards: list[Tensor] = field(default_factory=list)  # ... and their local shards, as paired
+    homes: list[dict[str, Any]] = field(default_factory=list)  # where ``live`` is held (module dicts) ...
+    names: list[str] = field(default_factory=list)  # ... and under which key
     lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
     casts: list[CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
     copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
@@ -155,7 +157,14 @@ class Plan:
         """True when no watched change happened since the plan was made (or last re-checked)."""
         if self.root is not module or self.generation != GENERATION[0]:
             return False
-        return not self.shards or all(map(operator.is_, map(distributed.local_shard, self.dtensors), self.shards))
+        if not self.shards:
+            return True
+        # Sharded (FSDP2): a forward without backward leaves gathered parameters in the module dicts (set there
+        # directly, no event), and a lazy init may re-pad the local shards: check both, at C speed.
+        is_ = operator.is_
+        return all(map(is_, map(distributed.local_shard, self.dtensors), self.shards)) and all(
+            map(is_, map(dict.get, self.homes, self.names), self.live)
+        )
 
     def unchanged(self) -> bool:
         """True when the module still holds exactly what the plan was built from: the same entries (none added,
@@ -323,6 +332,7 @@ def build(
     plan = Plan(module, generation, live, [distributed.local(t).detach() for t in live])
     plan.dtensors = [t for t in live if distributed.is_dtensor(t)]
     plan.shards = [distributed.local(t) for t in plan.dtensors]
+    plan.homes, plan.names = [f.owner for _, f, _ in pairs], [f.key for _, f, _ in pairs]
     _snapshot(plan, modules)
     _group(plan, slots)
     return plan, {alias: name for alias, name in slot_of.items() if alias != name}
