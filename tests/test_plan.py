@@ -349,3 +349,29 @@ def test_watched_torch_entry_points_behave_as_torch():
     copy.deepcopy(linear)
     compiled = torch.compile(lambda x: x.data * 2 + x.requires_grad, backend="eager", fullgraph=True)
     assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def test_skip_guarded_update_follows_a_recast_and_a_freeze():
+    model = Net()
+    ema = EMA(model, decay=0.5, nonfinite="skip")
+    ema.update()
+    reference = Reference(model)
+    for i, change in enumerate([lambda m: m.half(), lambda m: m.body[0].requires_grad_(False)]):
+        change(model)
+        step(model, i)
+        ema.update()
+        reference.update(model, 0.5)
+        reference.check(ema, 1e-2)
+
+
+def test_bema_anchor_follows_a_freeze_with_its_average():
+    """BEMA's two shadows (the EMA and theta_0) must switch a frozen parameter to copied together."""
+    model = Net()
+    bema = polyak.BEMA(model)
+    bema.update()
+    bema.update()
+    model.body[0].requires_grad_(False)
+    bema.update()
+    with bema.swapped():
+        assert torch.equal(model.body[0].weight, bema.ema.tensors()["body.0.weight"])  # copied: the model's own
+    assert bema.ema.modes()["body.0.weight"] == bema.anchor.modes()["body.0.weight"] == "copy"

@@ -483,6 +483,7 @@ def write_extrapolated(module: nn.Module, average: Shadow, anchor: Shadow, alpha
     model's dtype; copied tensors (integer buffers, frozen parameters) get ``average``'s value.
     """
     _refuse_swapped(module)
+    anchor.check(module)  # follows a frozen or unfrozen parameter as the average does
     check_same_layout(average, anchor)
     plan, _ = build(module, average._slots, average.aliases, average)  # not cached: may be a temporary copy
     avg, base, live = [], [], []
