@@ -375,3 +375,24 @@ def test_bema_anchor_follows_a_freeze_with_its_average():
     with bema.swapped():
         assert torch.equal(model.body[0].weight, bema.ema.tensors()["body.0.weight"])  # copied: the model's own
     assert bema.ema.modes()["body.0.weight"] == bema.anchor.modes()["body.0.weight"] == "copy"
+
+
+def test_no_op_calls_made_every_step_cost_no_recheck():
+    """``model.to(same device)``, ``zero_grad(set_to_none=False)`` and re-setting a flag change nothing."""
+    model = Net()
+    ema = EMA(model, decay=0.5)
+    ema.update()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = polyak.plan.GENERATION[0]
+    model.to("cpu").float()
+    optimizer.zero_grad(set_to_none=False)
+    model.body[0].weight.requires_grad_(True)
+    model.body[0].weight.data = model.body[0].weight.data  # the same data
+    assert polyak.plan.GENERATION[0] == before
+
+
+def test_transposed_data_of_the_same_shape_is_followed():
+    """``p.data = p.data.t()`` keeps the pointer and shape but not the layout: the plan must notice it."""
+    run_followed(lambda m: setattr(m.body[2].weight, "data", m.body[2].weight.data.t()))

@@ -23,6 +23,7 @@ Not watched (private or storage-level): writes into a module's ``_parameters`` /
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -49,26 +50,36 @@ def _bump(*_: Any) -> None:
     GENERATION[0] += 1
 
 
-def _after(original: Callable[..., Any], only_none: bool = False) -> Callable[..., Any]:
-    """``original`` followed by a bump (with ``only_none``: only when its third argument is None)."""
+def _after(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original`` (a change that torch has no hook for), then a bump."""
 
+    @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
-        if not only_none or (args[2] if len(args) > 2 else kwargs.get("param", kwargs.get("tensor"))) is None:
-            GENERATION[0] += 1
+        GENERATION[0] += 1
         return result
 
-    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
-    wrapper.__name__ = getattr(original, "__name__", "wrapper")
-    wrapper.__doc__ = original.__doc__
     return wrapper
+
+
+def _layout(tensor: Tensor) -> tuple[Any, ...] | None:
+    """Where and how a tensor's data lies, to tell a real change from a no-op (None when it cannot be read)."""
+    try:
+        return tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride(), tensor.device
+    except Exception:  # tensors without storage (fake, functional, some subclasses): count as changed
+        return None
 
 
 _WATCHING: list[bool] = []
 
 
 def watch_changes() -> None:
-    """Install the event sources once per process (idempotent): torch's hooks and the thin wrappers."""
+    """Install the event sources once per process (idempotent): torch's hooks and the thin wrappers.
+
+    Each wrapper calls torch's own first and bumps only on a real change where that is cheap to tell, so that
+    no-op calls made every step (``model.to(device)``, ``zero_grad(set_to_none=False)``'s ``requires_grad_``)
+    cost no re-check.
+    """
     if _WATCHING:
         return
     _WATCHING.append(True)
@@ -76,26 +87,62 @@ def watch_changes() -> None:
     hooks.register_module_parameter_registration_hook(_bump)
     hooks.register_module_buffer_registration_hook(_bump)
     hooks.register_module_module_registration_hook(_bump)
-    module = nn.Module
-    module._apply = _after(module._apply)  # type: ignore[method-assign]
-    module.__delattr__ = _after(module.__delattr__)  # type: ignore[method-assign]
-    module.register_parameter = _after(module.register_parameter, only_none=True)  # type: ignore[method-assign]
-    module.register_buffer = _after(module.register_buffer, only_none=True)  # type: ignore[method-assign]
-    base = torch._C.TensorBase
-    data: Any = base.data  # the C descriptors
-    grad_flag: Any = base.requires_grad
+    module: Any = nn.Module
+    apply, register_parameter, register_buffer = module._apply, module.register_parameter, module.register_buffer
+
+    @functools.wraps(apply)
+    def _apply(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # Buffers (and, with overwrite_module_params_on_conversion, parameters) are replaced in their dicts.
+        before = [*self._parameters.values(), *self._buffers.values()]
+        result = apply(self, *args, **kwargs)
+        if any(map(operator.is_not, before, [*self._parameters.values(), *self._buffers.values()])):
+            GENERATION[0] += 1
+        return result
+
+    @functools.wraps(register_parameter)
+    def _register_parameter(self: nn.Module, name: str, param: Any) -> None:
+        register_parameter(self, name, param)
+        if param is None:  # set to None (``m.bias = None``): torch's hooks see only tensors
+            GENERATION[0] += 1
+
+    @functools.wraps(register_buffer)
+    def _register_buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
+        register_buffer(self, name, tensor, persistent)
+        if tensor is None:
+            GENERATION[0] += 1
+
+    module._apply = _apply
+    module.__delattr__ = _after(module.__delattr__)
+    module.register_parameter = _register_parameter
+    module.register_buffer = _register_buffer
+
+    base: Any = torch._C.TensorBase
+    data, grad_flag, requires_grad_ = base.data, base.requires_grad, base.requires_grad_
 
     def set_data(tensor: Tensor, value: Tensor) -> None:
+        before = _layout(tensor)
         data.__set__(tensor, value)
-        GENERATION[0] += 1
+        if before is None or _layout(tensor) != before:
+            GENERATION[0] += 1
 
     def set_requires_grad(tensor: Tensor, value: bool) -> None:
+        before = grad_flag.__get__(tensor)
         grad_flag.__set__(tensor, value)
-        GENERATION[0] += 1
+        if grad_flag.__get__(tensor) != before:
+            GENERATION[0] += 1
 
-    torch.Tensor.data = property(data.__get__, set_data, doc=data.__doc__)  # type: ignore[assignment]
-    torch.Tensor.requires_grad = property(grad_flag.__get__, set_requires_grad, doc=grad_flag.__doc__)  # type: ignore[assignment]
-    torch.Tensor.requires_grad_ = _after(base.requires_grad_)  # type: ignore[method-assign]
+    @functools.wraps(requires_grad_)
+    def _requires_grad_(tensor: Tensor, requires_grad: bool = True) -> Tensor:
+        before = grad_flag.__get__(tensor)
+        result = requires_grad_(tensor, requires_grad)
+        if grad_flag.__get__(tensor) != before:
+            GENERATION[0] += 1
+        return result
+
+    tensor_class: Any = torch.Tensor
+    tensor_class.data = property(data.__get__, set_data, doc=data.__doc__)
+    tensor_class.requires_grad = property(grad_flag.__get__, set_requires_grad, doc=grad_flag.__doc__)
+    tensor_class.requires_grad_ = _requires_grad_
     torch.utils.swap_tensors = _after(torch.utils.swap_tensors)
 
 
@@ -122,7 +169,10 @@ class Options(Protocol):
 
 
 _MISSING = object()
-_signature = operator.attrgetter("dtype", "shape", "device", "requires_grad")
+
+
+def _signature(tensor: Tensor) -> tuple[Any, ...]:
+    return tensor.dtype, tensor.shape, tensor.stride(), tensor.device, tensor.requires_grad
 
 
 @dataclass
@@ -149,7 +199,7 @@ class Plan:
     sets: list[set[str]] = field(default_factory=list)
     count: int = 0
     tensors: list[Tensor] = field(default_factory=list)  # every tensor among them, paired or not ...
-    signatures: list[tuple[Any, ...]] = field(default_factory=list)  # ... its dtype, shape, device, requires_grad
+    signatures: list[tuple[Any, ...]] = field(default_factory=list)  # ... its dtype, shape, strides, device, grad flag
     pointers: list[int] = field(default_factory=list)
     guarded: list[CastLerp] | None = None  # every averaged group staged, for nonfinite="skip"; built on demand
 
@@ -168,7 +218,7 @@ class Plan:
 
     def unchanged(self) -> bool:
         """True when the module still holds exactly what the plan was built from: the same entries (none added,
-        removed or replaced), the same tensors with the same data, dtype, shape, device and trainability.
+        removed or replaced), the same tensors with the same data, dtype, shape, strides, device and trainability.
         C-speed passes; run after an event only."""
         now = map(dict.get, self.owners, self.keys, repeat(_MISSING))
         if not all(map(operator.is_, now, self.objects)):
