@@ -227,8 +227,13 @@ def run_case(seed: int, steps: int = 8) -> dict[str, int]:
         kind = mutate(model, rng) if rng.random() < 0.6 else "none"
         step(model, seed * 100 + i)
         if layout.refuses(model):
+            call = rng.choice(["update", "swapped", "copy_to", "state_dict"])
             with pytest.raises(ValueError, match=r"'[\w.]+'") as raised:
-                getattr(ema, rng.choice(["update", "copy_to", "state_dict"]))()
+                if call == "swapped":
+                    with ema.swapped():
+                        pass
+                else:
+                    getattr(ema, call)()
             assert "\n" not in str(raised.value), kind
             outcomes["refused"] += 1
             ema, reference, layout = start()
@@ -236,6 +241,11 @@ def run_case(seed: int, steps: int = 8) -> dict[str, int]:
         ema.update()
         reference.update(model, 0.5)
         reference.check(ema, tolerance(model))
+        if rng.random() < 0.2:  # a followed change also swaps in and out exactly
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            with ema.swapped():
+                pass
+            assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         outcomes["followed"] += 1
     return outcomes
 
