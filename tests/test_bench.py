@@ -22,7 +22,7 @@ def test_quick_bench_runs_and_reports_measured_columns(capsys, monkeypatch):
         assert 0.9 < results["polyak EMA"]["extra_memory"] < 1.1  # one float32 copy of float32 parameters
         tutorial = results["torch AveragedModel, per-tensor avg_fn"]
         assert tutorial["alloc_mb"] > 0 and tutorial["syncs"] > 0  # the census sees what others do
-    assert any("update_every=4" in line for line in report["goals"])
+    assert report["goals"][0].startswith("- many: not judged")  # a --quick stand-in: no goal of the full shape
 
 
 def test_markdown_table(capsys, monkeypatch):
@@ -30,3 +30,32 @@ def test_markdown_table(capsys, monkeypatch):
     assert main(["bench", "--quick", "--shapes", "gpt2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| polyak EMA |" in out and "x floor" in out and "Goals" in out
+
+
+def test_rl_shapes_have_the_rl_rows_and_every_overhead_goal_is_printed(capsys, monkeypatch):
+    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)
+    assert main(["bench", "--quick", "--shapes", "sac", "dqn", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for shape in report["shapes"]:
+        names = {r["name"]: r for r in shape["results"]}
+        for row in ("stable-baselines3 polyak_update", "TorchRL SoftUpdate", "lightly update_momentum"):
+            assert names[row]["note"] == "re-implemented", row
+        assert names["bare _foreach_lerp_ over the same tensors"]["ops"] == 1
+        assert shape["tensors"] == {"sac": 12, "dqn": 10}[shape["shape"]]
+    goals = report["goals"]
+    for shape in ("sac", "dqn"):
+        assert any(line.startswith(f"- {shape}, polyak EMA: ") and "bare _foreach_lerp_" in line for line in goals)
+        assert any(line.startswith(f"- {shape}, polyak EMA, flatten_parameters: ") for line in goals)
+    verdicts = (": met", ": NOT met", "(goal 0.25)")  # a NOT met may say why after it
+    assert all(any(v in line for v in verdicts) for line in goals if "goal <=" in line or "goal 0" in line)
+
+
+def test_quick_names_the_shapes_as_run_and_judges_no_goal_of_a_full_shape(capsys, monkeypatch):
+    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)
+    assert main(["bench", "--quick", "--shapes", "many", "sac", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "### 200 small tensors (--quick): 200 tensors" in out and "2,000" not in out
+    assert "### SAC twin critic" in out  # already small: run at full size in --quick too, and judged
+    assert "- many: not judged, the goals are for the full shape" in out
+    assert not [line for line in out.splitlines() if line.startswith("- many, ") and "met" in line]
+    assert [line for line in out.splitlines() if line.startswith("- sac, polyak EMA: ") and "met" in line]

@@ -161,6 +161,7 @@ class BEMA(FrontEnd):
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, configuration (checked on load), the EMA and ``theta_0``; allowed inside ``swapped()``."""
+        self.ema.check(self.model)  # a model changed since the last update: refused here too
         return self._state(ema=self.ema.state_dict(), anchor=self.anchor.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

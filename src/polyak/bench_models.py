@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SHAPES", "GPT2Shape", "ManyTensors", "ResNet50Shape"]
+__all__ = ["SHAPES", "GPT2Shape", "ManyTensors", "NatureDQNShape", "ResNet50Shape", "SACTwinCritic"]
 
 
 class _Bottleneck(nn.Module):
@@ -77,9 +77,55 @@ class ManyTensors(nn.Module):
         self.weights = nn.ParameterList(nn.Parameter(torch.randn(side, side)) for _ in range(count))
 
 
-# name -> (full-size factory, quick factory, description)
+class SACTwinCritic(nn.Module):
+    """SAC's twin Q critic: two 3-layer MLPs of width 256 on a 17-d observation and 6-d action (HalfCheetah),
+    12 tensors, 144k elements."""
+
+    def __init__(self, inputs: int = 23, width: int = 256) -> None:
+        super().__init__()
+
+        def critic() -> nn.Sequential:
+            return nn.Sequential(
+                nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1)
+            )
+
+        self.q1 = critic()
+        self.q2 = critic()
+
+
+class NatureDQNShape(nn.Module):
+    """The Nature DQN CNN (Mnih et al. 2015) on 4 stacked 84x84 frames, 18 actions: 10 tensors, 1.69M elements."""
+
+    def __init__(self, actions: int = 18) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(4, 32, 8, 4), nn.Conv2d(32, 64, 4, 2), nn.Conv2d(64, 64, 3, 1))
+        self.fc = nn.Sequential(nn.Linear(64 * 7 * 7, 512), nn.Linear(512, actions))
+
+
+# Shapes of reinforcement learning's target networks, where the other rows re-implement RL libraries' updates.
+RL_SHAPES = ("sac", "dqn")
+
+# name -> (full-size factory, --quick factory or None when the full shape is already small, description, and the
+# description of the --quick shape)
 SHAPES = {
-    "resnet50": (ResNet50Shape, lambda: ResNet50Shape(width=8, classes=10), "ResNet-50 (CNN, BatchNorm)"),
-    "gpt2": (GPT2Shape, lambda: GPT2Shape(vocab=1000, context=64, width=64, layers=2), "GPT-2 small (tied)"),
-    "many": (ManyTensors, lambda: ManyTensors(count=200, side=16), "2,000 small tensors"),
+    "resnet50": (
+        ResNet50Shape,
+        lambda: ResNet50Shape(width=8, classes=10),
+        "ResNet-50 (CNN, BatchNorm)",
+        "ResNet-50 layout at width 8 (--quick)",
+    ),
+    "gpt2": (
+        GPT2Shape,
+        lambda: GPT2Shape(vocab=1000, context=64, width=64, layers=2),
+        "GPT-2 small (tied)",
+        "GPT-2 layout, 2 layers of width 64 (--quick)",
+    ),
+    "many": (
+        ManyTensors,
+        lambda: ManyTensors(count=200, side=16),
+        "2,000 small tensors",
+        "200 small tensors (--quick)",
+    ),
+    "sac": (SACTwinCritic, None, "SAC twin critic (2 x 3-layer MLP, width 256)", ""),
+    "dqn": (NatureDQNShape, None, "Nature DQN CNN", ""),
 }

@@ -208,6 +208,8 @@ class Averager(FrontEnd):
         a checkpoint taken during evaluation holds the same average as one taken outside.
         """
         shadow = self._shadow
+        if shadow is not None:
+            shadow.check(self.model)  # a model changed since the last update: refused here too
         stochastic = shadow is not None and shadow.rounding != "nearest"
         rounding = {"rounding_state": shadow.rounding_state()} if stochastic else {}  # type: ignore[union-attr]
         return self._state(shadow=None if shadow is None else shadow.state_dict(), **rounding)

@@ -49,16 +49,13 @@ class Found:
     persistent: bool
 
 
-def walk(
-    root: nn.Module, aliases: dict[str, str] | None = None
-) -> tuple[list[Found], list[tuple[dict[str, Any], str, nn.Module]]]:
-    """Every distinct tensor of ``root`` (tied tensors once, first name wins), and the module links.
+def walk(root: nn.Module, aliases: dict[str, str] | None = None) -> tuple[list[Found], list[nn.Module]]:
+    """Every distinct tensor of ``root`` (tied tensors once, first name wins), and every module visited.
 
-    The links ``(parent._modules, name, child)`` let a cached plan notice a replaced submodule. If given,
-    ``aliases`` receives the other names of tied tensors, mapped to the name that was kept.
+    If given, ``aliases`` receives the other names of tied tensors, mapped to the name that was kept.
     """
     found: list[Found] = []
-    links: list[tuple[dict[str, Any], str, nn.Module]] = []
+    modules: list[nn.Module] = []
     seen_tensors: dict[int, str] = {}
     seen_modules: set[int] = set()
     stack: list[tuple[nn.Module, str]] = [(unwrap(root), "")]
@@ -67,6 +64,7 @@ def walk(
         if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
+        modules.append(module)
         for owner, is_param in ((module._parameters, True), (module._buffers, False)):
             for key, tensor in owner.items():
                 if tensor is None:
@@ -80,10 +78,8 @@ def walk(
                 persistent = is_param or key not in module._non_persistent_buffers_set
                 found.append(Found(name, owner, key, tensor, is_param, persistent))
         children = [(key, child) for key, child in module._modules.items() if child is not None]
-        for key, child in children:
-            links.append((module._modules, key, child))
         stack.extend((child, prefix + key + ".") for key, child in reversed(children))
-    return found, links
+    return found, modules
 
 
 def copy_module(module: nn.Module) -> nn.Module:

@@ -285,6 +285,7 @@ class PostHocEMA(FrontEnd):
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, configuration (checked on load) and the averages; snapshots already written stay on disk."""
+        self.shadows[0].check(self.model)  # a model changed since the last update: refused here too
         return self._state(shadows=[shadow.state_dict() for shadow in self.shadows])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

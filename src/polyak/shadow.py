@@ -12,13 +12,10 @@ not by position, and knows nothing about which rule produced ``w``.
 
 from __future__ import annotations
 
-import math
-import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
@@ -26,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .kernels import CastLerp, StochasticLerp, copy_all, foreach_lerp, merge_runs
+from .kernels import StochasticLerp, copy_all, foreach_lerp
 from .module_tensors import Found, copy_module, unwrap, walk
+from .plan import GENERATION, Plan, Slot, build, watch_changes
 
 __all__ = [
     "NonFinite",
@@ -50,109 +48,8 @@ _ROUNDINGS = ("nearest", "stochastic")
 
 # Modules that hold swapped-in averaged weights right now (any Shadow's), and the state-dict marker key.
 _SWAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_OPEN_SWAPS = [0]  # blocks open now, so that the common case (none) costs one comparison per update
 _SWAP_MARK = "polyak_swapped"
-
-
-@dataclass
-class _Slot:
-    """One stored tensor of the shadow."""
-
-    name: str
-    mode: Policy  # "average" or "copy"
-    tensor: Tensor  # the shadow's copy (a view into a flat buffer); of a DTensor, this rank's shard
-    model_dtype: torch.dtype
-    value: Tensor  # what users see: ``tensor``, or a DTensor over it laid out like the model's
-
-
-def _check_layout(slot: _Slot, model_tensor: Tensor) -> None:
-    """Raise unless ``model_tensor`` is sharded (a DTensor) exactly when, and as, the stored tensor is."""
-    stored, given = slot.value is not slot.tensor, distributed.is_dtensor(model_tensor)
-    if stored != given:
-        hint = (
-            "pass the sharded model the average was made from"
-            if stored
-            else "make the averager from the model as it is trained (after fully_shard); a full state loads "
-            "into it with load_state_dict"
-        )
-        raise ValueError(
-            f"tensor {slot.name!r}: the average holds a {'DTensor' if stored else 'plain tensor'}, the model a "
-            f"{'DTensor' if given else 'plain tensor'}; {hint}"
-        )
-    if stored and not distributed.same_layout(slot.value, model_tensor):
-        layout = "{0.placements} on {0.device_mesh}"
-        raise ValueError(
-            f"tensor {slot.name!r}: the average is laid out as {layout.format(slot.value)}, the model as "
-            f"{layout.format(model_tensor)}; shard the model as when the average was made"
-        )
-
-
-@dataclass
-class _Plan:
-    """Model tensors paired with the shadow's, grouped into kernels; valid while the module is unchanged."""
-
-    root: nn.Module
-    owners: list[dict[str, Any]]
-    keys: list[str]
-    live: list[Tensor]  # model tensors, in the shadow's storage order
-    links: list[tuple[dict[str, Any], str, nn.Module]]
-    data: list[Tensor]  # what the kernels read and write: ``live``, with DTensors replaced by their local shards
-    dtensors: list[Tensor] = field(default_factory=list)  # the DTensors of ``live`` ...
-    shards: list[Tensor] = field(default_factory=list)  # ... and their local shards, as paired
-    sharded: list[Tensor] = field(default_factory=list)  # model tensors of which each rank holds a share
-    lerps: list[tuple[list[Tensor], list[Tensor]]] = field(default_factory=list)  # (shadows, models), same dtype
-    casts: list[CastLerp] = field(default_factory=list)  # other dtype or device: staged in chunks
-    copies: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
-    # Model tensors read through a flat view of their storage (merged runs, tiled cast batches), and their
-    # data pointers when the plan was built.
-    watched: list[Tensor] = field(default_factory=list)
-    pointers: list[int] = field(default_factory=list)
-    guarded: list[CastLerp] | None = None  # every averaged group staged, for nonfinite="skip"; built on demand
-
-    def staged(self) -> list[CastLerp]:
-        """Every averaged group as a staged lerp, so that a skipped update can keep the shadow exactly."""
-        if self.guarded is None:
-            staged = [CastLerp(shadows, models) for shadows, models in self.lerps]
-            for cast in staged:  # a cast may read a flat model range: watch it like the plan's own
-                self.watched.extend(cast.watched)
-            self.pointers = [t.data_ptr() for t in self.watched]
-            self.guarded = staged + self.casts
-        return self.guarded
-
-    def finite(self) -> Tensor | None:
-        """0-d bool tensor: every averaged model value is finite (no host sync); None when nothing is averaged.
-
-        One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
-        accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
-        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.) With a sharded (DTensor, ZeRO-3)
-        model each rank sees its own shards only, so the flag is all-reduced across the mesh: every rank
-        skips together (one collective per update, in this mode only).
-        """
-        flag: Tensor | None = None
-        groups = [(shadows[0].device, models) for shadows, models in self.lerps]
-        groups += [(cast.shadows[0].device, cast.models) for cast in self.casts]
-        for device, models in groups:
-            wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
-            ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
-            flag = ok if flag is None else flag & ok.to(flag.device)
-        if flag is not None and self.sharded:
-            flag = distributed.all_ranks_true(flag, self.sharded)
-        return flag
-
-    def is_current(self) -> bool:
-        """True when every model tensor and submodule is still the object the plan was built from.
-
-        Tensors read through a merged run must also still own the same memory: ``model.to(...)`` and
-        ``p.data = ...`` keep the object but replace its storage.
-        """
-        getitem, is_ = operator.getitem, operator.is_
-        if not all(map(is_, map(getitem, self.owners, self.keys), self.live)):
-            return False
-        if not all(map(is_, map(distributed.local_shard, self.dtensors), self.shards)):
-            return False  # a DTensor got new local storage (e.g. FSDP2's lazy init re-pads its shards)
-        if self.watched and list(map(Tensor.data_ptr, self.watched)) != self.pointers:
-            return False
-        dicts, names, children = zip(*self.links, strict=True) if self.links else ((), (), ())
-        return all(map(is_, map(getitem, dicts, names), children))
 
 
 def _laid_out_like(piece: Tensor, tensor: Tensor) -> Tensor:
@@ -240,19 +137,26 @@ class Shadow:
         self.device = torch.device(device) if device is not None else None
         self.rounding: Rounding = rounding
 
+        watch_changes()
         distributed.reshard(module)  # FSDP2 keeps some parameters gathered after an evaluation forward
         aliases: dict[str, str] = {}
         found, _ = walk(module, aliases)
+        on_meta = next((f.name for f in found if f.tensor.device.type == "meta"), None)
+        if on_meta is not None:
+            raise ValueError(
+                f"model tensor {on_meta!r} is on the meta device (it holds no values); build the averager after "
+                "to_empty() and loading or initialising the weights"
+            )
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
         if adopt:
             detached = [(f, mode, f.tensor.detach()) for f, mode in chosen]
-            self._slots = [_Slot(f.name, mode, distributed.local(t), f.tensor.dtype, t) for f, mode, t in detached]
+            self._slots = [Slot(f.name, mode, distributed.local(t), f.tensor.dtype, t) for f, mode, t in detached]
         else:
             self._slots = self._allocate(chosen)
         self._by_name = {slot.name: slot for slot in self._slots}
         # other names of tied tensors (e.g. lm_head.weight for embed.weight), so exports load with strict=True
         self.aliases = {alias: name for alias, name in aliases.items() if name in self._by_name}
-        self._plan: _Plan | None = None
+        self._plan: Plan | None = None
         # stochastic rounding: one random stream per device of the average, and the kernels of the current plan
         self._generators: dict[str, torch.Generator] = {}
         if rounding == "stochastic":
@@ -261,7 +165,7 @@ class Shadow:
             complex_ = next((slot.name for slot in self._slots if slot.tensor.is_complex()), None)
             if complex_ is not None:
                 raise ValueError(f'rounding="stochastic" averages real tensors; {complex_!r} is complex: exclude it')
-        self._rounded: tuple[_Plan, list[StochasticLerp]] | None = None
+        self._rounded: tuple[Plan, list[StochasticLerp]] | None = None
         if not adopt:
             self.copy_from(module)
 
@@ -289,14 +193,14 @@ class Shadow:
             return self.dtype.to_complex() if tensor.is_complex() else self.dtype
         return torch.promote_types(tensor.dtype, torch.float32)
 
-    def _allocate(self, chosen: Sequence[tuple[Found, Policy]]) -> list[_Slot]:
+    def _allocate(self, chosen: Sequence[tuple[Found, Policy]]) -> list[Slot]:
         """One flat buffer per (device, dtype, mode, model dtype); slots are views, in storage order."""
         groups: dict[tuple[Any, ...], list[tuple[Found, Policy]]] = {}
         for f, mode in chosen:
             device = self.device if self.device is not None else f.tensor.device
             key = (str(device), self._storage_dtype(f.tensor, mode), mode, f.tensor.dtype, str(f.tensor.device))
             groups.setdefault(key, []).append((f, mode))
-        slots: list[_Slot] = []
+        slots: list[Slot] = []
         for (device, dtype, mode, model_dtype, _), members in groups.items():
             shards = [distributed.local(f.tensor) for f, _ in members]  # a DTensor stores its local shard only
             flat = torch.empty(sum(t.numel() for t in shards), dtype=dtype, device=device)
@@ -305,93 +209,40 @@ class Shadow:
                 n = shard.numel()
                 view = _laid_out_like(flat[offset : offset + n], shard)
                 value = distributed.sharded_like(view, f.tensor) if distributed.is_dtensor(f.tensor) else view
-                slots.append(_Slot(f.name, mode, view, model_dtype, value))
+                slots.append(Slot(f.name, mode, view, model_dtype, value))
                 offset += n
         return slots
 
     # ------------------------------------------------------------------ pairing with a module
 
-    def _plan_for(self, module: nn.Module) -> _Plan:
-        """The cached pairing with ``module``, rebuilt (and checked) when the module changed."""
-        if _SWAPPED and unwrap(module) in _SWAPPED:
-            raise RuntimeError(
-                f"the {type(unwrap(module)).__name__} holds averaged weights swapped in by a `swapped()` block that "
-                "is still open; leave that block before updating, copying or swapping again"
-            )
+    def _plan_for(self, module: nn.Module) -> Plan:
+        """The cached pairing with ``module``, re-checked after a watched change (see :mod:`polyak.plan`)."""
+        plan = self._plan
+        if plan is not None and not _OPEN_SWAPS[0] and plan.current(module):
+            return plan
+        _refuse_swapped(module)
+        return self.check(module)
+
+    def check(self, module: nn.Module) -> Plan:
+        """Pair with ``module`` again if it may have changed; raise ``ValueError`` naming a change that the
+        average cannot follow (see :func:`polyak.plan.build`). Cheap when nothing changed."""
         plan = self._plan
         if plan is not None and plan.root is module:
-            if plan.is_current():
+            if plan.current(module):
                 return plan
-            if plan.dtensors:  # FSDP2 may hold gathered parameters after a forward without backward
+            generation = GENERATION[0]
+            if plan.sharded:  # FSDP2 / ZeRO-3 may hold gathered parameters after a forward without backward
                 distributed.reshard(module)
-                if plan.is_current():
+            if plan.unchanged():
+                plan.generation = generation
+                if plan.current(module):
                     return plan
-        plan = self._plan = self._build_plan(module)
-        return plan
-
-    def _build_plan(self, module: nn.Module) -> _Plan:
-        distributed.reshard(module)
-        found, links = walk(module)
-        by_name = {f.name: f for f in found}
-        missing = [slot.name for slot in self._slots if slot.name not in by_name]
-        if missing:
-            raise ValueError(
-                f"model has no tensor {missing[0]!r} that the average holds ({len(missing)} missing in all); "
-                "the model's structure differs from the one the average was made from"
-            )
-        extra = [f.name for f in found if f.name not in self._by_name and self._policy(f) != "skip"]
-        if extra:
-            raise ValueError(
-                f"model tensor {extra[0]!r} is not in the average ({len(extra)} extra in all); "
-                "the model's structure differs from the one the average was made from"
-            )
-        pairs = [(slot, by_name[slot.name]) for slot in self._slots]
-        for slot, f in pairs:
-            if distributed.stored_shape(f.tensor) != slot.value.shape:  # of a ZeRO-3 parameter: its partition's
-                raise ValueError(
-                    f"tensor {slot.name!r}: the average has shape {tuple(slot.value.shape)}, "
-                    f"the model has {tuple(distributed.stored_shape(f.tensor))}"
-                )
-            if slot.mode == "average" and not (f.tensor.is_floating_point() or f.tensor.is_complex()):
-                raise ValueError(f"tensor {slot.name!r} is averaged but the model holds it as {f.tensor.dtype}")
-            _check_layout(slot, f.tensor)
-        plan = _Plan(
-            module,
-            [f.owner for _, f in pairs],
-            [f.key for _, f in pairs],
-            [f.tensor for _, f in pairs],
-            links,
-            [distributed.local(f.tensor) for _, f in pairs],
-        )
-        plan.dtensors = [f.tensor for _, f in pairs if distributed.is_dtensor(f.tensor)]
-        plan.shards = [distributed.local(t) for t in plan.dtensors]
-        plan.sharded = [f.tensor for _, f in pairs if distributed.is_sharded(f.tensor)]
-        # One kernel per (shadow device and dtype, model device and dtype): each flat buffer is one such group.
-        groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
-        for (slot, _), data in zip(pairs, plan.data, strict=True):
-            if slot.mode == "copy":
-                plan.copies[0].append(slot.tensor)
-                plan.copies[1].append(data)
-                continue
-            key = (slot.tensor.device, slot.tensor.dtype, data.device, data.dtype)
-            groups.setdefault(key, ([], []))
-            groups[key][0].append(slot.tensor)
-            groups[key][1].append(data)
-        for (device, dtype, model_device, model_dtype), (shadows, models) in groups.items():
-            if device == model_device and dtype == model_dtype:
-                plan.lerps.append(merge_runs(plan.watched, shadows, models))
-            else:
-                plan.casts.append(CastLerp(shadows, models))
-                plan.watched.extend(plan.casts[-1].watched)
-        if plan.copies[0]:
-            plan.copies = merge_runs(plan.watched, *plan.copies)
-        plan.watched.extend(distributed.storages(plan.sharded))  # a partition moved: the plan is rebuilt
-        plan.pointers = [t.data_ptr() for t in plan.watched]
+        plan, self.aliases = build(module, self._slots, self.aliases, self)
+        self._plan = plan
         return plan
 
     # ------------------------------------------------------------------ the update
 
-    @torch.no_grad()
     def update(self, module: nn.Module, weight: float | Tensor, *, nonfinite: NonFinite = "propagate") -> Tensor | None:
         """``shadow <- shadow + weight * (model - shadow)`` for averaged tensors; copy the copied ones.
 
@@ -408,9 +259,11 @@ class Shadow:
         - ``"raise"``: ``RuntimeError`` naming the first non-finite tensor, before anything changes. Reading
           the flag synchronises with the device.
         """
+        plan = self._plan
+        if plan is None or _OPEN_SWAPS[0] or not plan.current(module):  # first call, a watched change, a swap
+            plan = self._plan_for(module)
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        plan = self._plan_for(module)
         rounded = self._stochastic(plan) if self.rounding == "stochastic" else None
         if nonfinite == "skip":
             keep = plan.finite()
@@ -435,7 +288,7 @@ class Shadow:
             torch._foreach_copy_(*plan.copies)
         return None
 
-    def _stochastic(self, plan: _Plan) -> list[StochasticLerp]:
+    def _stochastic(self, plan: Plan) -> list[StochasticLerp]:
         """The stochastically rounding kernels of ``plan``: one per (average device, model device and dtype)."""
         if self._rounded is None or self._rounded[0] is not plan:
             groups: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
@@ -446,9 +299,6 @@ class Shadow:
                     groups[key][0].append(slot.tensor)
                     groups[key][1].append(data)
             kernels = [StochasticLerp(s, m, self._generators[str(s[0].device)]) for s, m in groups.values()]
-            for kernel in kernels:  # a kernel may read a flat model range: watch it like the plan's own
-                plan.watched.extend(kernel.watched)
-            plan.pointers = [t.data_ptr() for t in plan.watched]
             self._rounded = (plan, kernels)
         return self._rounded[1]
 
@@ -477,7 +327,7 @@ class Shadow:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ValueError(f"saved rounding state is damaged ({reason}); nothing was loaded") from None
 
-    def _raise_nonfinite(self, plan: _Plan) -> None:
+    def _raise_nonfinite(self, plan: Plan) -> None:
         for slot, tensor in zip(self._slots, plan.data, strict=True):  # local shards: no collective
             if slot.mode == "average" and not bool(torch.isfinite(tensor).all()):
                 raise RuntimeError(
@@ -508,7 +358,7 @@ class Shadow:
         if plan.copies[0]:
             torch._foreach_copy_(*plan.copies)
 
-    def _copy_all(self, plan: _Plan) -> None:
+    def _copy_all(self, plan: Plan) -> None:
         for shadows, models in plan.lerps:
             torch._foreach_copy_(shadows, models)
         for cast in plan.casts:
@@ -549,7 +399,7 @@ class Shadow:
         live = list(plan.data)
         with torch.no_grad():
             backup = [t.clone() for t in live]
-        _SWAPPED.add(target)
+        _mark_open(target)
         hook = target.register_state_dict_post_hook(_mark_swapped)
         try:
             with torch.no_grad():
@@ -558,7 +408,7 @@ class Shadow:
         finally:
             distributed.reshard(module)  # else FSDP2 would keep evaluating/training with the averaged weights
             hook.remove()
-            _SWAPPED.discard(target)
+            _mark_closed(target)
             with torch.no_grad():
                 copy_all(live, backup)
 
@@ -685,11 +535,21 @@ def update_many(shadows: Sequence[Shadow], module: nn.Module, weights: Sequence[
 
 
 def _refuse_swapped(module: nn.Module) -> None:
-    if _SWAPPED and unwrap(module) in _SWAPPED:
+    if _OPEN_SWAPS[0] and unwrap(module) in _SWAPPED:
         raise RuntimeError(
             f"the {type(unwrap(module)).__name__} holds averaged weights swapped in by a `swapped()` block that "
-            "is still open; leave that block before copying or swapping again"
+            "is still open; leave that block before updating, copying or swapping again"
         )
+
+
+def _mark_open(target: nn.Module) -> None:
+    _SWAPPED.add(target)
+    _OPEN_SWAPS[0] += 1
+
+
+def _mark_closed(target: nn.Module) -> None:
+    _SWAPPED.discard(target)
+    _OPEN_SWAPS[0] -= 1
 
 
 @torch.no_grad()
@@ -700,8 +560,9 @@ def write_extrapolated(module: nn.Module, average: Shadow, anchor: Shadow, alpha
     model's dtype; copied tensors (integer buffers, frozen parameters) get ``average``'s value.
     """
     _refuse_swapped(module)
+    anchor.check(module)  # follows a frozen or unfrozen parameter as the average does
     check_same_layout(average, anchor)
-    plan = average._build_plan(module)  # not cached: the module may be a temporary copy
+    plan, _ = build(module, average._slots, average.aliases, average)  # not cached: may be a temporary copy
     avg, base, live = [], [], []
     for slot, other, tensor in zip(average._slots, anchor._slots, plan.data, strict=True):  # local shards
         if slot.mode == "average":
@@ -724,20 +585,20 @@ def extrapolated(module: nn.Module, average: Shadow, anchor: Shadow, alpha: floa
     """Within the block ``module`` holds :func:`write_extrapolated`'s result; its own tensors come back exactly
     on exit, even on error (backed up in the model's dtype, written back in place)."""
     _refuse_swapped(module)
-    live = average._build_plan(module).data
+    live = build(module, average._slots, average.aliases, average)[0].data
     target = unwrap(module)
     with torch.no_grad():
         backup = [t.clone() for t in live]
     try:
         write_extrapolated(module, average, anchor, alpha)
-        _SWAPPED.add(target)  # marked and guarded as in Shadow.swapped
+        _mark_open(target)  # marked and guarded as in Shadow.swapped
         hook = target.register_state_dict_post_hook(_mark_swapped)
         try:
             yield module
         finally:
             distributed.reshard(module)  # as in Shadow.swapped: FSDP2 must not keep gathered averaged weights
             hook.remove()
-            _SWAPPED.discard(target)
+            _mark_closed(target)
     finally:
         with torch.no_grad():
             copy_all(live, backup)
