@@ -12,7 +12,6 @@ not by position, and knows nothing about which rule produced ``w``.
 
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 import weakref
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .kernels import CastLerp, copy_all, foreach_lerp, merge_runs
+from .kernels import CastLerp, all_finite, copy_all, foreach_lerp, merge_runs
 from .module_tensors import Found, copy_module, unwrap, walk
 
 __all__ = [
@@ -117,9 +116,7 @@ class _Plan:
     def finite(self) -> Tensor | None:
         """0-d bool tensor: every averaged model value is finite (no host sync); None when nothing is averaged.
 
-        One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
-        accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
-        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.) With a sharded (DTensor)
+        One fused, exact check per group (:func:`polyak.kernels.all_finite`). With a sharded (DTensor)
         model each rank sees its own shards only, so the flag is all-reduced across the mesh: every rank
         skips together (one collective per update, in this mode only).
         """
@@ -127,8 +124,7 @@ class _Plan:
         groups = [(shadows[0].device, models) for shadows, models in self.lerps]
         groups += [(cast.shadows[0].device, cast.models) for cast in self.casts]
         for device, models in groups:
-            wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
-            ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
+            ok = all_finite(models).to(device)
             flag = ok if flag is None else flag & ok.to(flag.device)
         if flag is not None and self.dtensors:
             flag = distributed.all_ranks_true(flag, self.dtensors)
@@ -397,12 +393,16 @@ class Shadow:
 
     def _raise_nonfinite(self, plan: _Plan) -> None:
         for slot, tensor in zip(self._slots, plan.data, strict=True):  # local shards: no collective
-            if slot.mode == "average" and not bool(torch.isfinite(tensor).all()):
+            if slot.mode == "average" and not bool(all_finite([tensor])):
                 raise RuntimeError(
                     f"model tensor {slot.name!r} holds inf or NaN ({int((~torch.isfinite(tensor)).sum())} of "
                     f"{tensor.numel()} values); the average was not updated. Skip this step, or build the "
                     'averager with nonfinite="skip" to leave such updates out'
                 )
+        raise RuntimeError(  # a sharded model: the bad value is in another rank's shard
+            "a model tensor holds inf or NaN on another rank; the average was not updated. Skip this step, or "
+            'build the averager with nonfinite="skip" to leave such updates out'
+        )
 
     @torch.no_grad()
     def update_with(self, module: nn.Module, fn: Callable[..., Any], *, each: bool = False) -> None:
