@@ -145,11 +145,11 @@ def test_sigma_rel_gamma_conversion(sigma_rel, gamma):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: rules.ConstantDecay(1.0), "decay must be in"),
-        (lambda: rules.ConstantDecay(-0.1), "decay must be in"),
+        (lambda: rules.ConstantDecay(1.0), r"decay: expected a finite number in \[0, 1\)"),
+        (lambda: rules.ConstantDecay(-0.1), r"decay: expected .*got -0.1"),
         (lambda: rules.HalfLife(0), "half_life"),
         (lambda: rules.PowerFunction(), "exactly one"),
-        (lambda: rules.PowerFunction(sigma_rel=0.3), "sigma_rel must be in"),
+        (lambda: rules.PowerFunction(sigma_rel=0.3), "sigma_rel: expected"),
         (lambda: rules.PowerWarmup(0.9, min_decay=0.95), "min_decay"),
         (lambda: rules.ConstantDecay(0.9).weight(3, 4), "delta <= step"),
     ],

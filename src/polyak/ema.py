@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_flag
 from .front_end import FrontEnd, check_schedule
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
 from .shadow import _NONFINITE, NonFinite, Policy, Shadow
@@ -90,6 +91,7 @@ class Averager(FrontEnd):
             raise TypeError(f"rule must be a polyak.rules.Rule, got {type(rule).__name__}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        check_flag("include_nonpersistent", include_nonpersistent)
         self.model = model
         self.rule = rule
         self.update_every = update_every
@@ -189,7 +191,7 @@ class Averager(FrontEnd):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; raises before changing anything if it does not fit."""
         counters = self._checked_counters(state)
-        self.shadow.load_state_dict(state.get("shadow"))  # type: ignore[arg-type]  # checked there
+        self.shadow.load_state_dict(self._entry(state, "shadow", dict))
         self._set_counters(counters)
         self._skipped = counters["skipped_updates"]
 
