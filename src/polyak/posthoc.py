@@ -161,7 +161,8 @@ class PostHocEMA(FrontEnd):
             bounds = {"low": 1e-9, "high": 12.0**-0.5, "high_open": True}
             self.rules = [PowerFunction(sigma_rel=s) for s in _numbers("sigma_rels", given, **bounds)]
         if not self.rules:
-            raise ValueError("PostHocEMA needs at least one profile, e.g. sigma_rels=(0.05, 0.10)")
+            name = "gammas" if gammas is not None else "sigma_rels"
+            raise ValueError(f"{name}: expected at least one profile, got none; e.g. sigma_rels=(0.05, 0.10)")
         if snapshot_every is not None:
             check_int("snapshot_every", snapshot_every, low=1, hint="give optimizer steps between snapshots, or None")
             if snapshot_every % update_every:
