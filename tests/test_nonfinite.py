@@ -236,14 +236,18 @@ def huge_finite(dtype: torch.dtype) -> list[torch.Tensor]:
     return cases
 
 
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.complex64, torch.complex128], ids=str)
 def test_all_finite_is_exact_for_the_largest_values_and_every_bad_position(dtype):
     from polyak.kernels import all_finite
 
-    for huge in huge_finite(dtype):
+    real = dtype.to_real()
+    bad_values = [complex(b, 0.0) for b in BAD] + [complex(0.0, b) for b in BAD] if dtype.is_complex else BAD
+    for huge in huge_finite(real):
+        if dtype.is_complex:
+            huge = torch.complex(huge, huge.flip(0))  # largest real and imaginary parts together
         group = [torch.ones(3, dtype=dtype), huge, torch.empty(0, dtype=dtype)]
         assert bool(all_finite(group)), (dtype, huge[:4])
-        for bad in BAD:
+        for bad in bad_values:
             for position in range(huge.numel() if huge.numel() < 20 else 3):
                 poisoned = huge.clone()
                 poisoned[position] = bad

@@ -42,13 +42,17 @@ def batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, int
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """0-d bool tensor on the tensors' device: every value of every tensor is finite. No host sync.
 
-    ``tensors`` share one floating dtype. Exact whatever the magnitudes: each tensor's 2-norm is accumulated in
-    float64, where the square of float32's largest value (1.2e77) cannot overflow, nor 2**63 of them (1e96),
-    so a norm is inf or NaN exactly when the tensor holds inf or NaN. float64 squares could overflow: for
-    float64 tensors, the max-abs norm, which never accumulates (but is slower on CPU).
+    ``tensors`` share one floating or complex dtype. Exact whatever the magnitudes: each tensor's 2-norm is
+    accumulated in float64, where the square of float32's largest value (1.2e77) cannot overflow, nor 2**63 of
+    them (1e96), so a norm is inf or NaN exactly when the tensor holds inf or NaN. float64 squares could
+    overflow: for float64 (and the real and imaginary parts of complex128), the max-abs norm, which never
+    accumulates (but is slower on CPU).
     """
+    if tensors[0].dtype == torch.complex128:
+        tensors = [torch.view_as_real(t) for t in tensors]
     if tensors[0].dtype != torch.float64:
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+        wide = torch.complex128 if tensors[0].is_complex() else torch.float64
+        norms = torch._foreach_norm(tensors, 2, dtype=wide)
     else:
         nonempty = [t for t in tensors if t.numel()]  # the max of nothing is an error
         if not nonempty:
