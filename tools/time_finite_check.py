@@ -1,5 +1,5 @@
 """Time the finiteness check of ``nonfinite="skip"`` on a ResNet-50-sized float32 model: the old 2-norm (which
-overflows past ~1.8e19) against :func:`polyak.kernels.all_finite`, and a whole skip update for scale.
+overflows past ~1.8e19) against :func:`polyak.kernels.all_finite`, and whole updates with and without it.
 
     PYTHONPATH=src python tools/time_finite_check.py [--threads 1] [--repeats 20]
 """
@@ -37,11 +37,14 @@ def main() -> None:
     model = ResNet50Shape()
     tensors = [p.detach() for p in model.parameters()]
     ema = polyak.EMA(model, decay=0.999, nonfinite="skip")
+    plain = polyak.EMA(model, decay=0.999)
     ema.update()
+    plain.update()
     rows = {
         "old check: float32 2-norm": lambda: torch.stack(torch._foreach_norm(tensors, 2)).lt(math.inf).all(),
         "new check: all_finite (float64 2-norm)": lambda: all_finite(tensors),
         'whole EMA.update(), nonfinite="skip"': ema.update,
+        "whole EMA.update(), no check": plain.update,
     }
     n = sum(t.numel() for t in tensors)
     print(f"ResNet-50 shapes: {len(tensors)} tensors, {n / 1e6:.1f}M float32 values, {args.threads} thread(s)")
