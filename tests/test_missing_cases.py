@@ -132,14 +132,17 @@ def test_safetensors_output_keeps_every_tensor_aligned(tmp_path: Path):
 # ---------------------------------------------------------------------- the overlapped (offload) staging loop
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("flat_shadow", [True, False])
 @pytest.mark.parametrize("keep", [None, True, False])
-def test_overlapped_staging_matches_float64_with_an_asymmetric_weight(monkeypatch, keep):
+def test_overlapped_staging_matches_float64_with_an_asymmetric_weight(monkeypatch, keep, flat_shadow, overlap):
     """The offload path's loop (stage batch b+1, then fold batch b) runs on CPU when told it is offloaded.
 
-    A weight of 0.1 tells ``w`` from ``1 - w``; small chunks give several batches and split tensors.
+    A weight of 0.1 tells ``w`` from ``1 - w``; small chunks give several batches and split tensors; shadows
+    that are views of one flat buffer are lerped range by range, separate ones piece by piece.
     """
     monkeypatch.setattr(kernels, "_CHUNK", 37)
-    monkeypatch.setattr(kernels, "_offloaded", lambda shadow, model: True)
+    monkeypatch.setattr(kernels, "_offloaded", lambda shadow, model: overlap)
     torch.manual_seed(0)
     shapes = [(5, 4), (100,), (3,), (0,), (9, 9)]
     shadows = [torch.randn(s) for s in shapes]
@@ -149,8 +152,10 @@ def test_overlapped_staging_matches_float64_with_an_asymmetric_weight(monkeypatc
     for s in shadows:  # shadows as views into one flat buffer, as the shadow stores them
         views.append(flat[offset : offset + s.numel()].view(s.shape))
         offset += s.numel()
+    if not flat_shadow:  # separate tensors (as adopted storage is): each batch lerps a list of pieces
+        views = [v.clone() for v in views]
     cast = kernels.CastLerp(views, models)
-    assert cast.overlap and len(cast.scratches) == 2 and len(cast.batches) > 3
+    assert cast.overlap == overlap and len(cast.scratches) == 1 + overlap and len(cast.batches) > 3
     expected = [v.double() + 0.1 * (m.double() - v.double()) for v, m in zip(views, models, strict=True)]
     if keep is False:
         expected = [v.double().clone() for v in views]
