@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.optim.swa_utils as ts
 from models import SmallCNN, TinyTransformer, train_steps
+from torch import nn
 
 import polyak
 import polyak.swa_utils as ps
@@ -162,3 +163,25 @@ def test_overlapped_staging_matches_float64_with_an_asymmetric_weight(monkeypatc
     cast.run(0.1, None if keep is None else torch.tensor(keep))
     for value, reference in zip(views, expected, strict=True):
         torch.testing.assert_close(value.double(), reference, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the first update copies, even over garbage
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf")])
+def test_first_update_copies_over_non_finite_initial_values(dtype, garbage):
+    """An average built while the model held garbage (``torch.empty``, a failed init) becomes the model, exactly:
+    a lerp by 1 is not a copy there (``inf + 1 * (x - inf)`` is NaN)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(garbage)
+    ema = polyak.EMA(model, decay=0.9)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape))
+    ema.update()
+    for name, value in ema.shadow.tensors().items():
+        assert torch.equal(value, dict(model.named_parameters())[name].to(value.dtype)), name

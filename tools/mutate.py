@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = {
     "rules.py": ["tests/test_rules.py"],
     "kernels.py": ["tests/test_nonfinite.py", "tests/test_missing_cases.py", "tests/test_flat.py"],
-    "shadow.py": ["tests/test_nonfinite.py", "tests/test_shadow.py"],
+    "shadow.py": ["tests/test_nonfinite.py", "tests/test_missing_cases.py", "tests/test_shadow.py"],
     "ema.py": ["tests/test_resume.py", "tests/test_nonfinite.py", "tests/test_swap.py"],
     "bema.py": ["tests/test_bema.py"],
     "bn.py": ["tests/test_bn.py", "tests/distributed/test_update_bn_ranks.py"],
