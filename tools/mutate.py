@@ -4,7 +4,7 @@ Each mutation replaces one snippet of one module in a copy of ``src/`` (the work
 runs the fast tests that cover that module against the copy; a failing run kills the mutant, a passing one is a
 survivor: a missing test. Run from the repository root:
 
-    python tools/mutate.py                 # every mutation (about 15-25 minutes on 2 busy cores)
+    python tools/mutate.py                 # every mutation (3 minutes on 2 idle cores, 25 on busy ones)
     python tools/mutate.py --only bema     # those whose name contains "bema"
     python tools/mutate.py --list          # the mutations, without running anything
 
@@ -240,7 +240,7 @@ def run_one(name: str, module: str, snippet: str, replacement: str, timeout: flo
         shutil.copytree(ROOT / "src", src)
         path = src / "polyak" / module
         text = path.read_text()
-        if text.count(snippet) != 1:
+        if snippet and text.count(snippet) != 1:
             return "not found", 0.0
         path.write_text(text.replace(snippet, replacement))
         env = {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -266,6 +266,11 @@ def main() -> int:
         for name, module, *_ in chosen:
             print(f"{module:14s} {name}")
         return 0
+    for module in sorted({m[1] for m in chosen}):  # a mutant only counts as killed if the tests pass without it
+        outcome, _ = run_one("baseline", module, "", "", args.timeout)
+        if outcome != "SURVIVED":
+            print(f"the tests of {module} fail without any mutation ({outcome}); fix them first")
+            return 2
     survivors = []
     for name, module, snippet, replacement in chosen:
         outcome, seconds = run_one(name, module, snippet, replacement, args.timeout)
