@@ -41,7 +41,7 @@ def simulate(steps: int, burn_in: int, every: int, kappa=0.5, eta=0.2, gamma=1.0
             now = theta()
             for name in averaged:
                 ref["ema"][name] = (1 - beta) * ref["ema"][name] + beta * now[name]
-            ref["alpha"] = (rho + gamma * s) ** -eta
+            ref["alpha"] = 0.0 if eta is None else (rho + gamma * s) ** -eta
 
     train_steps(model, optimizer, steps, after_step=after_step)
     now = theta()
@@ -49,9 +49,17 @@ def simulate(steps: int, burn_in: int, every: int, kappa=0.5, eta=0.2, gamma=1.0
     return model, bema, output
 
 
-@pytest.mark.parametrize(("burn_in", "every"), [(0, 1), (5, 3)])
-def test_output_matches_float64_simulation(burn_in, every):
-    model, bema, expected = simulate(40, burn_in, every)
+@pytest.mark.parametrize(
+    ("burn_in", "every", "schedule"),
+    [
+        (0, 1, {}),
+        (5, 3, {}),
+        (2, 1, {"gamma": 2.5, "rho": 3.0, "kappa": 0.7, "eta": 0.3}),  # a gamma or rho swapped would show
+        (0, 2, {"gamma": 0.25, "rho": 1.5, "eta": None}),
+    ],
+)
+def test_output_matches_float64_simulation(burn_in, every, schedule):
+    model, bema, expected = simulate(40, burn_in, every, **schedule)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with bema.swapped() as swapped:
         state = {**dict(swapped.named_parameters()), **dict(swapped.named_buffers())}

@@ -90,7 +90,7 @@ def ema_reference(iterates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 
 
 def assert_close(actual, expected, tol=1e-6):
-    assert actual.keys() <= expected.keys()
+    assert actual and actual.keys() <= expected.keys()
     for k in actual:
         torch.testing.assert_close(actual[k].double(), expected[k].double(), rtol=tol, atol=tol, msg=k)
 

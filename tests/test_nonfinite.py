@@ -215,3 +215,95 @@ def test_large_finite_half_precision_model_is_not_skipped():
     ema.update()
     assert ema.skipped_updates == 0
     assert torch.equal(ema.shadow.tensors()["weight"], torch.full((300, 400), 300.0))
+
+
+# ----------------------------------------------------------------- exactness of the check, every float dtype
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def huge_finite(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Finite tensors whose squares or sums overflow in their own dtype (and in float32 for the 16-bit ones)."""
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.full((2,), big, dtype=dtype),
+        torch.full((4096,), big, dtype=dtype),
+        torch.tensor([big, -big] * 8, dtype=dtype),  # signs alternate: a plain sum could cancel, |x| cannot
+        torch.tensor([torch.finfo(dtype).tiny, big, 0.0, -big], dtype=dtype),
+    ]
+    if dtype == torch.float32:  # the examples that were skipped as non-finite
+        cases += [torch.full((2,), 2e19), torch.full((4096,), 1e18), torch.full((16,), 1e38)]
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.complex64, torch.complex128], ids=str)
+def test_all_finite_is_exact_for_the_largest_values_and_every_bad_position(dtype):
+    from polyak.kernels import all_finite
+
+    real = dtype.to_real()
+    bad_values = [complex(b, 0.0) for b in BAD] + [complex(0.0, b) for b in BAD] if dtype.is_complex else BAD
+    for huge in huge_finite(real):
+        if dtype.is_complex:
+            huge = torch.complex(huge, huge.flip(0))  # largest real and imaginary parts together
+        group = [torch.ones(3, dtype=dtype), huge, torch.empty(0, dtype=dtype)]
+        assert bool(all_finite(group)), (dtype, huge[:4])
+        for bad in bad_values:
+            for position in range(huge.numel() if huge.numel() < 20 else 3):
+                poisoned = huge.clone()
+                poisoned[position] = bad
+                flag = all_finite([group[0], poisoned, group[2]])
+                assert flag.dtype == torch.bool and flag.dim() == 0
+                assert not bool(flag), (dtype, bad, position)
+            for index in (0, 1):  # the bad value in each tensor of the group, at its end
+                poisoned_group = [t.clone() for t in group]
+                poisoned_group[index][-1] = bad
+                assert not bool(all_finite(poisoned_group)), (dtype, bad, index)
+    assert bool(all_finite([torch.empty(0, dtype=dtype)]))
+
+
+def huge_linear(dtype: torch.dtype, value: float) -> nn.Module:
+    model = nn.Linear(8, 4).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    return model
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_skip_and_raise_agree_on_huge_finite_and_every_bad_position(dtype, scale):
+    """The largest finite values are averaged in both modes; inf/NaN anywhere is skipped by one, refused by another."""
+    value = torch.finfo(dtype).max * scale
+    model = huge_linear(dtype, value)
+    skip = polyak.EMA(model, decay=0.9, nonfinite="skip")
+    strict = polyak.EMA(model, decay=0.9, nonfinite="raise")
+    for _ in range(2):
+        skip.update()
+        strict.update()
+    assert skip.skipped_updates == 0 and skip.num_updates == 2 and strict.num_updates == 2
+    for averager in (skip, strict):
+        for name, tensor in averager.shadow.tensors().items():
+            assert torch.equal(tensor, torch.full_like(tensor, value)), (dtype, name)
+    for name, p in model.named_parameters():
+        for position in range(p.numel()):
+            for bad in BAD:
+                with torch.no_grad():
+                    p.view(-1)[position] = bad
+                skip.update()
+                with pytest.raises(RuntimeError, match=f"model tensor '{name}' holds inf or NaN"):
+                    strict.update()
+                with torch.no_grad():
+                    p.view(-1)[position] = value
+    bad_updates = sum(p.numel() for p in model.parameters()) * len(BAD)
+    assert skip.skipped_updates == bad_updates and strict.num_updates == 2
+
+
+def test_skip_with_huge_values_keeps_zero_host_syncs():
+    model = huge_linear(torch.float32, 1e38)
+    ema = polyak.EMA(model, decay=0.9, nonfinite="skip")
+    ema.update()
+    ema.update()
+    with OpCounter() as counter:
+        ema.update()
+    assert ema.skipped_updates == 0
+    assert not any("_local_scalar_dense" in op or "item" in op for op in counter.ops), counter.ops

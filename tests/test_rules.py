@@ -145,11 +145,11 @@ def test_sigma_rel_gamma_conversion(sigma_rel, gamma):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: rules.ConstantDecay(1.0), "decay must be in"),
-        (lambda: rules.ConstantDecay(-0.1), "decay must be in"),
+        (lambda: rules.ConstantDecay(1.0), r"decay: expected a finite number in \[0, 1\)"),
+        (lambda: rules.ConstantDecay(-0.1), r"decay: expected .*got -0.1"),
         (lambda: rules.HalfLife(0), "half_life"),
         (lambda: rules.PowerFunction(), "exactly one"),
-        (lambda: rules.PowerFunction(sigma_rel=0.3), "sigma_rel must be in"),
+        (lambda: rules.PowerFunction(sigma_rel=0.3), "sigma_rel: expected"),
         (lambda: rules.PowerWarmup(0.9, min_decay=0.95), "min_decay"),
         (lambda: rules.ConstantDecay(0.9).weight(3, 4), "delta <= step"),
     ],
@@ -170,3 +170,39 @@ def test_config_round_trip():
         rules.PowerFunction(sigma_rel=0.05),
     ):
         assert rules.rule_from_config(rule.config()) == rule
+
+
+# Each rule's public per-step decay against its published formula, evaluated in float64 (numpy) independently.
+DECAY_AT = [
+    (rules.ConstantDecay(0.97), lambda j: 0.97),
+    (rules.HalfLife(20), lambda j: 2.0 ** (-1 / 20)),
+    (rules.DebiasedDecay(0.9), lambda j: 0.9 * (1 - 0.9 ** (j - 1)) / (1 - 0.9**j)),
+    (rules.RationalWarmup(0.99), lambda j: min(0.99, j / (9.0 + j))),
+    (
+        rules.PowerWarmup(0.995, inv_gamma=2.0, power=0.75, min_decay=0.2),
+        lambda j: min(max(1 - (1 + (j - 1) / 2) ** -0.75, 0.2), 0.995),
+    ),
+    (rules.EqualWeights(), lambda j: 1 - 1 / j),
+    (rules.PowerFunction(gamma=6.94), lambda j: (1 - 1 / j) ** 7.94),
+]
+
+
+@pytest.mark.parametrize(
+    ("rule", "formula"), DECAY_AT, ids=lambda x: type(x).__name__ if isinstance(x, rules.Rule) else ""
+)
+def test_decay_at_matches_the_formula_in_float64(rule, formula):
+    for j in [*range(2, 60), 97, 1000, 12345]:
+        expected = float(formula(np.float64(j)))
+        assert math.isclose(rule.decay_at(j), expected, rel_tol=1e-13, abs_tol=1e-15), (j, rule.decay_at(j), expected)
+        assert 0.0 <= rule.decay_at(j) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("rule", "formula"), DECAY_AT, ids=lambda x: type(x).__name__ if isinstance(x, rules.Rule) else ""
+)
+def test_decay_over_is_the_product_of_decay_at(rule, formula):
+    """The closed forms of ``decay_over`` agree with the product of the per-step formula."""
+    for step, delta in [(2, 1), (5, 4), (10, 3), (50, 49), (400, 7)]:
+        product = float(np.prod([formula(np.float64(j)) for j in range(step - delta + 1, step + 1)]))
+        assert math.isclose(rule.decay_over(step, delta), product, rel_tol=1e-12, abs_tol=1e-15), (step, delta)
+        assert math.isclose(rule.weight(step, delta), 1 - product, rel_tol=1e-12, abs_tol=1e-15)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_flag, check_number
 from .front_end import FrontEnd, check_schedule, eager_when_compiled
 from .module_tensors import copy_module
 from .shadow import Policy, Shadow, extrapolated, write_extrapolated
@@ -50,6 +51,7 @@ class BEMA(FrontEnd):
 
     _FORMAT = _FORMAT
     _WHAT = "BEMA"
+    _START = "burn_in"
 
     def __init__(
         self,
@@ -69,15 +71,16 @@ class BEMA(FrontEnd):
         device: torch.device | str | None = None,
     ) -> None:
         check_schedule(model, update_every, "burn_in", burn_in)
-        if not (kappa >= 0 and (eta is None or eta >= 0)):
-            raise ValueError(f"kappa and eta must be >= 0, got kappa={kappa!r}, eta={eta!r}")
-        if not (gamma > 0 and rho >= 0 and rho + gamma >= 1):
+        self.kappa = check_number("kappa", kappa, low=0.0, hint="0.5 is the paper's value; 0 turns the EMA off")
+        self.eta = None if eta is None else check_number("eta", eta, low=0.0, hint="0.2 is the paper's value")
+        self.gamma = check_number("gamma", gamma, low=0.0, low_open=True, hint="1.0 is the paper's value")
+        self.rho = check_number("rho", rho, low=0.0, hint="10.0 is the paper's value")
+        if self.rho + self.gamma < 1:
             raise ValueError(
-                f"need gamma > 0, rho >= 0 and rho + gamma >= 1 (so that beta <= 1), got gamma={gamma!r}, rho={rho!r}"
+                f"rho: expected rho + gamma >= 1 (so that beta <= 1), got rho={rho!r} with gamma={gamma!r}; raise rho"
             )
+        check_flag("include_nonpersistent", include_nonpersistent)
         self.model = model
-        self.kappa, self.gamma, self.rho = float(kappa), float(gamma), float(rho)
-        self.eta = None if eta is None else float(eta)
         self.burn_in = burn_in
         self.update_every = update_every
         options: dict[str, Any] = dict(
@@ -167,10 +170,11 @@ class BEMA(FrontEnd):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises before changing anything if it does not fit."""
         counters = self._checked_counters(state)
-        self.ema.check_state_dict(state["ema"])
-        self.anchor.check_state_dict(state["anchor"])
-        self.ema.load_state_dict(state["ema"])
-        self.anchor.load_state_dict(state["anchor"])
+        ema, anchor = self._entry(state, "ema", dict), self._entry(state, "anchor", dict)
+        self.ema.check_state_dict(ema)
+        self.anchor.check_state_dict(anchor)
+        self.ema.load_state_dict(ema)
+        self.anchor.load_state_dict(anchor)
         self._set_counters(counters)
 
     def __repr__(self) -> str:

@@ -19,6 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parameter import is_lazy
 
+from .checks import check_flag, check_int
+
 __all__ = ["norm_layers", "update_bn"]
 
 
@@ -103,8 +105,11 @@ def update_bn(
     """
     if weighting not in ("batch", "sample"):
         raise ValueError(f"weighting must be 'batch' or 'sample', got {weighting!r}")
-    if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
-        raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
+    if max_batches is not None:
+        check_int("max_batches", max_batches, low=1, hint="or None for the whole loader")
+    check_flag("progress", progress)
+    if sync_ranks is not None:
+        check_flag("sync_ranks", sync_ranks)
     if not (autocast_dtype is None or (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point)):
         raise TypeError(f"autocast_dtype must be a floating torch.dtype or None, got {autocast_dtype!r}")
     layers: list[Any] = norm_layers(model)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_flag
 from .durations import to_steps
 from .front_end import FrontEnd, check_schedule, eager_when_compiled
 from .io import CheckpointError, load_torch
@@ -116,6 +117,7 @@ class Averager(FrontEnd):
             raise TypeError(f"rule must be a polyak.rules.Rule, got {type(rule).__name__}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        check_flag("include_nonpersistent", include_nonpersistent)
         self.model = model
         self.rule = rule
         self.update_every = update_every
@@ -217,12 +219,14 @@ class Averager(FrontEnd):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; raises before changing anything if it does not fit."""
         counters = self._checked_counters(state)
+        # None: a lazy averager saved before its start; anything else must be a shadow's state
+        saved = None if "shadow" in state and state["shadow"] is None else self._entry(state, "shadow", dict)
         shadow = self._shadow  # a stochastically rounding average: its random streams too, all or nothing
         streams = shadow.rounding_state() if shadow is not None and shadow.rounding != "nearest" else None
         if streams is not None:
             shadow.load_rounding_state(state.get("rounding_state"))  # type: ignore[union-attr]  # checked there
         try:
-            self._load_shadow(state.get("shadow"), counters["num_updates"])
+            self._load_shadow(saved, counters["num_updates"])
         except BaseException:
             if streams is not None:
                 shadow.load_rounding_state(streams)  # type: ignore[union-attr]

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .checks import check_int
+
 __all__ = ["FrontEnd", "check_schedule", "eager_when_compiled"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -40,10 +42,8 @@ def check_schedule(model: Any, update_every: Any, start_name: str, start: Any) -
     """Raise a named error unless ``model`` is a module, ``update_every`` an int >= 1 and ``start`` an int >= 0."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not (isinstance(update_every, int) and update_every >= 1):
-        raise ValueError(f"update_every must be an int >= 1 (optimizer steps between updates), got {update_every!r}")
-    if not (isinstance(start, int) and start >= 0):
-        raise ValueError(f"{start_name} must be an int >= 0 (optimizer steps), got {start!r}")
+    check_int("update_every", update_every, low=1, hint="give the optimizer steps between updates, e.g. 1")
+    check_int(start_name, start, low=0, hint="give the optimizer steps before averaging begins, e.g. 0")
 
 
 class FrontEnd:
@@ -54,7 +54,9 @@ class FrontEnd:
     _FORMAT: ClassVar[str]  # the "format" entry of a saved state
     _WHAT: ClassVar[str]  # how messages name this kind of state, e.g. "averager"
     _COUNTERS: ClassVar[tuple[str, ...]] = ("step", "num_updates", "last_update_step")
+    _START: ClassVar[str] = "start_step"  # the attribute holding the optimizer steps before averaging begins
     model: nn.Module
+    update_every: int
     step: int
     num_updates: int
     last_update_step: int
@@ -110,7 +112,40 @@ class FrontEnd:
             if type(value) is not int or value < 0:
                 raise ValueError(f"saved {self._WHAT} has {key}={value!r}; expected an int >= 0. The state is damaged")
             counters[key] = value
+        self._check_consistent(counters)
         return counters
+
+    def _check_consistent(self, counters: dict[str, int]) -> None:
+        """Refuse counters that no run could produce: each is fixed by ``step``, ``update_every`` and the start.
+
+        Every ``update_every``-th step after the start is an update, so after ``step`` steps there were
+        ``(step - start) // update_every`` updates, the last at ``update_every`` times that.
+        """
+        step, every, start = counters["step"], self.update_every, getattr(self, self._START)
+        updates = max(0, step - start) // every
+        expected = {"num_updates": updates, "last_update_step": updates * every}
+        for key, value in expected.items():
+            if counters[key] != value:
+                raise ValueError(
+                    f"saved {self._WHAT} has {key}={counters[key]}, but step={step} with {self._START}={start} and "
+                    f"update_every={every} gives {key}={value}. The state is damaged: load an intact copy"
+                )
+        if counters.get("skipped_updates", 0) > updates:
+            raise ValueError(
+                f"saved {self._WHAT} has skipped_updates={counters['skipped_updates']}, more than its "
+                f"num_updates={updates}. The state is damaged: load an intact copy"
+            )
+
+    def _entry(self, state: dict[str, Any], key: str, kind: type) -> Any:
+        """The entry ``key`` of a saved state, of type ``kind``; a damaged state is refused naming the key."""
+        value = state.get(key)
+        if not isinstance(value, kind):
+            found = "no such entry" if key not in state else f"a {type(value).__name__}"
+            raise ValueError(
+                f"saved {self._WHAT} has {found} under {key!r} (expected a {kind.__name__}). "
+                "The state is damaged: load an intact copy"
+            )
+        return value
 
     def _set_counters(self, counters: dict[str, int]) -> None:
         for key in ("step", "num_updates", "last_update_step"):

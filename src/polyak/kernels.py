@@ -7,13 +7,23 @@ buffer (:class:`CastLerp`) so that the model is read once and no full-size tempo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from itertools import pairwise
 
 import torch
 from torch import Tensor
 
-__all__ = ["CastLerp", "StochasticLerp", "batches", "copy_all", "foreach_lerp", "merge_runs", "round_stochastically_"]
+__all__ = [
+    "CastLerp",
+    "StochasticLerp",
+    "all_finite",
+    "batches",
+    "copy_all",
+    "foreach_lerp",
+    "merge_runs",
+    "round_stochastically_",
+]
 
 # A cast/offload update stages the model in chunks of this many elements (4 MiB in float32). Measured on a 2 MiB-L2,
 # 32 MiB-L3 CPU (bf16 ResNet-50 into a float32 average, 1 thread): 64 Ki elements 3.5x the floor, 256 Ki 1.75x,
@@ -40,6 +50,28 @@ def batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, int
             used += b - a
     if batch:
         yield batch
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-d bool tensor on the tensors' device: every value of every tensor is finite. No host sync.
+
+    ``tensors`` share one floating or complex dtype. Exact whatever the magnitudes: each tensor's 2-norm is
+    accumulated in float64, where the square of float32's largest value (1.2e77) cannot overflow, nor 2**63 of
+    them (1e96), so a norm is inf or NaN exactly when the tensor holds inf or NaN. float64 squares could
+    overflow: for float64 (and the real and imaginary parts of complex128), the max-abs norm, which never
+    accumulates (but is slower on CPU).
+    """
+    if tensors[0].dtype == torch.complex128:
+        tensors = [torch.view_as_real(t) for t in tensors]
+    if tensors[0].dtype != torch.float64:
+        wide = torch.complex128 if tensors[0].is_complex() else torch.float64
+        norms = torch._foreach_norm(tensors, 2, dtype=wide)
+    else:
+        nonempty = [t for t in tensors if t.numel()]  # the max of nothing is an error
+        if not nonempty:
+            return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+        norms = torch._foreach_norm(nonempty, math.inf)
+    return torch.stack(norms).lt(math.inf).all()  # a norm is >= 0, or NaN (and NaN < inf is False)
 
 
 def foreach_lerp(shadows: list[Tensor], models: list[Tensor], weight: float | Tensor) -> None:

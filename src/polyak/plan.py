@@ -24,7 +24,6 @@ Not watched (private or storage-level): writes into a module's ``_parameters`` /
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .kernels import CastLerp, merge_runs
+from .kernels import CastLerp, all_finite, merge_runs
 from .module_tensors import Found, walk
 
 __all__ = ["GENERATION", "Plan", "Slot", "build", "watch_changes"]
@@ -239,18 +238,15 @@ class Plan:
     def finite(self) -> Tensor | None:
         """0-d bool tensor: every averaged model value is finite (no host sync); None when nothing is averaged.
 
-        One 2-norm per tensor, fused per group (inf and NaN carry through it; ``NaN < inf`` is False),
-        accumulated in float32 or wider: only a finite tensor whose norm passes 3e38 would count as non-finite.
-        (The max-abs norm cannot overflow, but on CPU it is some 20 times slower.) With a sharded (DTensor,
-        ZeRO-3) model each rank sees its own shards only, so the flag is all-reduced across the mesh: every rank
+        One fused, exact check per group (:func:`polyak.kernels.all_finite`). With a sharded (DTensor, ZeRO-3)
+        model each rank sees its own shards only, so the flag is all-reduced across the ranks: every rank
         skips together (one collective per update, in this mode only).
         """
         flag: Tensor | None = None
         groups = [(shadows[0].device, models) for shadows, models in self.lerps]
         groups += [(cast.shadows[0].device, cast.models) for cast in self.casts]
         for device, models in groups:
-            wide = torch.float32 if models[0].dtype in (torch.float16, torch.bfloat16) else None
-            ok = torch.stack(torch._foreach_norm(models, 2, dtype=wide)).lt(math.inf).all().to(device)
+            ok = all_finite(models).to(device)
             flag = ok if flag is None else flag & ok.to(flag.device)
         if flag is not None and self.sharded:
             flag = distributed.all_ranks_true(flag, self.sharded)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_flag, check_int, check_number
 from .front_end import FrontEnd, check_schedule, eager_when_compiled
 from .io import SafetensorsFile, TensorSpec, open_writer, output_format
 from .rules import PowerFunction, sigma_rel_to_gamma
@@ -156,21 +157,25 @@ class PostHocEMA(FrontEnd):
             raise ValueError("give sigma_rels or gammas, not both")
         if gammas is None and sigma_rels is None:
             sigma_rels = (0.05, 0.10)
+        # The widths as given (0.1, not the 0.09999999999999999 that its gamma maps back to), or None.
+        self._sigma_rels: list[float] | None = None
         if gammas is not None:
-            self.rules = [PowerFunction(g) for g in gammas]
+            self.rules = [PowerFunction(g) for g in _numbers("gammas", gammas, low=0.0, low_open=True)]
         else:
-            self.rules = [PowerFunction(sigma_rel=s) for s in sigma_rels]  # type: ignore[union-attr]
+            bounds = {"low": 1e-9, "high": 12.0**-0.5, "high_open": True}
+            self._sigma_rels = _numbers("sigma_rels", sigma_rels, **bounds)
+            self.rules = [PowerFunction(sigma_rel=s) for s in self._sigma_rels]
         if not self.rules:
-            raise ValueError("PostHocEMA needs at least one profile, e.g. sigma_rels=(0.05, 0.10)")
-        # The widths as given (0.1, not the 0.09999999999999999 that its gamma maps back to).
-        self._sigma_rels = [float(s) for s in sigma_rels] if sigma_rels is not None else None
-        if snapshot_every is not None and not (
-            isinstance(snapshot_every, int) and snapshot_every >= 1 and snapshot_every % update_every == 0
-        ):
-            raise ValueError(
-                f"snapshot_every must be a positive multiple of update_every={update_every} (optimizer steps), "
-                f"got {snapshot_every!r}"
-            )
+            name = "gammas" if gammas is not None else "sigma_rels"
+            raise ValueError(f"{name}: expected at least one profile, got none; e.g. sigma_rels=(0.05, 0.10)")
+        if snapshot_every is not None:
+            check_int("snapshot_every", snapshot_every, low=1, hint="give optimizer steps between snapshots, or None")
+            if snapshot_every % update_every:
+                raise ValueError(
+                    f"snapshot_every must be a positive multiple of update_every={update_every} (optimizer steps), "
+                    f"got {snapshot_every!r}"
+                )
+        check_flag("include_nonpersistent", include_nonpersistent)
         if snapshot_every is not None and directory is None:
             raise ValueError("snapshot_every needs a directory to write the snapshots to")
         if not (isinstance(snapshot_dtype, torch.dtype) and snapshot_dtype.is_floating_point):
@@ -291,11 +296,24 @@ class PostHocEMA(FrontEnd):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises before changing anything if it does not fit."""
         counters = self._checked_counters(state)
-        for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
+        shadows = self._entry(state, "shadows", list)
+        if len(shadows) != len(self.shadows):
+            raise ValueError(
+                f"saved PostHocEMA holds {len(shadows)} averages, this one {len(self.shadows)} (gammas "
+                f"{state.get('gammas')!r}). The state is damaged: load an intact copy"
+            )
+        for shadow, saved in zip(self.shadows, shadows, strict=True):
             shadow.check_state_dict(saved)
-        for shadow, saved in zip(self.shadows, state["shadows"], strict=True):
+        for shadow, saved in zip(self.shadows, shadows, strict=True):
             shadow.load_state_dict(saved)
         self._set_counters(counters)
+
+
+def _numbers(name: str, values: Any, **bounds: Any) -> list[float]:
+    """Each of ``values`` checked as ``name[i]`` (see :func:`polyak.checks.check_number`)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}: expected a sequence of numbers, e.g. (0.05, 0.10), got {values!r}")
+    return [check_number(f"{name}[{i}]", value, **bounds) for i, value in enumerate(values)]
 
 
 def _version() -> str:

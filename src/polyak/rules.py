@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
+from .checks import check_int, check_number
+
 __all__ = [
     "ConstantDecay",
     "CosineMomentum",
@@ -38,17 +40,20 @@ __all__ = [
 
 
 def _check_step(step: int, delta: int) -> None:
-    if not (isinstance(step, int) and isinstance(delta, int)):
-        raise TypeError(f"step and delta must be int, got {type(step).__name__} and {type(delta).__name__}")
-    if not 1 <= delta <= step:
-        raise ValueError(f"expected 1 <= delta <= step, got step={step}, delta={delta}")
+    check_int("step", step, low=1)
+    check_int("delta", delta, low=1)
+    if delta > step:
+        raise ValueError(f"delta: expected 1 <= delta <= step={step}, got {delta}")
 
 
 def _check_decay(decay: float, name: str = "decay") -> float:
-    decay = float(decay)
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {decay!r}; a decay of 1 would never update the average")
-    return decay
+    return check_number(
+        name, decay, low=0.0, high=1.0, high_open=True, hint="e.g. 0.999 (a decay of 1 would never update)"
+    )
+
+
+def _check_positive(name: str, value: Any, hint: str = "") -> float:
+    return check_number(name, value, low=0.0, low_open=True, hint=hint)
 
 
 class Rule(ABC):
@@ -105,11 +110,14 @@ class HalfLife(ConstantDecay):
     half_life: float = 1.0
 
     def __init__(self, half_life: float) -> None:
-        half_life = float(half_life)
-        if not (half_life > 0 and math.isfinite(half_life)):
-            raise ValueError(f"half_life must be a positive number of steps, got {half_life!r}")
+        half_life = _check_positive("half_life", half_life, "give the half-life in optimizer steps, e.g. 1000")
+        decay = 0.5 ** (1.0 / half_life)
+        if decay == 1.0:
+            raise ValueError(
+                f"half_life: expected at most ~6e15 steps, got {half_life!r}; the per-step decay rounds to 1"
+            )
         object.__setattr__(self, "half_life", half_life)
-        object.__setattr__(self, "decay", 0.5 ** (1.0 / half_life))
+        object.__setattr__(self, "decay", decay)
 
 
 @dataclass(frozen=True)
@@ -169,10 +177,12 @@ class PowerWarmup(Rule):
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay", _check_decay(self.decay))
         object.__setattr__(self, "min_decay", _check_decay(self.min_decay, "min_decay"))
-        if self.inv_gamma <= 0 or self.power <= 0:
-            raise ValueError(f"inv_gamma and power must be positive, got {self.inv_gamma!r} and {self.power!r}")
+        object.__setattr__(self, "inv_gamma", _check_positive("inv_gamma", self.inv_gamma, "1.0 is the usual value"))
+        object.__setattr__(self, "power", _check_positive("power", self.power, "2/3 or 3/4 are the usual values"))
         if self.min_decay > self.decay:
-            raise ValueError(f"min_decay ({self.min_decay}) must not exceed decay ({self.decay})")
+            raise ValueError(
+                f"min_decay: expected at most decay={self.decay}, got {self.min_decay}; lower min_decay or raise decay"
+            )
 
     def decay_at(self, j: int) -> float:
         n = j - 1
@@ -200,21 +210,17 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 
     ``sigma_rel = sqrt((g + 1) / ((g + 2)**2 (g + 3)))``; Karras et al. 2024, arXiv:2312.02696, eq. 123.
     """
-    g = float(gamma)
-    if not (g > 0 and math.isfinite(g)):
-        raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
-    return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
+    g = _check_positive("gamma", gamma, "e.g. 6.94 (sigma_rel 0.10) or 16.97 (sigma_rel 0.05)")
+    return math.sqrt((g + 1.0) / (g + 3.0)) / (g + 2.0)  # the same, without overflow for a huge gamma
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """Exponent ``gamma`` of the power-function profile of relative width ``sigma_rel``.
 
     ``gamma`` is the largest real root of ``g**3 + 7 g**2 + (16 - s) g + (12 - s)`` with ``s = sigma_rel**-2``
-    (arXiv:2312.02696, eq. 126). Requires ``0 < sigma_rel < 1/sqrt(12) ~= 0.2887`` (gamma > 0).
+    (arXiv:2312.02696, eq. 126). Requires ``1e-9 <= sigma_rel < 1/sqrt(12) ~= 0.2887`` (gamma > 0).
     """
-    s_rel = float(sigma_rel)
-    if not 0.0 < s_rel < 12.0**-0.5:
-        raise ValueError(f"sigma_rel must be in (0, {12.0**-0.5:.4f}) so that gamma > 0, got {sigma_rel!r}")
+    s_rel = check_number("sigma_rel", sigma_rel, low=1e-9, high=12.0**-0.5, high_open=True, hint="e.g. 0.05 or 0.10")
     s = s_rel**-2
 
     # The cubic is increasing for g > 0 once it is negative at 0; bisect, then polish with Newton.
@@ -248,8 +254,7 @@ class PowerFunction(Rule):
     def __init__(self, gamma: float | None = None, *, sigma_rel: float | None = None) -> None:
         if (gamma is None) == (sigma_rel is None):
             raise ValueError("PowerFunction takes exactly one of gamma or sigma_rel")
-        value = sigma_rel_to_gamma(sigma_rel) if sigma_rel is not None else float(gamma)  # type: ignore[arg-type]
-        gamma_to_sigma_rel(value)  # validates gamma > 0
+        value = sigma_rel_to_gamma(sigma_rel) if sigma_rel is not None else _check_positive("gamma", gamma)
         object.__setattr__(self, "gamma", value)
 
     @property

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .kernels import StochasticLerp, copy_all, foreach_lerp
+from .kernels import StochasticLerp, all_finite, copy_all, foreach_lerp
 from .module_tensors import Found, copy_module, unwrap, walk
 from .plan import GENERATION, Plan, Slot, build, watch_changes
 
@@ -329,12 +329,16 @@ class Shadow:
 
     def _raise_nonfinite(self, plan: Plan) -> None:
         for slot, tensor in zip(self._slots, plan.data, strict=True):  # local shards: no collective
-            if slot.mode == "average" and not bool(torch.isfinite(tensor).all()):
+            if slot.mode == "average" and not bool(all_finite([tensor])):
                 raise RuntimeError(
                     f"model tensor {slot.name!r} holds inf or NaN ({int((~torch.isfinite(tensor)).sum())} of "
                     f"{tensor.numel()} values); the average was not updated. Skip this step, or build the "
                     'averager with nonfinite="skip" to leave such updates out'
                 )
+        raise RuntimeError(  # a sharded model: the bad value is in another rank's shard
+            "a model tensor holds inf or NaN on another rank; the average was not updated. Skip this step, or "
+            'build the averager with nonfinite="skip" to leave such updates out'
+        )
 
     @torch.no_grad()
     def update_with(self, module: nn.Module, fn: Callable[..., Any], *, each: bool = False) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import SWALR
 
 from .bn import update_bn
+from .checks import check_flag
 from .front_end import eager_when_compiled
 from .module_tensors import copy_module
 from .rules import ConstantDecay, EqualWeights, Rule
@@ -183,6 +184,7 @@ class AveragedModel(nn.Module):
         super().__init__()
         if avg_fn is not None and multi_avg_fn is not None:
             raise ValueError("give at most one of avg_fn and multi_avg_fn, got both")
+        check_flag("use_buffers", use_buffers)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self.module = copy_module(model)
