@@ -45,7 +45,12 @@ def simulate(steps: int, burn_in: int, every: int, kappa=0.5, eta=0.2, gamma=1.0
 
     train_steps(model, optimizer, steps, after_step=after_step)
     now = theta()
-    output = {name: ref["ema"][name] + ref["alpha"] * (now[name] - ref["anchor"][name]) for name in averaged}
+    # The correction is for the weights; averaged buffers (BatchNorm statistics) are the plain EMA.
+    params = dict(model.named_parameters())
+    output = {
+        name: ref["ema"][name] + (ref["alpha"] * (now[name] - ref["anchor"][name]) if name in params else 0)
+        for name in averaged
+    }
     return model, bema, output
 
 
@@ -164,3 +169,21 @@ def test_errors():
         assert polyak.is_swapped_state_dict(state)
         with pytest.raises(RuntimeError, match="still open"):
             ema.copy_to()
+
+
+def test_batchnorm_statistics_are_averaged_not_extrapolated():
+    """A running variance that fell fast would be extrapolated below zero; BEMA keeps buffers at their EMA."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    bema = polyak.BEMA(model, burn_in=0)
+    bn = model[1]
+    for _ in range(5):
+        with torch.no_grad():
+            bn.running_var.mul_(0.01)  # the statistics collapse
+            model[0].weight.add_(1.0)
+        bema.update()
+    with bema.swapped() as swapped:
+        assert (swapped[1].running_var > 0).all()
+        torch.testing.assert_close(swapped[1].running_var, bema.ema.tensors()["1.running_var"])
+        extrapolated = swapped[0].weight.detach().clone()
+    assert not torch.equal(extrapolated, bema.ema.tensors()["0.weight"])  # the weights are still corrected

@@ -560,16 +560,18 @@ def _mark_closed(target: nn.Module) -> None:
 def write_extrapolated(module: nn.Module, average: Shadow, anchor: Shadow, alpha: float) -> None:
     """Write ``average + alpha * (module - anchor)`` into ``module``, in place (BEMA's output).
 
-    Averaged tensors are combined in the shadow's precision (one temporary of their size) and cast to the
-    model's dtype; copied tensors (integer buffers, frozen parameters) get ``average``'s value.
+    Averaged parameters are combined in the shadow's precision (one temporary of their size) and cast to the
+    model's dtype. Buffers get ``average``'s value: BatchNorm statistics are not weights, and extrapolating a
+    running variance can make it negative. Copied tensors (integer buffers, frozen parameters) get it too.
     """
     _refuse_swapped(module)
     anchor.check(module)  # follows a frozen or unfrozen parameter as the average does
     check_same_layout(average, anchor)
     plan, _ = build(module, average._slots, average.aliases, average)  # not cached: may be a temporary copy
+    parameters = {f.name for f in walk(module, {})[0] if f.is_param}
     avg, base, live = [], [], []
     for slot, other, tensor in zip(average._slots, anchor._slots, plan.data, strict=True):  # local shards
-        if slot.mode == "average":
+        if slot.mode == "average" and slot.name in parameters:
             avg.append(slot.tensor)
             base.append(other.tensor)
             live.append(tensor)
