@@ -15,7 +15,7 @@ from torch import nn
 import polyak
 import polyak.swa_utils as ps
 from polyak import kernels
-from polyak.io import save_state_dict
+from polyak.io import open_safetensors, save_state_dict
 from polyak.posthoc import find_snapshots
 
 # ---------------------------------------------------------------------- PostHocEMA with a start step
@@ -58,9 +58,7 @@ def test_posthoc_start_step_matches_float64_power_function(tmp_path, start_step,
             torch.testing.assert_close(shadow.tensors()[name].double(), reference[k][name], rtol=1e-5, atol=1e-6)
     snapshots = find_snapshots(tmp_path)
     assert [s.step for s in snapshots] == list(range(2 * every, 17 - start_step + 1, 2 * every))
-    from polyak._safetensors import read_metadata
-
-    metadata = read_metadata(snapshots[-1].path)
+    metadata = open_safetensors(snapshots[-1].path).metadata
     assert int(metadata["optimizer_step"]) == start_step + snapshots[-1].step
 
 

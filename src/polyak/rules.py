@@ -302,13 +302,11 @@ def rule_from_config(config: dict[str, Any]) -> Rule:
 #             return self.before if j < self.at else self.after
 
 
-def _check_momentum(start: float, end: float, total_steps: int) -> tuple[float, float]:
-    start, end = float(start), float(end)
-    for name, value in (("start", start), ("end", end)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be a decay in [0, 1], got {value!r}")
-    if not (isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps >= 1):
-        raise ValueError(f"total_steps must be an int >= 1 (optimizer steps), got {total_steps!r}")
+def _check_momentum(start: Any, end: Any, total_steps: Any) -> tuple[float, float]:
+    hint = "a decay per optimizer step, e.g. 0.996"
+    start = check_number("start", start, low=0.0, high=1.0, hint=hint)
+    end = check_number("end", end, low=0.0, high=1.0, hint=hint)
+    check_int("total_steps", total_steps, low=1, hint="the optimizer steps of the schedule")
     return start, end
 
 
