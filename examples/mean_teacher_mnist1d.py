@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import polyak
-from polyak.demo.data import mnist1d
+from polyak.commands.demo.data import mnist1d
 from polyak.rules import CosineMomentum
 
 

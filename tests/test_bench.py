@@ -8,7 +8,7 @@ from polyak.cli import main
 
 
 def test_quick_bench_runs_and_reports_measured_columns(capsys, monkeypatch):
-    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)  # timings are not checked: keep samples short
+    monkeypatch.setattr("polyak.commands.bench._SAMPLE_S", 0.001)  # timings are not checked: keep samples short
     assert main(["bench", "--quick", "--shapes", "many", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [shape["shape"] for shape in report["shapes"]] == ["many"]
@@ -26,14 +26,14 @@ def test_quick_bench_runs_and_reports_measured_columns(capsys, monkeypatch):
 
 
 def test_markdown_table(capsys, monkeypatch):
-    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)
+    monkeypatch.setattr("polyak.commands.bench._SAMPLE_S", 0.001)
     assert main(["bench", "--quick", "--shapes", "gpt2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| polyak EMA |" in out and "x floor" in out and "Goals" in out
 
 
 def test_rl_shapes_have_the_rl_rows_and_every_overhead_goal_is_printed(capsys, monkeypatch):
-    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)
+    monkeypatch.setattr("polyak.commands.bench._SAMPLE_S", 0.001)
     assert main(["bench", "--quick", "--shapes", "sac", "dqn", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     for shape in report["shapes"]:
@@ -51,7 +51,7 @@ def test_rl_shapes_have_the_rl_rows_and_every_overhead_goal_is_printed(capsys, m
 
 
 def test_quick_names_the_shapes_as_run_and_judges_no_goal_of_a_full_shape(capsys, monkeypatch):
-    monkeypatch.setattr("polyak.bench._SAMPLE_S", 0.001)
+    monkeypatch.setattr("polyak.commands.bench._SAMPLE_S", 0.001)
     assert main(["bench", "--quick", "--shapes", "many", "sac", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "### 200 small tensors (--quick): 200 tensors" in out and "2,000" not in out

@@ -18,9 +18,9 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 import polyak
-from polyak.demo import plots, report
-from polyak.demo.data import HELD_OUT, mnist1d, with_label_noise
-from polyak.demo.recipe import (
+from polyak.commands.demo import plots, report
+from polyak.commands.demo.data import HELD_OUT, mnist1d, with_label_noise
+from polyak.commands.demo.recipe import (
     DIRECT_SIGMA_RELS,
     LAST,
     METHODS,
@@ -30,7 +30,7 @@ from polyak.demo.recipe import (
     SWEEP_SIGMA_RELS,
     cnn,
 )
-from polyak.demo.train import Curves, Sweep, _evaluate, train
+from polyak.commands.demo.train import Curves, Sweep, _evaluate, train
 
 FILES = ("accuracy.png", "sigma_rel.png", "table.md", "results.json")
 BN_SETTING = next(s for s in SETTINGS if s.model == "cnn")

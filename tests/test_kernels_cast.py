@@ -7,7 +7,7 @@ from models import SmallCNN
 from torch import nn
 
 from polyak import EMA
-from polyak.bench import Census
+from polyak.commands.bench import Census
 
 
 def test_channels_last_bf16_model_staged_without_copies(monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from polyak import EMA
-from polyak.bench import Census
+from polyak.commands.bench import Census
 from polyak.kernels import round_stochastically_
 
 BF16_BITS = 1 << 16  # float32 bits that bfloat16 drops

@@ -245,7 +245,7 @@ def test_target_resume_and_start_step():
 
 
 def test_target_update_costs_no_sync_and_no_allocation():
-    from polyak.bench import Census
+    from polyak.commands.bench import Census
 
     online = qnet(torch.float32)
     ema = polyak.EMA(online, tau=0.005, target="copy")

@@ -16,7 +16,7 @@ from torch import nn
 
 import polyak
 from polyak import EMA, flatten_parameters
-from polyak.bench import Census
+from polyak.commands.bench import Census
 
 
 class Net(nn.Module):

@@ -10,7 +10,7 @@ from models import FrozenBackbone, SmallCNN, TinyTransformer
 from torch import nn
 
 from polyak import EMA, flatten_parameters
-from polyak.bench import Census
+from polyak.commands.bench import Census
 
 
 def census_of_updates(ema: EMA, calls: int = 1) -> Census:

@@ -1,7 +1,7 @@
 """The ``polyak`` command. Each subcommand lives in its own module, imported only when it runs.
 
-A subcommand module provides ``configure(parser: argparse.ArgumentParser) -> None`` and
-``run(args: argparse.Namespace) -> int``; register it in ``COMMANDS`` with a one-line summary.
+A subcommand module, ``polyak.commands.<name>``, provides ``configure(parser: argparse.ArgumentParser) -> None``
+and ``run(args: argparse.Namespace) -> int``; register its name in ``COMMANDS`` with a one-line summary.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 from . import __version__
 
-# name -> (module, one-line summary)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("polyak.demo", "show on real data (MNIST-1D, ~1 min of CPU) when averaged weights beat the last iterate"),
-    "average": ("polyak.commands.average", "average checkpoint files (uniform, weighted or EMA), streaming"),
-    "export": ("polyak.commands.export", "write the averaged weights of a checkpoint as a model-ready state dict"),
-    "bench": ("polyak.bench", "time the averaging update against the memory-bandwidth floor and other libraries"),
-    "posthoc": ("polyak.commands.posthoc", "synthesise a power-function EMA of any length from PostHocEMA snapshots"),
+# name -> one-line summary; the command's code is the module (or package) polyak.commands.<name>
+COMMANDS: dict[str, str] = {
+    "demo": "show on real data (MNIST-1D, ~1 min of CPU) when averaged weights beat the last iterate",
+    "average": "average checkpoint files (uniform, weighted or EMA), streaming",
+    "export": "write the averaged weights of a checkpoint as a model-ready state dict",
+    "bench": "time the averaging update against the memory-bandwidth floor and other libraries",
+    "posthoc": "synthesise a power-function EMA of any length from PostHocEMA snapshots",
 }
 
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"polyak {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, summary) in COMMANDS.items():
+    for name, summary in COMMANDS.items():
         sub.add_parser(name, help=summary, add_help=False)
     return parser
 
@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     name, rest = args[0], args[1:]
-    module_name, summary = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    summary = COMMANDS[name]
+    module = importlib.import_module(f"polyak.commands.{name}")
     parser = argparse.ArgumentParser(prog=f"polyak {name}", description=summary)
     module.configure(parser)
     return int(module.run(parser.parse_args(rest)))

@@ -1,4 +1,7 @@
-"""The ``polyak`` subcommands, one module each; see :mod:`polyak.cli` for the registry. Shared helpers here."""
+"""The ``polyak`` subcommands (average, export, posthoc, demo, bench), one module or package each.
+
+See :mod:`polyak.cli` for the registry; shared helpers for their output live here.
+"""
 
 from __future__ import annotations
 

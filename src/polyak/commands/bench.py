@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..ema import EMA
+from ..flat import flatten_parameters
 from .bench_models import RL_SHAPES, SHAPES
-from .ema import EMA
-from .flat import flatten_parameters
 
 __all__ = ["Census", "Contender", "configure", "contenders", "measure", "run"]
 
