@@ -134,3 +134,21 @@ def test_refusals_and_an_interrupted_export_keeps_the_old_folder(tmp_path, monke
     monkeypatch.undo()
     export_pretrained(tmp_path / "last.pt", tmp_path / "start", out)  # replacing keeps the folder's mode
     assert out.stat().st_mode & 0o777 == 0o750
+
+
+def test_cli_export_like_a_folder(tmp_path, capsys):
+    from polyak.cli import main
+
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path / "start")
+    ema = polyak.EMA(model, decay=DECAY)
+    reference = train(model, ema, steps=2)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, tmp_path / "last.pt")
+    argv = ["export", str(tmp_path / "last.pt"), "--like", str(tmp_path / "start"), "-o", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "left out 1 averaged tensor" in capsys.readouterr().err  # the tied lm_head.weight
+    assert_holds(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out"), reference)
+    assert main([*argv, "--format", "pt"]) == 2
+    assert "--format does not apply with --like" in capsys.readouterr().err
+    assert main([*argv[:3], str(tmp_path / "nowhere"), *argv[4:]]) == 2
+    assert "must be a model or adapter folder" in capsys.readouterr().err

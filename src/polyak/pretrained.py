@@ -121,19 +121,20 @@ def export_pretrained(
     directory: str | os.PathLike[str],
     *,
     key: str | None = None,
+    strip_prefix: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[Path, list[str]]:
     """Write the averaged weights of ``checkpoint`` as a folder laid out like the reference folder ``like``.
 
     Every tensor of the reference must be found in the average, with the same shape (else
     :class:`~polyak.io.CheckpointError` names it); the files beside the reference's weights (``config.json``,
-    ``adapter_config.json``, tokenizer files, ...) are copied. ``key`` and ``dtype`` are as for
+    ``adapter_config.json``, tokenizer files, ...) are copied. ``key``, ``strip_prefix`` and ``dtype`` are as for
     :func:`~polyak.checkpoints.export_weights`. Returns the folder and the averaged tensors left out because the
     reference does not hold them (e.g. a tied ``lm_head.weight``, which ``from_pretrained`` re-ties).
     """
     like, directory = Path(like), Path(directory)
     output, reference = _reference_specs(like)
-    exported = export_weights(checkpoint, key=key, dtype=dtype)
+    exported = export_weights(checkpoint, key=key, strip_prefix=strip_prefix, dtype=dtype)
     pairs = _match(list(reference), list(exported))
     missing = [name for name in reference if name not in pairs]
     if missing:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoints import export_weights
-from ..io import output_format, save_state_dict
+from ..io import CheckpointError, output_format, save_state_dict
+from ..pretrained import export_pretrained
 from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
 
 EXAMPLES = """\
@@ -14,10 +15,13 @@ examples:
   polyak export swa.pt -o model.pt                         # an AveragedModel state: module. and n_averaged dropped
   polyak export lightning.ckpt --key state_dict --strip-prefix model. -o model.safetensors
   polyak export ema_state.pt --dtype bfloat16 -o model_bf16.safetensors
+  polyak export last.pt --like base-model/ -o model-ema/   # a from_pretrained folder (or a PEFT adapter folder)
 
 Reads a polyak EMA/SWA state (its averaged tensors), a torch.optim.swa_utils.AveragedModel state, or a
 plain state dict, alone or inside a training checkpoint; removes wrapper prefixes (module., _orig_mod.);
-writes a state dict that model.load_state_dict() accepts.
+writes a state dict that model.load_state_dict() accepts. With --like, -o is a folder laid out like the
+reference folder (the one save_pretrained wrote for this model or adapter): the averaged weights under its
+tensor names, beside copies of its config files, loadable with from_pretrained.
 """
 
 
@@ -30,6 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strip-prefix", metavar="PREFIX", help="remove this prefix from names, e.g. model.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point tensors (default: keep)")
     parser.add_argument("--format", choices=("safetensors", "pt"), help="output format (default: from -o's suffix)")
+    parser.add_argument(
+        "--like", metavar="DIR", help="write -o as a Hugging Face model (or PEFT adapter) folder laid out like DIR"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no report")
 
 
@@ -38,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
+    if args.like is not None:
+        _export_folder(args)
+        return
     fmt = args.format or output_format(args.output)  # an unknown suffix is refused before any reading
     exported = export_weights(
         args.checkpoint,
@@ -52,3 +62,20 @@ def _export(args: argparse.Namespace) -> None:
     if not args.quiet:
         total = size(sum(s.nbytes for s in exported.specs.values()))
         say(f"wrote {args.output} ({fmt}, {plural(len(exported), 'tensor')}, {total})")
+
+
+def _export_folder(args: argparse.Namespace) -> None:
+    if args.format is not None:
+        raise CheckpointError("--format does not apply with --like: the folder is written as its reference's")
+    folder, left_out = export_pretrained(
+        args.checkpoint,
+        args.like,
+        args.output,
+        key=args.key,
+        strip_prefix=args.strip_prefix,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+    )
+    if not args.quiet:
+        say(f"wrote {folder}/ laid out like {args.like}")
+        if left_out:
+            say(f"left out {plural(len(left_out), 'averaged tensor')} that {args.like} does not hold: {left_out[0]!r}")
