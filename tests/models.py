@@ -92,3 +92,16 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, 
 
 
 MODELS = {"cnn": SmallCNN, "transformer": TinyTransformer, "frozen": FrozenBackbone}
+
+
+class Tokens(torch.utils.data.Dataset):
+    """``n`` random sequences of 8 token ids below 32, as a language-model dataset (labels = inputs)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.ids = torch.randint(0, 32, (n, 8), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

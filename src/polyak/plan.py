@@ -37,7 +37,7 @@ from . import distributed
 from .kernels import CastLerp, all_finite, merge_runs
 from .module_tensors import Found, walk
 
-__all__ = ["GENERATION", "Plan", "Slot", "build", "watch_changes"]
+__all__ = ["GENERATION", "Plan", "Slot", "build", "refuse_meta", "watch_changes"]
 
 Policy = Literal["average", "copy", "skip"]
 
@@ -322,6 +322,13 @@ def _check_pair(slot: Slot, f: Found, mode: Policy, options: Options) -> None:
     _check_layout(slot, tensor)
 
 
+def refuse_meta(found: Sequence[Found], hint: str) -> None:
+    """Raise ``ValueError`` naming the first tensor on the meta device (it holds no values to average)."""
+    on_meta = next((f.name for f in found if f.tensor.device.type == "meta"), None)
+    if on_meta is not None:
+        raise ValueError(f"model tensor {on_meta!r} is on the meta device (it holds no values); {hint}")
+
+
 def build(
     module: nn.Module, slots: Sequence[Slot], aliases: dict[str, str], options: Options
 ) -> tuple[Plan, dict[str, str]]:
@@ -337,12 +344,9 @@ def build(
     generation = GENERATION[0]  # read first: a change during the walk makes the plan stale at once
     tied: dict[str, str] = {}
     found, modules = walk(module, tied)
-    on_meta = next((f.name for f in found if f.tensor.device.type == "meta"), None)
-    if on_meta is not None:
-        raise ValueError(
-            f"model tensor {on_meta!r} is on the meta device (it holds no values); call to_empty() and load or "
-            "initialise the weights before updating, or build the averager after that"
-        )
+    refuse_meta(
+        found, "call to_empty() and load or initialise the weights before updating, or build the averager after that"
+    )
     by_name = {f.name: f for f in found}
     by_name.update({alias: by_name[name] for alias, name in tied.items()})  # a tensor by any of its names
     owner: dict[int, str] = {}  # found tensor -> the stored name it pairs with

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import distributed
 from .kernels import StochasticLerp, all_finite, copy_all, foreach_lerp
 from .module_tensors import Found, copy_module, unwrap, walk
-from .plan import GENERATION, Plan, Slot, build, watch_changes
+from .plan import GENERATION, Plan, Slot, build, refuse_meta, watch_changes
 
 __all__ = [
     "NonFinite",
@@ -141,12 +141,7 @@ class Shadow:
         distributed.reshard(module)  # FSDP2 keeps some parameters gathered after an evaluation forward
         aliases: dict[str, str] = {}
         found, _ = walk(module, aliases)
-        on_meta = next((f.name for f in found if f.tensor.device.type == "meta"), None)
-        if on_meta is not None:
-            raise ValueError(
-                f"model tensor {on_meta!r} is on the meta device (it holds no values); build the averager after "
-                "to_empty() and loading or initialising the weights"
-            )
+        refuse_meta(found, "build the averager after to_empty() and loading or initialising the weights")
         chosen = [(f, mode) for f in found if (mode := self._policy(f)) != "skip"]
         if adopt:
             detached = [(f, mode, f.tensor.detach()) for f, mode in chosen]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import Tokens
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -67,17 +68,6 @@ def _equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -
 
 
 # ---------------------------------------------------------------------- Hugging Face Trainer
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        self.ids = torch.randint(0, 32, (n, 8), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def _gpt2() -> nn.Module:

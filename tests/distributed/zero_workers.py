@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from models import Tokens
 from torch import nn
 
 import polyak
@@ -196,17 +197,6 @@ GPT2 = dict(
     vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
 )
 TRAINER_STEPS = 4  # checkpoints (and evaluations) after steps 2 and 4; the second run resumes from checkpoint-2
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        self.ids = torch.randint(0, 32, (n, 8), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def tiny_gpt2() -> nn.Module:
