@@ -40,6 +40,8 @@ __all__ = [
 
 
 def _check_step(step: int, delta: int) -> None:
+    if type(step) is int and type(delta) is int and 1 <= delta <= step:  # every call from a front end: ~0.1 us
+        return
     check_int("step", step, low=1)
     check_int("delta", delta, low=1)
     if delta > step:
