@@ -418,3 +418,18 @@ def test_pickle_and_deepcopy():
         assert int(averaged.n_averaged) == 2
     assert_same(twin, ours)
     assert_same(loaded, ours)
+
+
+def test_a_copy_cast_at_construction_is_not_taken_for_a_recast_model():
+    """AveragedModel(dtype=float32) of a float64 model copies its buffers into float32, as torch does; the
+    change detection must not refuse that as a model re-cast since (the fuzz suite found it)."""
+    model = nn.BatchNorm1d(3).double()
+    averaged = ps.AveragedModel(model, dtype=torch.float32)  # use_buffers=False: buffers are copied
+    for _ in range(3):
+        model(torch.randn(4, 3, dtype=torch.float64))
+        averaged.update_parameters(model)
+    assert averaged.module.running_mean.dtype == torch.float32
+    assert torch.equal(averaged.module.running_mean, model.running_mean.float())
+    model.half()  # a real re-cast after construction: followed (narrower than the copy)
+    averaged.update_parameters(model)
+    assert torch.equal(averaged.module.running_mean, model.running_mean.float())

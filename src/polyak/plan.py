@@ -157,6 +157,7 @@ class Slot:
     tensor: Tensor  # the shadow's copy (a view into a flat buffer); of a DTensor, this rank's shard
     model_dtype: torch.dtype
     value: Tensor  # what users see: ``tensor``, or a DTensor over it laid out like the model's
+    paired_dtype: torch.dtype | None = None  # the model tensor's dtype when first paired: a re-cast is told from it
 
 
 class Options(Protocol):
@@ -314,7 +315,9 @@ def _check_pair(slot: Slot, f: Found, mode: Policy, options: Options) -> None:
                 f"hold its average ({options._storage_dtype(tensor, 'average')}); build the averager with "
                 f"frozen='average', or {_REBUILD}"
             )
-    elif _kind(tensor.dtype) != _kind(stored) or torch.promote_types(tensor.dtype, stored) != stored:
+    elif slot.paired_dtype not in (None, tensor.dtype) and (  # re-cast since first paired (a chosen cast is not)
+        _kind(tensor.dtype) != _kind(stored) or torch.promote_types(tensor.dtype, stored) != stored
+    ):
         raise ValueError(
             f"model tensor {name!r} is copied in {stored} but the model now holds it as {tensor.dtype}, which "
             f"that copy cannot hold exactly; {_REBUILD}"
@@ -378,8 +381,10 @@ def build(
     slot_of = {name: owner[id(f)] for name, f in by_name.items() if id(f) in owner}  # any name -> its slot
     for slot, f, mode in pairs:
         _check_pair(slot, f, mode, options)
-    for slot, _, mode in pairs:  # followed: frozen <-> trainable
+    for slot, f, mode in pairs:  # followed: frozen <-> trainable
         slot.mode = mode
+        if slot.paired_dtype is None:
+            slot.paired_dtype = f.tensor.dtype
     live = [f.tensor for _, f, _ in pairs]
     plan = Plan(module, generation, live, [distributed.local(t).detach() for t in live])
     plan.dtensors = [t for t in live if distributed.is_dtensor(t)]
