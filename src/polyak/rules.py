@@ -304,16 +304,27 @@ def rule_from_config(config: dict[str, Any]) -> Rule:
 #             return self.before if j < self.at else self.after
 
 
-def _check_momentum(start: Any, end: Any, total_steps: Any) -> tuple[float, float]:
-    hint = "a decay per optimizer step, e.g. 0.996"
-    start = check_number("start", start, low=0.0, high=1.0, hint=hint)
-    end = check_number("end", end, low=0.0, high=1.0, hint=hint)
-    check_int("total_steps", total_steps, low=1, hint="the optimizer steps of the schedule")
-    return start, end
+@dataclass(frozen=True)
+class _Schedule(Rule):
+    """A decay that moves from ``start`` to ``end`` over ``total_steps`` optimizer steps; subclasses say how."""
+
+    start: float
+    end: float = 1.0
+    total_steps: int = 1
+
+    def __post_init__(self) -> None:
+        hint = "a decay per optimizer step, e.g. 0.996"
+        object.__setattr__(self, "start", check_number("start", self.start, low=0.0, high=1.0, hint=hint))
+        object.__setattr__(self, "end", check_number("end", self.end, low=0.0, high=1.0, hint=hint))
+        check_int("total_steps", self.total_steps, low=1, hint="the optimizer steps of the schedule")
+
+    def _progress(self, j: int) -> float:
+        """How far step ``j`` is along the schedule, in [0, 1]: ``min(j - 1, total_steps) / total_steps``."""
+        return min(j - 1, self.total_steps) / self.total_steps
 
 
 @dataclass(frozen=True)
-class CosineMomentum(Rule):
+class CosineMomentum(_Schedule):
     """Decay that rises from ``start`` to ``end`` on a half cosine over ``total_steps`` optimizer steps.
 
     ``m_t = end - (end - start) * (cos(pi * k / total_steps) + 1) / 2`` with ``k = min(t - 1, total_steps)``:
@@ -322,21 +333,13 @@ class CosineMomentum(Rule):
     """
 
     start: float = 0.996
-    end: float = 1.0
-    total_steps: int = 1
-
-    def __post_init__(self) -> None:
-        start, end = _check_momentum(self.start, self.end, self.total_steps)
-        object.__setattr__(self, "start", start)
-        object.__setattr__(self, "end", end)
 
     def decay_at(self, j: int) -> float:
-        k = min(j - 1, self.total_steps)
-        return self.end - (self.end - self.start) * (math.cos(math.pi * k / self.total_steps) + 1.0) / 2.0
+        return self.end - (self.end - self.start) * (math.cos(math.pi * self._progress(j)) + 1.0) / 2.0
 
 
 @dataclass(frozen=True)
-class LinearMomentum(Rule):
+class LinearMomentum(_Schedule):
     """Decay that moves linearly from ``start`` to ``end`` over ``total_steps`` optimizer steps.
 
     ``m_t = start + (end - start) * k / total_steps`` with ``k = min(t - 1, total_steps)`` (as
@@ -344,17 +347,9 @@ class LinearMomentum(Rule):
     """
 
     start: float = 0.99
-    end: float = 1.0
-    total_steps: int = 1
-
-    def __post_init__(self) -> None:
-        start, end = _check_momentum(self.start, self.end, self.total_steps)
-        object.__setattr__(self, "start", start)
-        object.__setattr__(self, "end", end)
 
     def decay_at(self, j: int) -> float:
-        k = min(j - 1, self.total_steps)
-        return self.start + (self.end - self.start) * k / self.total_steps
+        return self.start + (self.end - self.start) * self._progress(j)
 
 
 _RULES.update(CosineMomentum=CosineMomentum, LinearMomentum=LinearMomentum)
