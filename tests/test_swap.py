@@ -136,3 +136,17 @@ def test_averager_state_saved_while_swapped_equals_the_state_outside():
         inside = {k: v.clone() for k, v in ema.state_dict()["shadow"].items()}
     assert outside.keys() == inside.keys()
     assert all(torch.equal(outside[k], inside[k]) for k in outside)
+
+
+def test_a_deliberate_export_inside_a_swap_is_marked_but_quiet():
+    from polyak.shadow import exporting_average
+
+    model = nn.Linear(3, 2)
+    ema = polyak.EMA(model, decay=0.5)
+    ema.update(model)
+    with ema.swapped(model), exporting_average(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        state = model.state_dict()
+    assert polyak.is_swapped_state_dict(state)  # still marked as holding the average
+    with ema.swapped(model), pytest.warns(UserWarning, match="inside a `swapped\\(\\)` block"):
+        model.state_dict()  # outside the block it warns again

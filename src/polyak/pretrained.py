@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from .checkpoints import export_weights, open_checkpoint
 from .io import CheckpointError, LazyStateDict, TensorSpec, save_state_dict
+from .shadow import exporting_average
 
 __all__ = ["export_pretrained", "save_pretrained"]
 
@@ -78,8 +78,7 @@ def save_pretrained(averager: Any, directory: str | os.PathLike[str], model: nn.
             "polyak.save_state_dict(model.state_dict(), path)"
         )
     directory = Path(directory)
-    with _folder(directory) as building, averager.swapped(target), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "state_dict.*inside a `swapped", UserWarning)  # the average is wanted
+    with _folder(directory) as building, averager.swapped(target), exporting_average():  # the average is wanted
         save(building)
     return directory
 

@@ -33,6 +33,7 @@ __all__ = [
     "Rounding",
     "Shadow",
     "check_same_layout",
+    "exporting_average",
     "extrapolated",
     "is_swapped_state_dict",
     "update_many",
@@ -62,9 +63,25 @@ def _laid_out_like(piece: Tensor, tensor: Tensor) -> Tensor:
     return piece.as_strided(tensor.shape, tensor.stride()) if dense else piece.view(tensor.shape)
 
 
+_EXPORTS = [0]  # open `exporting_average()` blocks
+
+
+@contextmanager
+def exporting_average() -> Iterator[None]:
+    """Within the block a swapped module's ``state_dict()`` is taken on purpose, to export the average: it is
+    still marked (:func:`is_swapped_state_dict`) but does not warn."""
+    _EXPORTS[0] += 1
+    try:
+        yield
+    finally:
+        _EXPORTS[0] -= 1
+
+
 def _mark_swapped(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
     """State-dict hook while swapped: mark the module's metadata entry (kept by ``torch.save``) and warn."""
     local_metadata[_SWAP_MARK] = True
+    if _EXPORTS[0]:
+        return
     warnings.warn(
         f"state_dict() of {type(module).__name__} taken inside a `swapped()` block holds the averaged weights, "
         "not the training weights; polyak.is_swapped_state_dict() tells such a state apart",

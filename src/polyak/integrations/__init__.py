@@ -12,7 +12,6 @@ every polyak averager works in both, e.g. ``AveragingCallback(lambda m: polyak.S
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from types import ModuleType
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from ..distributed import full_model_state_dict, is_dtensor
 from ..ema import EMA
 from ..rules import RationalWarmup
+from ..shadow import exporting_average
 
 __all__ = ["AveragerFactory", "averaged_full_state", "build_averager", "default_averager"]
 
@@ -91,14 +91,13 @@ def averaged_full_state(averager: Any, model: nn.Module) -> dict[str, Tensor]:
     holds its training weights again when this returns. The averager must hold at least one update; ``None``
     exports the model's own weights (e.g. after ``copy_to``).
     """
-    with warnings.catch_warnings():  # the swap is deliberate here: what is exported is the average
-        warnings.filterwarnings("ignore", message=r"state_dict\(\) of .* taken inside a `swapped\(\)` block")
-        with averager.swapped(model) if averager is not None else nullcontext():
-            gathered = full_model_state_dict(model)  # DTensors and ZeRO-3 partitions gathered, one at a time
-            tensors = (*model.parameters(), *model.buffers())
-            live = {t.untyped_storage().data_ptr() for t in tensors if t.numel() and not is_dtensor(t)}
-            # What was not gathered is the model's own memory, which holds the training weights again on return.
-            return {
-                name: value.clone() if value.numel() and value.untyped_storage().data_ptr() in live else value
-                for name, value in gathered.items()
-            }
+    swap = averager.swapped(model) if averager is not None else nullcontext()
+    with exporting_average(), swap:  # the swap is deliberate here: what is exported is the average
+        gathered = full_model_state_dict(model)  # DTensors and ZeRO-3 partitions gathered, one at a time
+        tensors = (*model.parameters(), *model.buffers())
+        live = {t.untyped_storage().data_ptr() for t in tensors if t.numel() and not is_dtensor(t)}
+        # What was not gathered is the model's own memory, which holds the training weights again on return.
+        return {
+            name: value.clone() if value.numel() and value.untyped_storage().data_ptr() in live else value
+            for name, value in gathered.items()
+        }
