@@ -629,11 +629,10 @@ def write_blended(module: nn.Module, average: Shadow, factor: float) -> None:
     ``factor=1`` copies the average into the module (Switch EMA); a smaller factor blends the averaged tensors
     in the shadow's precision (copied tensors, e.g. integer buffers, are left as they are).
     """
-    _refuse_swapped(module)
-    plan = average._plan_for(module)
     if factor == 1.0:
-        copy_all(plan.data, [slot.tensor for slot in average._slots])
+        average.copy_to(module)
         return
+    plan = average._plan_for(module)  # refuses a module swapped in by an open block, as copy_to does
     slots = zip(average._slots, plan.data, strict=True)
     pairs = [(slot.tensor, data) for slot, data in slots if slot.mode == "average"]
     if not pairs:
