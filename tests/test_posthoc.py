@@ -247,7 +247,7 @@ def test_stored_profile_reconstructs_the_direct_ema(tmp_path, trained, step):
 def test_reconstruction_in_pieces_is_identical(tmp_path, monkeypatch):
     train_with_snapshots(tmp_path / "snaps", steps=18, direct=())
     reconstruct(tmp_path / "snaps", [0.07, 0.1], [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
-    monkeypatch.setattr(polyak.posthoc, "_CHUNK", 7)  # tensors split into flat pieces, across tensor ends
+    monkeypatch.setattr(polyak.posthoc.synthesis, "_CHUNK", 7)  # tensors split into flat pieces, across tensor ends
     reconstruct(tmp_path / "snaps", [0.07, 0.1], [tmp_path / "c.safetensors", tmp_path / "d.safetensors"])
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
     assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "d.safetensors").read_bytes()

@@ -38,7 +38,7 @@ TESTS = {
     "bema.py": ["tests/test_bema.py"],
     "bn.py": ["tests/test_bn.py", "tests/distributed/test_update_bn_ranks.py"],
     "swa_utils.py": ["tests/test_missing_cases.py", "tests/test_swa_utils.py"],
-    "posthoc.py": ["tests/test_missing_cases.py", "tests/test_posthoc.py"],
+    "posthoc/tracker.py": ["tests/test_missing_cases.py", "tests/test_posthoc.py"],
     "io/safetensors.py": ["tests/test_missing_cases.py", "tests/test_io.py"],
     "front_end.py": ["tests/test_arguments.py", "tests/test_resume.py"],
 }
@@ -219,11 +219,11 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     ),
     (
         "posthoc: snapshot optimizer_step",
-        "posthoc.py",
+        "posthoc/tracker.py",
         '"optimizer_step": str(self.start_step + self.last_update_step)',
         '"optimizer_step": str(self.last_update_step)',
     ),
-    ("posthoc: start step ignored", "posthoc.py", "t = self.step + 1 - self.start_step", "t = self.step + 1"),
+    ("posthoc: start step ignored", "posthoc/tracker.py", "t = self.step + 1 - self.start_step", "t = self.step + 1"),
     (
         "io: tensors in the given order",
         "io/safetensors.py",

@@ -1,0 +1,174 @@
+"""Post-hoc reconstruction: the EMA of any width at a snapshot's step, combined from the snapshots on disk."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import TensorSpec, open_writer, output_format
+from ..rules import sigma_rel_to_gamma
+from .fit import MAX_FIT_ERROR, solve_coefficients
+from .snapshots import PATTERN, Snapshot, find_snapshots, version
+
+__all__ = ["Reconstruction", "reconstruct"]
+
+_CHUNK = 1 << 20  # reconstruction combines tensors in flat pieces of this many elements
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """What :func:`reconstruct` combined: ``coefficients[row, target]`` for ``rows[row] = (snapshot, profile)``."""
+
+    step: int
+    sigma_rels: tuple[float, ...]
+    snapshots: list[Snapshot]
+    rows: list[tuple[int, int]]
+    coefficients: np.ndarray
+    errors: np.ndarray
+
+
+def reconstruct(
+    directory: str | Path,
+    sigma_rels: Sequence[float],
+    outputs: Sequence[str | Path],
+    *,
+    step: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+) -> Reconstruction:
+    """Synthesise the EMA of each relative width in ``sigma_rels`` at ``step`` from the snapshots in ``directory``.
+
+    Writes one file per target to ``outputs``, in the format of its suffix (``.safetensors``, or
+    ``.pt/.pth/.bin/.ckpt`` for ``torch.load``): a state dict of the tracked tensors, averaged ones in ``dtype``.
+    Uses only snapshots at or before ``step`` (default: the latest snapshot's step). Tensors are combined in flat
+    pieces (accumulated in float64) and streamed to the outputs, so memory stays at about one piece per target
+    (1Mi elements; one output model for a ``.pt`` output), whatever the number of snapshots. Copied tensors
+    come from the latest snapshot used.
+
+    Refused (``ValueError``): snapshots whose tensors differ in names, shapes or dtypes; an output that a later
+    run would read as a snapshot (``phema-*.safetensors`` in ``directory``); and, unless ``force``, a target the
+    snapshots cannot express: a ``step`` that is not a snapshot's step (after the last one nothing was seen;
+    between two, the training since the earlier one is missing), or a fit whose relative profile error is
+    above :data:`MAX_FIT_ERROR`.
+    """
+    targets = tuple(float(s) for s in sigma_rels)
+    if len(outputs) != len(targets):
+        raise ValueError(f"give one output path per target sigma_rel: {len(targets)} targets, {len(outputs)} outputs")
+    formats = [output_format(output) for output in outputs]
+    directory = Path(directory)
+    if len({os.path.realpath(output) for output in outputs}) != len(outputs):
+        raise ValueError(f"two outputs are the same file ({', '.join(map(str, outputs))}); give one per target")
+    for output in outputs:
+        where = Path(os.path.realpath(output))
+        if where.parent == Path(os.path.realpath(directory)) and fnmatch.fnmatch(where.name, PATTERN):
+            raise ValueError(
+                f"output {str(output)!r} is named like a snapshot in the snapshot directory, where a later run "
+                "would read it as one; write it elsewhere or under another name"
+            )
+    snapshots = find_snapshots(directory)
+    if not snapshots:
+        raise ValueError(f"no snapshots ({PATTERN}) in {str(directory)!r}; write them with PostHocEMA(directory=...)")
+    if step is not None and (isinstance(step, bool) or not 0 < int(step) < 2**63):
+        raise ValueError(f"step must be a positive number of steps since averaging began, got {step}")
+    step = snapshots[-1].step if step is None else int(step)
+    steps = [snap.step for snap in snapshots]
+    if not force and step not in steps:
+        position = "after the last snapshot" if step > steps[-1] else "between snapshots"
+        raise ValueError(
+            f"step {step} is {position} (snapshot steps: {_listed(steps)}); the snapshots hold no average of the "
+            "training since the one before it, so the result would not be that EMA: pick a snapshot's step, "
+            "or force it (--force)"
+        )
+    rows = [(i, k) for i, snap in enumerate(snapshots) for k in range(len(snap.sigma_rels))]
+    coefficients, errors = solve_coefficients(
+        [snapshots[i].step for i, _ in rows], [snapshots[i].sigma_rels[k] for i, k in rows], step, targets
+    )
+    worst = int(np.argmax(errors))
+    if not force and float(errors[worst]) > MAX_FIT_ERROR:
+        raise ValueError(
+            f"sigma_rel {targets[worst]:g} at step {step} is fitted with a relative profile error of "
+            f"{float(errors[worst]):.2g}, above {MAX_FIT_ERROR:g}: the snapshots' widths "
+            f"({_listed(sorted({s for snap in snapshots for s in snap.sigma_rels}))}) cannot express it; pick a "
+            "width nearer theirs, or force it (--force)"
+        )
+    used = [i for i, snap in enumerate(snapshots) if snap.step <= step]
+    last = snapshots[used[-1]]
+    for i in used:
+        snap = snapshots[i]
+        if (snap.names, snap.copied, snap.aliases) != (last.names, last.copied, last.aliases):
+            raise ValueError(
+                f"snapshots {str(snapshots[i].path)!r} and {str(last.path)!r} hold different tensors; "
+                "reconstruct from snapshots of one model only"
+            )
+        for key, spec in last.tensors.specs.items():
+            found = snap.tensors.specs.get(key)
+            if found is not None and (found.shape != spec.shape or found.dtype != spec.dtype):
+                raise ValueError(
+                    f"tensor {key!r} has {found} in {str(snap.path)!r} but {spec} in {str(last.path)!r}; "
+                    "reconstruct from snapshots of one model only"
+                )
+    tied: dict[str, list[str]] = {}
+    for alias, name in last.aliases.items():
+        tied.setdefault(name, []).append(alias)
+    specs, sources = {}, {}  # a tied tensor is written under each of its names, so the output loads strictly
+    for name in last.names:
+        spec = last.tensors.specs[f"0/{name}"]
+        for out_name in (name, *tied.get(name, ())):
+            specs[out_name] = TensorSpec(spec.shape, spec.dtype if name in last.copied else dtype)
+            sources[out_name] = name
+    live = [(row, i, k) for row, (i, k) in enumerate(rows) if np.any(coefficients[row] != 0)]
+    with ExitStack() as stack:
+        writers = []
+        for target, error, output, fmt in zip(targets, errors, outputs, formats, strict=True):
+            metadata = {
+                "format": "polyak.posthoc.reconstruction/1",
+                "sigma_rel": repr(target),
+                "gamma": repr(sigma_rel_to_gamma(target)),
+                "step": str(step),
+                "relative_error": repr(float(error)),
+                "snapshots": str(len(used)),
+                "polyak_version": version(),
+            }
+            writers.append(stack.enter_context(open_writer(output, specs, format=fmt, metadata=metadata)))
+        # Buffers allocated once and reused, so memory does not depend on how the allocator recycles them.
+        sums = torch.empty(len(targets), _CHUNK, dtype=torch.float64)
+        buffers: dict[torch.dtype, torch.Tensor] = {}
+
+        def buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
+            if dtype not in buffers:
+                buffers[dtype] = torch.empty(_CHUNK, dtype=dtype)
+            return buffers[dtype][:n]
+
+        for out_name in writers[0].names:  # every writer takes the tensors in the same order
+            out_dtype, name, numel = specs[out_name].dtype, sources[out_name], specs[out_name].numel
+            for start in range(0, numel, _CHUNK):
+                stop = min(numel, start + _CHUNK)
+                if name in last.copied:
+                    value = last.tensors.read(f"0/{name}", start, stop, buffer(out_dtype, stop - start))
+                    for writer in writers:
+                        writer.write(value)
+                    continue
+                totals = sums[:, : stop - start].zero_()
+                for row, i, k in live:
+                    tensors, key = snapshots[i].tensors, f"{k}/{name}"
+                    value = tensors.read(key, start, stop, buffer(tensors.specs[key].dtype, stop - start))
+                    value = buffer(torch.float64, stop - start).copy_(value)  # no hidden temporary in add_
+                    for r, total in enumerate(totals):
+                        if coefficients[row, r] != 0:
+                            total.add_(value, alpha=float(coefficients[row, r]))
+                for writer, total in zip(writers, totals, strict=True):
+                    writer.write(buffer(out_dtype, stop - start).copy_(total))
+    return Reconstruction(step, targets, snapshots, rows, coefficients, errors)
+
+
+def _listed(numbers: Sequence[float]) -> str:
+    """Plain numbers for a message (never ``np.float64(0.5)``), eliding a long middle."""
+    shown = [f"{float(x):g}" for x in numbers]
+    return ", ".join(shown if len(shown) <= 8 else [*shown[:3], "...", *shown[-3:]])
