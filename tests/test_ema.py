@@ -172,3 +172,23 @@ def test_constructor_errors():
         polyak.EMA(nn.Linear(2, 2), decay=0.9, update_every=0)
     with pytest.raises(TypeError, match=r"torch.nn.Module"):
         polyak.EMA([torch.zeros(2)], decay=0.9)  # type: ignore[arg-type]
+
+
+def test_uncompensated_cadence_applies_the_plain_decay_every_kth_step() -> None:
+    """compensate=False: the weight of one step (1 - d), once every k steps, as ema-pytorch and SB3 apply it."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = polyak.EMA(model, decay=0.9, update_every=3, compensate=False)
+    reference = None
+    for step in range(1, 13):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        if step % 3 == 0:
+            value = model.weight.detach().double()
+            reference = value.clone() if reference is None else 0.9 * reference + 0.1 * value
+    assert reference is not None
+    torch.testing.assert_close(ema.shadow.tensors()["weight"].double(), reference, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="compensate=False"):
+        polyak.SWA(model, compensate=False)

@@ -86,6 +86,11 @@ class Averager(FrontEnd):
         switch_every: every this many optimizer steps, move the model to the average (Switch EMA,
             arXiv:2402.09240); a multiple of ``update_every``.
         switch_blend: how far the model moves then: ``model + switch_blend * (average - model)``, in (0, 1].
+        compensate: with ``update_every=k``, give each update the weight of all k steps (``1 - d**k`` for a
+            constant decay; default) so that the horizon in optimizer steps stays the same; ``False`` applies
+            the plain per-step weight (``1 - d``, the rule at the current step) once every k steps, as
+            ema-pytorch, Lightning's ``EMAWeightAveraging`` and Stable-Baselines3 do. Refused for
+            :class:`SWA`, whose equal weights are exact only when compensated.
     """
 
     _FORMAT = _AVERAGER_FORMAT
@@ -111,8 +116,15 @@ class Averager(FrontEnd):
         lazy: bool = False,
         switch_every: int | None = None,
         switch_blend: float = 1.0,
+        compensate: bool = True,
     ) -> None:
         check_schedule(model, update_every, "start_step", start_step)
+        self.compensate = check_flag("compensate", compensate)
+        if not compensate and isinstance(rule, EqualWeights):
+            raise ValueError(
+                "compensate=False weighs every update by the rule at its step (1/t for equal weights), which is not "
+                "an equal average of the updates; SWA is exact for any update_every: leave compensate=True"
+            )
         if not isinstance(rule, Rule):
             raise TypeError(f"rule must be a polyak.rules.Rule, got {type(rule).__name__}")
         if nonfinite not in _NONFINITE:
@@ -201,7 +213,7 @@ class Averager(FrontEnd):
             "start_step": self.start_step,
             "policy": self._policy(),
             "target": None if self.target is None else "module",  # states without the key load as None
-        }
+        } | ({} if self.compensate else {"compensate": False})  # states without the key were compensated
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: counters, configuration (checked on load), tensors.
@@ -323,6 +335,8 @@ class Averager(FrontEnd):
         if self._shadow is None:
             self._shadow = Shadow(module, **self._options)
         delta = t - self.last_update_step
+        if not self.compensate and (delta < t or self.target is not None):  # one step's weight, every k steps
+            return 1.0 - self.rule.decay_at(t)
         if self.target is not None:  # blends from the start (the initial copy is the iterate at time 0)
             return 1.0 - self.rule.decay_over(t, delta)
         return self.rule.weight(t, delta)

@@ -22,7 +22,7 @@ __all__ = ["PostHocEMA"]
 
 
 class PostHocEMA(FrontEnd):
-    """Several power-function EMAs of one model, updated in one pass, saved as snapshots for :func:`~polyak.posthoc.reconstruct`.
+    """Several power-function EMAs of one model, updated in one pass, saved as snapshots for reconstruction.
 
     Call :meth:`update` after every optimizer step (or :meth:`attach` the optimizer). Each average uses
     :class:`~polyak.rules.PowerFunction`, exact for any ``update_every``. Every ``snapshot_every`` steps (a
