@@ -226,10 +226,8 @@ def damages(front_end: str) -> list[tuple[str, Callable[[dict[str, Any]], None]]
     return out
 
 
-def shadows_of(averager: Any) -> list[Any]:
-    if isinstance(averager, polyak.BEMA):
-        return [averager.ema, averager.anchor]
-    return averager.shadows if isinstance(averager, polyak.PostHocEMA) else [averager.shadow]
+def averages_of(averager: Any) -> list[dict[str, torch.Tensor]]:
+    return [averager.shadow.tensors(k) for k in range(averager.count)]
 
 
 @pytest.mark.parametrize(
@@ -246,7 +244,7 @@ def test_damaged_state_is_refused_and_changes_nothing(front_end, what, damage):
     target.update()  # one step ahead of the saved state: a partial load would show
     counters = (target.step, target.num_updates, target.last_update_step)
     before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
-    shadows = [s.tensors() for s in shadows_of(target)]
+    shadows = averages_of(target)
     copies = [{k: v.clone() for k, v in s.items()} for s in shadows]
     with pytest.raises((ValueError, TypeError)) as error:
         target.load_state_dict(state)

@@ -22,7 +22,7 @@ def simulate(steps: int, burn_in: int, every: int, kappa=0.5, eta=0.2, gamma=1.0
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     bema = polyak.BEMA(model, kappa=kappa, eta=eta, gamma=gamma, rho=rho, burn_in=burn_in, update_every=every)
-    averaged = [name for name, mode in bema.ema.modes().items() if mode == "average"]
+    averaged = [name for name, mode in bema.shadow.modes().items() if mode == "average"]
 
     def theta() -> dict[str, torch.Tensor]:
         state = model.state_dict()
@@ -90,7 +90,14 @@ def test_memory_is_two_copies_and_output_not_stored():
     with bema.swapped():
         pass
     held = [value for value in vars(bema).values() if isinstance(value, (Shadow, torch.Tensor))]
-    assert held == [bema.ema, bema.anchor]
+    assert held == [bema.shadow] and bema.shadow.count == 2  # the EMA and theta_0, and nothing else
+    def storages(*indices: int) -> dict[int, int]:
+        tensors = [t for k in indices for t in bema.shadow.tensors(k).values()]
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+    one = sum(storages(0).values())
+    assert one == sum(t.numel() * t.element_size() for t in bema.shadow.tensors(0).values())  # no slack
+    assert sum(storages(0, 1).values()) == 2 * one  # two copies, apart
 
 
 def test_state_dict_resumes_exactly():
@@ -112,9 +119,9 @@ def test_state_dict_resumes_exactly():
 
     train_steps(model, optimizer, 30, after_step=after_step)
     resumed = current["bema"]
-    for shadow, reference in ((resumed.ema, full.ema), (resumed.anchor, full.anchor)):
-        for name, value in reference.tensors().items():
-            assert torch.equal(shadow.tensors()[name], value), name
+    for k in (0, 1):  # the EMA and theta_0
+        for name, value in full.shadow.tensors(k).items():
+            assert torch.equal(resumed.shadow.tensors(k)[name], value), name
     assert (resumed.step, resumed.num_updates) == (full.step, full.num_updates)
     with pytest.raises(ValueError, match="burn_in"):
         polyak.BEMA(model, burn_in=3, update_every=2).load_state_dict(resumed.state_dict())
@@ -149,8 +156,8 @@ def test_bias_smaller_than_ema_on_noisy_quadratic():
 
 def test_errors():
     model = SmallCNN()
-    with pytest.raises(RuntimeError, match="before the first update"), polyak.BEMA(model).swapped():
-        pass
+    with pytest.warns(UserWarning, match="no update yet"), polyak.BEMA(model).swapped() as built:
+        assert built is model  # the model as built: the EMA and theta_0 are both its copy
     with pytest.raises(ValueError, match="rho"):
         polyak.BEMA(model, rho=0.0, gamma=0.5)
     with pytest.raises(ValueError, match="update_every"):
@@ -184,6 +191,6 @@ def test_batchnorm_statistics_are_averaged_not_extrapolated():
         bema.update()
     with bema.swapped() as swapped:
         assert (swapped[1].running_var > 0).all()
-        torch.testing.assert_close(swapped[1].running_var, bema.ema.tensors()["1.running_var"])
+        torch.testing.assert_close(swapped[1].running_var, bema.shadow.tensors(0)["1.running_var"])
         extrapolated = swapped[0].weight.detach().clone()
-    assert not torch.equal(extrapolated, bema.ema.tensors()["0.weight"])  # the weights are still corrected
+    assert not torch.equal(extrapolated, bema.shadow.tensors(0)["0.weight"])  # the weights are still corrected

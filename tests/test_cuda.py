@@ -30,7 +30,7 @@ def float64_average(
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "flat", "offload"])
 def test_cuda_update_matches_float64_without_host_sync(variant, monkeypatch):
-    monkeypatch.setattr("polyak.kernels._CHUNK", 1000)  # several staged batches
+    monkeypatch.setattr("polyak.kernels.CHUNK", 1000)  # several staged batches
     model = SmallCNN().cuda()
     if variant == "bf16":
         model = model.to(torch.bfloat16)
@@ -75,7 +75,7 @@ def test_update_captured_in_a_cuda_graph_replays_like_float64(variant, monkeypat
     The plan is built (and the model copied) by the first update, outside the graph; a capture records the
     kernels without running them. A constant decay's weight is a fixed kernel argument of the graph.
     """
-    monkeypatch.setattr("polyak.kernels._CHUNK", 1000)  # the bf16 model is staged in several batches
+    monkeypatch.setattr("polyak.kernels.CHUNK", 1000)  # the bf16 model is staged in several batches
     model = SmallCNN().cuda()
     if variant == "bf16":
         model = model.to(torch.bfloat16)

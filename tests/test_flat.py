@@ -44,13 +44,14 @@ def test_flat_model_updates_with_one_kernel_per_group():
     flatten_parameters(model)
     shadow = Shadow(model)
     assert update_ops(shadow, model) == ["aten._foreach_lerp_.Scalar"]
-    assert shadow._plan is not None and [len(s) for s, _ in shadow._plan.lerps] == [1]  # over one flat tensor
+    assert shadow._plan is not None and [len(f.pairs[0]) for f in shadow._plan.kernels(False)] == [1]  # one flat
     cnn = SmallCNN()
     flatten_parameters(cnn)
     shadow = Shadow(cnn)
     # one lerp for parameters and float buffers, one copy for the integer counters
     assert update_ops(shadow, cnn) == ["aten._foreach_lerp_.Scalar", "aten._foreach_copy_.default"]
-    assert shadow._plan is not None and len(shadow._plan.lerps[0][0]) == len(shadow._plan.copies[0]) == 1
+    assert shadow._plan is not None and len(shadow._plan.kernels(False)[0].pairs[0]) == 1
+    assert [len(stored) for stored, _ in shadow._plan.copies] == [1]
 
 
 def test_flat_bf16_model_is_staged_with_one_copy_per_batch():
@@ -84,7 +85,7 @@ def test_frozen_tensors_split_the_run_but_stay_correct():
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_broken_layout_falls_back_correctly(breaks, dtype, monkeypatch):
-    monkeypatch.setattr("polyak.kernels._CHUNK", 16)  # bf16: staged in several batches, some across tensors
+    monkeypatch.setattr("polyak.kernels.CHUNK", 16)  # bf16: staged in several batches, some across tensors
     model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)).to(dtype)
     flatten_parameters(model)
     ema = EMA(model, decay=0.5)
@@ -109,7 +110,7 @@ def test_bad_input_is_named():
 @pytest.mark.parametrize("offload_stand_in", [False, True])
 def test_flat_model_with_nonfinite_skip(offload_stand_in, monkeypatch):
     """A skipped update keeps the average bit for bit through merged runs and the double-buffered schedule."""
-    monkeypatch.setattr("polyak.kernels._CHUNK", 16)
+    monkeypatch.setattr("polyak.kernels.CHUNK", 16)
     if offload_stand_in:
         monkeypatch.setattr("polyak.kernels._offloaded", lambda shadow, model: True)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))

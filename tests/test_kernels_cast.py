@@ -11,7 +11,7 @@ from polyak.commands.bench import Census
 
 
 def test_channels_last_bf16_model_staged_without_copies(monkeypatch):
-    monkeypatch.setattr("polyak.kernels._CHUNK", 100)  # smaller than the convolution weights (216, 1152)
+    monkeypatch.setattr("polyak.kernels.CHUNK", 100)  # smaller than the convolution weights (216, 1152)
     torch.manual_seed(0)
     model = SmallCNN().to(torch.bfloat16).to(memory_format=torch.channels_last)
     assert not model.features[3].weight.is_contiguous()
@@ -33,7 +33,7 @@ def test_channels_last_bf16_model_staged_without_copies(monkeypatch):
 
 
 def test_fp16_model_into_float32_average_matches_float64(monkeypatch):
-    monkeypatch.setattr("polyak.kernels._CHUNK", 64)
+    monkeypatch.setattr("polyak.kernels.CHUNK", 64)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 3)).to(torch.float16)
     ema = EMA(model, decay=0.9)

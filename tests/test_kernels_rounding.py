@@ -163,8 +163,8 @@ def test_nonfinite_raise_names_the_tensor():
         ({"rounding": "stochastic"}, "bfloat16 average; got dtype=None"),
         ({"rounding": "stochastic", "dtype": torch.float32}, "got dtype=torch.float32"),
         ({"rounding": "stochastic", "dtype": torch.float16}, "got dtype=torch.float16"),
-        ({"rounding": "up", "dtype": torch.bfloat16}, "rounding must be one of"),
-        ({"rounding": None}, "rounding must be one of"),
+        ({"rounding": "up", "dtype": torch.bfloat16}, "rounding: expected one of"),
+        ({"rounding": None}, "rounding: expected one of"),
     ],
 )
 def test_bad_combinations_are_refused(options, message):

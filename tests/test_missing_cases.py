@@ -31,7 +31,7 @@ def test_posthoc_start_step_matches_float64_power_function(tmp_path, start_step,
     tracker = polyak.PostHocEMA(
         model, gammas=gammas, start_step=start_step, update_every=every, directory=tmp_path, snapshot_every=2 * every
     )
-    averaged = [n for n, mode in tracker.shadows[0].modes().items() if mode == "average"]
+    averaged = [n for n, mode in tracker.shadow.modes().items() if mode == "average"]
     reference: list[dict[str, torch.Tensor]] = [{} for _ in gammas]
     calls = {"n": 0, "last": 0}
 
@@ -53,9 +53,9 @@ def test_posthoc_start_step_matches_float64_power_function(tmp_path, start_step,
 
     train_steps(model, optimizer, 17, after_step=after_step)
     assert tracker.last_update_step == calls["last"] and tracker.num_updates == (17 - start_step) // every
-    for k, shadow in enumerate(tracker.shadows):
+    for k in range(tracker.count):
         for name in averaged:
-            torch.testing.assert_close(shadow.tensors()[name].double(), reference[k][name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(tracker.shadow.tensors(k)[name].double(), reference[k][name], rtol=1e-5, atol=1e-6)
     snapshots = find_snapshots(tmp_path)
     assert [s.step for s in snapshots] == list(range(2 * every, 17 - start_step + 1, 2 * every))
     metadata = open_safetensors(snapshots[-1].path).metadata
@@ -140,7 +140,7 @@ def test_overlapped_staging_matches_float64_with_an_asymmetric_weight(monkeypatc
     A weight of 0.1 tells ``w`` from ``1 - w``; small chunks give several batches and split tensors; shadows
     that are views of one flat buffer are lerped range by range, separate ones piece by piece.
     """
-    monkeypatch.setattr(kernels, "_CHUNK", 37)
+    monkeypatch.setattr(kernels, "CHUNK", 37)
     monkeypatch.setattr(kernels, "_offloaded", lambda shadow, model: overlap)
     torch.manual_seed(0)
     shapes = [(5, 4), (100,), (3,), (0,), (9, 9)]
@@ -153,12 +153,12 @@ def test_overlapped_staging_matches_float64_with_an_asymmetric_weight(monkeypatc
         offset += s.numel()
     if not flat_shadow:  # separate tensors (as adopted storage is): each batch lerps a list of pieces
         views = [v.clone() for v in views]
-    cast = kernels.CastLerp(views, models)
+    cast = kernels.Fold([views], models, guard=keep is not None)
     assert cast.overlap == overlap and len(cast.scratches) == 1 + overlap and len(cast.batches) > 3
     expected = [v.double() + 0.1 * (m.double() - v.double()) for v, m in zip(views, models, strict=True)]
     if keep is False:
         expected = [v.double().clone() for v in views]
-    cast.run(0.1, None if keep is None else torch.tensor(keep))
+    cast.run([0.1], None if keep is None else torch.tensor(keep))
     for value, reference in zip(views, expected, strict=True):
         torch.testing.assert_close(value.double(), reference, rtol=1e-6, atol=1e-6)
 

@@ -95,7 +95,7 @@ def test_bf16_model_tracks_float64():
 
 def test_cast_path_over_many_chunks(monkeypatch):
     """bf16 model, float32 shadow, tensors larger and smaller than the staging buffer."""
-    monkeypatch.setattr("polyak.kernels._CHUNK", 100)
+    monkeypatch.setattr("polyak.kernels.CHUNK", 100)
     model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 3), nn.Linear(3, 1)).to(torch.bfloat16)
     shadow = Shadow(model)
     ref = {k: v.double().clone() for k, v in shadow.tensors().items()}
@@ -203,7 +203,7 @@ def test_state_dict_round_trip_and_mismatch():
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="buffers must be one of"):
+    with pytest.raises(ValueError, match="buffers: expected one of"):
         Shadow(SmallCNN(), buffers="mean")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="dtype"):
         Shadow(SmallCNN(), dtype=torch.int32)
@@ -235,19 +235,21 @@ def test_adopted_storage_is_the_module_and_one_kernel_per_group():
         Shadow(wide, adopt=True, dtype=torch.float64)
 
 
-def test_update_with_calls_the_function_once_per_group():
+def test_apply_calls_the_function_once_per_group():
+    """A caller's own update (swa_utils' avg_fn) runs once per group, with converted model tensors."""
     model = FrozenBackbone()
     shadow = Shadow(model.double(), dtype=torch.float64)
     calls = []
 
     def halve(shadows, models):
-        calls.append(len(shadows))
+        calls.append((len(shadows), {m.dtype for m in models}))
         torch._foreach_lerp_(shadows, models, 0.5)
 
-    shadow.update_with(model.float(), halve)  # averaged tensors are float64, the model float32: passed converted
-    assert calls == [3]  # head.weight, head.bias, scale
-    shadow.update_with(model, lambda s, m: m * 2, each=True)
-    torch.testing.assert_close(shadow.tensors()["head.bias"], model.head.bias.double() * 2)
+    before = shadow.tensors()["head.bias"].clone()
+    shadow.apply(model.float(), halve)  # averaged tensors are float64, the model float32: passed converted
+    assert calls == [(3, {torch.float64})]  # head.weight, head.bias, scale
+    expected = before + 0.5 * (model.head.bias.detach().double() - before)
+    torch.testing.assert_close(shadow.tensors()["head.bias"], expected)
 
 
 def test_tied_names_are_saved_as_aliases_and_load_strictly():

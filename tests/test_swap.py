@@ -87,16 +87,33 @@ def test_nested_and_cross_averager_swaps_and_updates_are_refused():
     swa.update()
 
 
-def test_swap_before_first_update_is_refused():
+def test_before_the_first_update_the_average_is_the_model_as_built_with_one_warning():
+    """As diffusers' copy_to and timm give it: a trainer's sanity-check evaluation runs before any update."""
+    torch.manual_seed(0)
     model = nn.Linear(3, 2)
+    built = {k: v.clone() for k, v in model.state_dict().items()}
     ema = polyak.EMA(model, decay=0.9, start_step=2)
-    ema.update()
-    ema.update()
-    with pytest.raises(RuntimeError, match=r"before the first update.*step=2, start_step=2"), ema.swapped():
-        pass
+    for _ in range(2):  # trained, but averaging has not started
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"no update yet \(step 2\).*model as built"), ema.swapped() as swapped:
+        assert all(torch.equal(swapped.state_dict()[k], built[k]) for k in built)
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per averager, not one per evaluation
+        copy = ema.averaged_model()
+        with ema.swapped():
+            pass
+    assert all(torch.equal(copy.state_dict()[k], built[k]) for k in built)
+    assert not copy.training and not any(p.requires_grad for p in copy.parameters())
+    lazy = polyak.EMA(model, decay=0.9, lazy=True)  # nothing stored yet: the model as it is
+    with pytest.warns(UserWarning, match="no update yet"), lazy.swapped() as swapped:
+        assert all(torch.equal(swapped.state_dict()[k], trained[k]) for k in trained)
     ema.update()
     with ema.swapped():
-        pass
+        assert torch.equal(model.weight, trained["weight"])  # the first update copied
 
 
 def test_state_dict_taken_while_swapped_is_marked_and_warns():
@@ -139,7 +156,7 @@ def test_averager_state_saved_while_swapped_equals_the_state_outside():
 
 
 def test_a_deliberate_export_inside_a_swap_is_marked_but_quiet():
-    from polyak.shadow import exporting_average
+    from polyak import exporting_average
 
     model = nn.Linear(3, 2)
     ema = polyak.EMA(model, decay=0.5)

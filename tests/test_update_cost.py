@@ -68,11 +68,12 @@ def test_update_every_costs_one_update_per_k_calls():
 
 def test_offload_double_buffering_on_cpu(monkeypatch):
     """The overlapped offload schedule (copy batch b+1, then lerp batch b), run with a CPU stand-in for the GPU."""
-    monkeypatch.setattr("polyak.kernels._CHUNK", 64)
+    monkeypatch.setattr("polyak.kernels.CHUNK", 64)
     monkeypatch.setattr("polyak.kernels._offloaded", lambda shadow, model: True)
     model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 3), nn.Linear(3, 1)).to(torch.bfloat16)
     ema, reference = EMA(model, decay=0.5), EMA(copy.deepcopy(model), decay=0.5, dtype=torch.float64)
-    assert len(ema.shadow._plan.casts[0].scratches) == 2 and len(ema.shadow._plan.casts[0].batches) > 4
+    fold = ema.shadow._plan.kernels(False)[0]
+    assert len(fold.scratches) == 2 and len(fold.batches) > 4
     generator = torch.Generator().manual_seed(0)
     for _ in range(4):
         with torch.no_grad():

@@ -3,7 +3,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import distributed, durations, rules, swa_utils
+from . import distributed, durations, rules, swa_utils, watch
 from .bema import BEMA
 from .bn import update_bn
 from .checkpoints import average_checkpoints, export_weights
@@ -11,9 +11,11 @@ from .ema import EMA, SWA, Averager, load_state
 from .flat import flatten_parameters
 from .io import CheckpointError, save_state_dict
 from .multi import MultiEMA
+from .options import Options
 from .posthoc import PostHocEMA
 from .pretrained import export_pretrained, save_pretrained
-from .shadow import Shadow, is_swapped_state_dict
+from .shadow import Shadow
+from .swap import exporting_average, is_swapped_state_dict
 
 __all__ = [
     "BEMA",
@@ -22,6 +24,7 @@ __all__ = [
     "Averager",
     "CheckpointError",
     "MultiEMA",
+    "Options",
     "PostHocEMA",
     "Shadow",
     "__version__",
@@ -30,6 +33,7 @@ __all__ = [
     "durations",
     "export_pretrained",
     "export_weights",
+    "exporting_average",
     "flatten_parameters",
     "is_swapped_state_dict",
     "load_state",
@@ -38,6 +42,7 @@ __all__ = [
     "save_state_dict",
     "swa_utils",
     "update_bn",
+    "watch",
 ]
 
 __version__ = "0.1.0"

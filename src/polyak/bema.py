@@ -14,29 +14,29 @@ power, and TRL counts from the global step rather than from the burn-in; this is
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checks import check_flag, check_number
-from .front_end import FrontEnd, check_schedule, eager_when_compiled
-from .module_tensors import copy_module
-from .shadow import Policy, Shadow, extrapolated, write_extrapolated
+from .checks import check_number
+from .front_end import FrontEnd, check_schedule
+from .kernels import Mix
+from .options import NonFinite, Options, Policy, Rounding
+from .state import Entries, Spec
 
 __all__ = ["BEMA"]
-
-_FORMAT = "polyak.bema/1"
 
 
 class BEMA(FrontEnd):
     """Bias-corrected EMA of a model's weights; same front end as :class:`polyak.EMA`.
 
-    Stores two copies (``theta_0`` and the EMA, float32 or wider); the corrected output is written into a
-    model only when asked (:meth:`swapped`, :meth:`copy_to`, :meth:`averaged_model`), from the model's current
-    weights ``theta`` and ``alpha`` of the last update.
+    Stores two averages in one shadow (``theta_0`` and the EMA, float32 or wider): the anchor is the EMA's twin
+    kept with weight 0 after its copy. The corrected output is written into a model only when asked
+    (:meth:`swapped`, :meth:`copy_to`, :meth:`averaged_model`), from the model's current weights ``theta`` and
+    ``alpha`` of the last update; averaged buffers (BatchNorm statistics) get the EMA itself, since an
+    extrapolated running variance could turn negative.
 
     Args:
         model: the model being trained.
@@ -45,13 +45,11 @@ class BEMA(FrontEnd):
         gamma: multiplier of ``s`` in both schedules (1.0). rho: offset (lag) in both schedules (10.0).
         burn_in: optimizer steps before averaging; ``theta_0`` and the EMA are taken at that step (0).
         update_every: optimizer steps between updates (1).
-        buffers: which buffers take part; this and ``frozen``, ``exclude``, ``include_nonpersistent``,
-            ``dtype`` and ``device`` are :class:`~polyak.shadow.Shadow`'s options.
+        nonfinite, buffers, frozen, exclude, include_nonpersistent, dtype, device, rounding, lazy, watch: how the
+            averages are kept (:class:`~polyak.options.Options`), as for :class:`~polyak.EMA`.
     """
 
-    _FORMAT = _FORMAT
-    _WHAT = "BEMA"
-    _START = "burn_in"
+    SPEC = Spec("polyak.bema/1", "BEMA", Entries(("ema", "anchor")), start="burn_in")
 
     def __init__(
         self,
@@ -63,14 +61,18 @@ class BEMA(FrontEnd):
         rho: float = 10.0,
         burn_in: int = 0,
         update_every: int = 1,
+        nonfinite: NonFinite = "propagate",
         buffers: Policy = "average",
         frozen: Policy = "copy",
         exclude: Iterable[str] = (),
         include_nonpersistent: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        rounding: Rounding = "nearest",
+        lazy: bool = False,
+        watch: bool = True,
     ) -> None:
-        check_schedule(model, update_every, "burn_in", burn_in)
+        self.update_every, self.burn_in = check_schedule(model, update_every, "burn_in", burn_in)
         self.kappa = check_number("kappa", kappa, low=0.0, hint="0.5 is the paper's value; 0 turns the EMA off")
         self.eta = None if eta is None else check_number("eta", eta, low=0.0, hint="0.2 is the paper's value")
         self.gamma = check_number("gamma", gamma, low=0.0, low_open=True, hint="1.0 is the paper's value")
@@ -79,24 +81,19 @@ class BEMA(FrontEnd):
             raise ValueError(
                 f"rho: expected rho + gamma >= 1 (so that beta <= 1), got rho={rho!r} with gamma={gamma!r}; raise rho"
             )
-        check_flag("include_nonpersistent", include_nonpersistent)
-        self.model = model
-        self.burn_in = burn_in
-        self.update_every = update_every
-        options: dict[str, Any] = dict(
+        options = Options(
             buffers=buffers,
             frozen=frozen,
-            exclude=tuple(exclude),
+            exclude=exclude,  # type: ignore[arg-type]  # checked and made a tuple there
             include_nonpersistent=include_nonpersistent,
             dtype=dtype,
-            device=device,
+            device=device,  # type: ignore[arg-type]  # checked and made a device there
+            rounding=rounding,
+            nonfinite=nonfinite,
+            lazy=lazy,
+            watch=watch,
         )
-        self.ema = Shadow(model, **options)
-        self.anchor = Shadow(model, **options)  # theta_0
-        self.step = 0
-        self.num_updates = 0
-        self.last_update_step = 0  # s of the last update
-        self._swapped = False
+        self._init_averages(model, options, 2)
 
     def beta(self, s: int) -> float:
         """Weight of the new iterate in the EMA update at ``s`` steps since averaging began."""
@@ -106,50 +103,19 @@ class BEMA(FrontEnd):
         """Weight of the correction ``theta - theta_0`` at ``s`` steps since averaging began."""
         return 0.0 if self.eta is None else (self.rho + self.gamma * s) ** -self.eta
 
-    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
-    def update(self, model: nn.Module | None = None) -> None:
-        """Count one optimizer step; take ``theta_0`` at the burn-in step; update the EMA every ``update_every``."""
-        self._check_not_swapped("update")
-        s = self.step + 1 - self.burn_in
-        if s == 0:
-            self.anchor.copy_from(self._model(model))
-            self.ema.copy_from(self._model(model))
-        elif s >= 1 and s % self.update_every == 0:
-            self.ema.update(self._model(model), min(1.0, self.beta(s)))
-            self.last_update_step = s
-            self.num_updates += 1
-        self.step += 1  # counted once the update went through
+    def _weights(self, s: int) -> tuple[Sequence[float], bool] | None:
+        if s == 0:  # the burn-in step: theta_0 and the EMA start here
+            return (1.0, 1.0), False
+        if s < 1 or s % self.update_every:
+            return None
+        return (min(1.0, self.beta(s)), 0.0), True
 
-    def _ready(self, action: str) -> float:
-        self._check_not_swapped(action)
-        if self.num_updates == 0:
-            raise RuntimeError(
-                f"cannot {action} before the first update (step={self.step}, burn_in={self.burn_in}, "
-                f"update_every={self.update_every}); check `bema.num_updates > 0` first"
-            )
-        return self.alpha(self.last_update_step)
-
-    @contextmanager
-    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """Within the block the model holds the BEMA output; its own weights come back exactly on exit."""
-        alpha = self._ready("swap")
-        self._swapped = True
-        try:
-            with extrapolated(self._model(model), self.ema, self.anchor, alpha) as swapped_model:
-                yield swapped_model
-        finally:
-            self._swapped = False
-
-    def copy_to(self, model: nn.Module | None = None) -> None:
-        """Write the BEMA output (from the model's current weights) into the model, permanently."""
-        write_extrapolated(self._model(model), self.ema, self.anchor, self._ready("copy the average"))
-
-    def averaged_model(self) -> nn.Module:
-        """A new module (a deep copy of the model) holding the BEMA output."""
-        alpha = self._ready("build the averaged model")
-        duplicate = copy_module(self.model)
-        write_extrapolated(duplicate, self.ema, self.anchor, alpha)
-        return duplicate
+    def _mix(self, index: int) -> tuple[Mix, Mix | None]:
+        """``EMA + alpha (theta - theta_0)`` for parameters; the EMA itself for buffers."""
+        if index != 0:
+            raise ValueError(f"BEMA has one output; index must be 0, got {index!r}")
+        alpha = self.alpha(self.last_update_step)
+        return Mix(alpha, (1.0, -alpha)), Mix.copy(0, 2)
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -159,23 +125,8 @@ class BEMA(FrontEnd):
             "rho": self.rho,
             "burn_in": self.burn_in,
             "update_every": self.update_every,
-            "policy": self.ema.policy(),
+            "policy": self.options.saved(),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters, configuration (checked on load), the EMA and ``theta_0``; allowed inside ``swapped()``."""
-        self.ema.check(self.model)  # a model changed since the last update: refused here too
-        return self._state(ema=self.ema.state_dict(), anchor=self.anchor.state_dict())
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; raises before changing anything if it does not fit."""
-        counters = self._checked_counters(state)
-        ema, anchor = self._entry(state, "ema", dict), self._entry(state, "anchor", dict)
-        self.ema.check_state_dict(ema)
-        self.anchor.check_state_dict(anchor)
-        self.ema.load_state_dict(ema)
-        self.anchor.load_state_dict(anchor)
-        self._set_counters(counters)
 
     def __repr__(self) -> str:
         return (

@@ -12,13 +12,11 @@ gathers the full average for export.
 
 Under DeepSpeed ZeRO-3 the average of a parameter is this rank's partition of it (see :mod:`polyak.zero`), a
 plain tensor: the update needs no collective, ``state_dict()`` is per rank, and ``full_state_dict(state,
-model=model)`` gathers it. Where a tensor's data lives is decided here (:func:`local`), for the shadow.
+model=model)`` gathers it. Where a tensor's data lives is decided by its adapter in :mod:`polyak.storage`.
 """
 
 from __future__ import annotations
 
-import operator
-import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -26,131 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import zero
 from .module_tensors import walk
+from .storage import engine_of
+from .storage.dtensor import is_dtensor
+from .storage.zero3 import is_partitioned, partition
 
 __all__ = ["all_reduce_batchnorm_stats", "full_model_state_dict", "full_state_dict", "sync_buffers"]
-
-
-# ---------------------------------------------------------------------- helpers for the shadow (not public)
-
-
-def _loaded(module: str, name: str) -> Any:
-    """``module.name`` if that module was imported, else None: nothing can be a DTensor (an FSDP2 module)
-    before torch.distributed.tensor (.fsdp) is imported, and importing it would slow ``import polyak``."""
-    return getattr(sys.modules.get(module), name, None)
-
-
-def is_dtensor(tensor: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
-    dtensor = _loaded("torch.distributed.tensor", "DTensor")
-    return dtensor is not None and isinstance(tensor, dtensor)
-
-
-# A DTensor's local shard: the same object on every call while the DTensor keeps its storage, so a cached
-# pairing can check it by identity, at C speed (``DTensor.to_local()`` returns a fresh view for parameters).
-local_shard = operator.attrgetter("_local_tensor")
-
-
-def local(tensor: Tensor) -> Tensor:
-    """The plain tensor that holds this rank's data, aliasing it: a DTensor's local shard, a DeepSpeed ZeRO-3
-    parameter's partition (its valid elements), else ``tensor`` itself.
-
-    Raises ``RuntimeError`` for tensors whose data polyak cannot pair with the model's, e.g. FSDP1's flat
-    parameters, rather than average a placeholder.
-    """
-    if is_dtensor(tensor):
-        return local_shard(tensor)
-    if zero.is_partitioned(tensor):
-        return zero.partition(tensor)
-    if getattr(tensor, "_fsdp_flattened", False):
-        raise RuntimeError(
-            f"FSDP1 (FullyShardedDataParallel) parameter of shape {tuple(tensor.shape)}: its data is a flat "
-            "fragment of several parameters, which polyak cannot pair with the model's tensors by name. Shard with "
-            "FSDP2 (torch.distributed.fsdp.fully_shard), which polyak averages shard by shard"
-        )
-    return tensor
-
-
-def is_sharded(tensor: Tensor) -> bool:
-    """True when each rank holds a share of ``tensor``'s data: a DTensor or a DeepSpeed ZeRO-3 parameter."""
-    return is_dtensor(tensor) or zero.is_partitioned(tensor)
-
-
-def storages(tensors: list[Tensor]) -> list[Tensor]:
-    """Tensors whose data pointer changes when the data of ``tensors`` moves where :func:`local` cannot see it
-    (a ZeRO-3 partition's ``ds_tensor``); a cached pairing watches them."""
-    return zero.partition_tensors(tensors)
-
-
-def stored_shape(tensor: Tensor) -> torch.Size:
-    """The shape the shadow keeps for a model tensor: its own (DTensors: the global one), or, for a partitioned
-    ZeRO-3 parameter, its partition's."""
-    return zero.partition(tensor).shape if zero.is_partitioned(tensor) else tensor.shape
-
-
-def sharded_like(local_tensor: Tensor, model_tensor: Tensor) -> Tensor:
-    """A DTensor over ``local_tensor`` (no copy) with ``model_tensor``'s mesh, placements, shape and stride."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local_tensor,
-        model_tensor.device_mesh,  # type: ignore[attr-defined]
-        model_tensor.placements,  # type: ignore[attr-defined]
-        run_check=False,
-        shape=model_tensor.shape,
-        stride=model_tensor.stride(),
-    )
-
-
-def shard_of(full: Tensor, like: Tensor) -> Tensor:
-    """This rank's part of a full tensor (present on every rank), as a DTensor laid out like ``like``."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)  # type: ignore[attr-defined]
-
-
-def same_layout(a: Tensor, b: Tensor) -> bool:
-    """True when two DTensors are laid out alike (mesh, placements, global shape)."""
-    return a.device_mesh == b.device_mesh and a.placements == b.placements and a.shape == b.shape  # type: ignore[attr-defined]
-
-
-def reshard(module: nn.Module) -> None:
-    """Put every FSDP2 module and ZeRO-3 parameter of ``module`` back in its sharded state (frees gathered
-    parameters; no collective).
-
-    FSDP2 keeps the root's parameters gathered after a forward without backward (evaluation), ZeRO-3 may too;
-    the shadow pairs with the shards, so it reshards first.
-    """
-    zero.release(module)
-    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
-    if fsdp_module is None:
-        return
-    for m in module.modules():
-        if isinstance(m, fsdp_module):
-            m.reshard()
-
-
-def partitioned_names(module: nn.Module) -> list[str]:
-    """Names of ``module``'s partitioned ZeRO-3 parameters."""
-    return list(_partitioned_by_name(module))
-
-
-def all_ranks_true(flag: Tensor, tensors: list[Tensor]) -> Tensor:
-    """``flag`` (a 0-d bool tensor) and-ed over every rank that holds a shard of ``tensors`` (DTensors, ZeRO-3
-    parameters).
-
-    One all-reduce (MIN) over each distinct process group (of each mesh, or of the ZeRO-3 partitions), with no
-    host sync: ranks that see only their own shards take the same decision, e.g. to skip an update for a NaN in
-    one rank's shard.
-    """
-    meshes = {id(t.device_mesh): t.device_mesh for t in tensors if is_dtensor(t)}  # type: ignore[attr-defined]
-    groups = [group for mesh in meshes.values() for group in mesh.get_all_groups()]
-    partitioned = {id(g): g for g in (getattr(t, "ds_process_group", None) for t in tensors if not is_dtensor(t))}
-    agreed = flag.to(torch.int32)
-    for group in groups + list(partitioned.values()):
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
-    return agreed.bool()
 
 
 # ---------------------------------------------------------------------- public helpers
@@ -330,19 +209,14 @@ def full_state_dict(
         return done[id(value)]
 
     def gather_tensor(name: str, value: Tensor) -> Tensor | None:
-        if is_dtensor(value):
-            full = value.full_tensor()  # type: ignore[attr-defined]
-        elif name in partitioned:
-            param = partitioned[name]
-            if value.shape != stored_shape(param):
-                raise ValueError(
-                    f"tensor {name!r} has shape {tuple(value.shape)}, but this rank's partition of the model's "
-                    f"ZeRO-3 parameter holds {tuple(stored_shape(param))}; pass the state of this rank, made with "
-                    "the same world size"
-                )
-            full = zero.gather_partition(value, param)
-        else:
-            full = value
+        param = partitioned.get(name)
+        if param is not None and value.shape != partition(param).shape:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(value.shape)}, but this rank's partition of the model's "
+                f"ZeRO-3 parameter holds {tuple(partition(param).shape)}; pass the state of this rank, made with "
+                "the same world size"
+            )
+        full = engine_of(param if param is not None else value).gather(value, param)
         if not keep:
             return None  # gathered for rank 0's sake; dropped at once
         return full.cpu() if cpu_offload else full
@@ -360,9 +234,7 @@ def full_model_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu_offl
     aliases: dict[str, str] = {}
     found, _ = walk(model, aliases)
     state = {
-        f.name: zero.partition(f.tensor) if zero.is_partitioned(f.tensor) else f.tensor.detach()
-        for f in found
-        if f.persistent
+        f.name: partition(f.tensor) if is_partitioned(f.tensor) else f.tensor.detach() for f in found if f.persistent
     }
     state |= {alias: state[name] for alias, name in aliases.items() if name in state}
     return full_state_dict(state, model=model, rank0_only=rank0_only, cpu_offload=cpu_offload)
@@ -372,5 +244,5 @@ def _partitioned_by_name(model: nn.Module) -> dict[str, Tensor]:
     """The model's partitioned ZeRO-3 parameters by qualified name (tied ones under each name)."""
     aliases: dict[str, str] = {}
     found, _ = walk(model, aliases)
-    by_name = {f.name: f.tensor for f in found if zero.is_partitioned(f.tensor)}
+    by_name = {f.name: f.tensor for f in found if is_partitioned(f.tensor)}
     return by_name | {alias: by_name[name] for alias, name in aliases.items() if name in by_name}

@@ -1,25 +1,29 @@
-"""Front ends: EMA and SWA, each a rule plus a shadow plus a step counter."""
+"""Front ends: EMA and SWA, each a rule over one average, and the live target and Switch EMA options.
+
+Each says the weight of its one average at each optimizer step (a :class:`~polyak.rules.Rule`); the update, the
+storage and the state are :class:`~polyak.front_end.FrontEnd`'s.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .checks import check_flag
+from .checks import check_flag, check_int, check_number
 from .durations import to_steps
-from .front_end import FrontEnd, check_schedule, eager_when_compiled
+from .front_end import FrontEnd, check_schedule
 from .io import CheckpointError, load_torch
-from .live import Target, adopt, first_tensor, make_target
+from .kernels import Mix
+from .live import Target, make_target
+from .options import NonFinite, Options, Policy, Rounding
 from .rules import ConstantDecay, EqualWeights, HalfLife, Rule
-from .shadow import _NONFINITE, NonFinite, Policy, Rounding, Shadow, write_blended
+from .state import Entries, Spec
 
-__all__ = ["EMA", "SWA", "Averager", "load_state"]
+__all__ = ["EMA", "SWA", "Averager", "check_compensate", "load_state", "weight_of"]
 
 _AVERAGER_FORMAT = "polyak.averager/1"
 
@@ -56,6 +60,28 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device | 
     return state
 
 
+def weight_of(rule: Rule, t: int, delta: int, compensate: bool, blend: bool) -> float:
+    """The weight of an update at step ``t`` covering ``delta`` steps: the rule's over all of them (compensated),
+    or one step's (``compensate=False``); the first update copies unless the average ``blend``-s from the start
+    (a live target, which starts as the model)."""
+    if not compensate and (delta < t or blend):  # one step's weight, every k steps
+        return 1.0 - rule.decay_at(t)
+    if blend:  # the initial copy is the iterate at time 0
+        return 1.0 - rule.decay_over(t, delta)
+    return rule.weight(t, delta)
+
+
+def check_compensate(compensate: Any, rules: Iterable[Rule]) -> bool:
+    """``compensate`` as a bool, refused for equal weights (SWA), which are exact only when compensated."""
+    check_flag("compensate", compensate)
+    if not compensate and any(isinstance(rule, EqualWeights) for rule in rules):
+        raise ValueError(
+            "compensate=False weighs every update by the rule at its step (1/t for equal weights), which is not "
+            "an equal average of the updates; SWA is exact for any update_every: leave compensate=True"
+        )
+    return bool(compensate)
+
+
 class Averager(FrontEnd):
     """Keeps an average of a model's weights, updated after optimizer steps by a :class:`~polyak.rules.Rule`.
 
@@ -69,33 +95,28 @@ class Averager(FrontEnd):
         rule: the weight schedule.
         update_every: optimizer steps between updates (>= 1).
         start_step: optimizer steps to wait before averaging begins (>= 0).
-        nonfinite: what an update does when an averaged model tensor holds inf or NaN: ``"propagate"``
-            (default, no check: the average turns non-finite too, visibly), ``"skip"`` (the average keeps
-            its values, :attr:`skipped_updates` counts it; decided on the device, no host sync) or
-            ``"raise"`` (``RuntimeError`` naming the tensor before anything changes; syncs with the device).
-            A skipped update still counts as a step in time; a refused one (``"raise"``) does not count at
-            all. Steps that ``GradScaler`` skips never reach an attached averager, so they are no steps.
-        buffers: which buffers take part; this and ``frozen``, ``exclude``, ``include_nonpersistent``,
-            ``dtype``, ``device`` and ``rounding`` (what is averaged and how it is stored) are
-            :class:`~polyak.shadow.Shadow`'s options. By default the average is float32 or wider;
-            ``dtype=torch.bfloat16, rounding="stochastic"`` halves that memory without stalling the average.
-        target: ``"copy"`` or a module of the model's structure: the average is then a live module,
-            ``averager.target``, updated in place (a target network, a teacher); it starts as the model and every
-            update blends into it (the first with weight ``1 - decay``). Default: the average is kept apart.
-        lazy: allocate nothing for the average before the first update after ``start_step``.
-        switch_every: every this many optimizer steps, move the model to the average (Switch EMA,
-            arXiv:2402.09240); a multiple of ``update_every``.
-        switch_blend: how far the model moves then: ``model + switch_blend * (average - model)``, in (0, 1].
         compensate: with ``update_every=k``, give each update the weight of all k steps (``1 - d**k`` for a
             constant decay; default) so that the horizon in optimizer steps stays the same; ``False`` applies
             the plain per-step weight (``1 - d``, the rule at the current step) once every k steps, as
             ema-pytorch, Lightning's ``EMAWeightAveraging`` and Stable-Baselines3 do. Refused for
             :class:`SWA`, whose equal weights are exact only when compensated.
+        nonfinite, buffers, frozen, exclude, include_nonpersistent, dtype, device, rounding, lazy, watch: how the
+            average is kept (:class:`~polyak.options.Options`): e.g. ``nonfinite="skip"`` leaves out an update
+            whose model holds inf or NaN (counted in :attr:`skipped_updates`; a skipped update still counts as a
+            step in time), ``dtype=torch.bfloat16, rounding="stochastic"`` halves the memory without stalling,
+            ``lazy=True`` allocates nothing before the first update after ``start_step``.
+        target: ``"copy"`` or a module of the model's structure: the average is then a live module,
+            ``averager.target`` (a target network, a teacher), that starts as the model and blends every update
+            into it (the first with weight ``1 - decay``). Its tensors hold the average where they have its
+            storage dtype; for a bf16/fp16 model the average is kept apart in float32 (or ``dtype=`` with
+            ``rounding=``) and copied into the module after every update, at the cost of that copy's memory
+            (``dtype=`` the model's dtype keeps none, and stalls like any low-precision average).
+        switch_every: every this many optimizer steps, move the model to the average (Switch EMA,
+            arXiv:2402.09240); a multiple of ``update_every``.
+        switch_blend: how far the model moves then: ``model + switch_blend * (average - model)``, in (0, 1].
     """
 
-    _FORMAT = _AVERAGER_FORMAT
-    _WHAT = "averager"
-    _COUNTERS = (*FrontEnd._COUNTERS, "skipped_updates")
+    SPEC = Spec(_AVERAGER_FORMAT, "averager", Entries(("shadow",)), defaults={"target": None, "compensate": True})
 
     def __init__(
         self,
@@ -104,6 +125,7 @@ class Averager(FrontEnd):
         *,
         update_every: int = 1,
         start_step: int = 0,
+        compensate: bool = True,
         nonfinite: NonFinite = "propagate",
         buffers: Policy = "average",
         frozen: Policy = "copy",
@@ -112,98 +134,55 @@ class Averager(FrontEnd):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         rounding: Rounding = "nearest",
-        target: Target | None = None,
         lazy: bool = False,
+        watch: bool = True,
+        target: Target | None = None,
         switch_every: int | None = None,
         switch_blend: float = 1.0,
-        compensate: bool = True,
     ) -> None:
-        check_schedule(model, update_every, "start_step", start_step)
-        self.compensate = check_flag("compensate", compensate)
-        if not compensate and isinstance(rule, EqualWeights):
-            raise ValueError(
-                "compensate=False weighs every update by the rule at its step (1/t for equal weights), which is not "
-                "an equal average of the updates; SWA is exact for any update_every: leave compensate=True"
-            )
+        self.update_every, self.start_step = check_schedule(model, update_every, "start_step", start_step)
         if not isinstance(rule, Rule):
             raise TypeError(f"rule must be a polyak.rules.Rule, got {type(rule).__name__}")
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        check_flag("include_nonpersistent", include_nonpersistent)
-        self.model = model
-        self.rule = rule
-        self.update_every = update_every
-        self.start_step = start_step
-        self.nonfinite: NonFinite = nonfinite
-        options: dict[str, Any] = dict(
+        options = Options(
             buffers=buffers,
             frozen=frozen,
-            exclude=tuple(exclude),
+            exclude=exclude,  # type: ignore[arg-type]  # checked and made a tuple there
             include_nonpersistent=include_nonpersistent,
+            dtype=dtype,
+            device=device,  # type: ignore[arg-type]  # checked and made a device there
             rounding=rounding,
+            nonfinite=nonfinite,
+            lazy=lazy,
+            watch=watch,
         )
-        self._init_live(model, options, dtype, device, target, lazy, switch_every, switch_blend)
-        self.step = 0  # optimizer steps seen (calls to update)
-        self.num_updates = 0  # updates folded into the average
-        self.last_update_step = 0  # averaging time (step - start_step) of the last update
-        self._skipped: int | Tensor = 0  # updates skipped for non-finite values (a device tensor once counted)
-        self._swapped = False
+        self.rule = rule
+        self.compensate = check_compensate(compensate, [rule])
+        if switch_every is not None:
+            switch_every = check_int("switch_every", switch_every, low=1, hint="give optimizer steps, or None")
+            if switch_every % self.update_every:
+                raise ValueError(
+                    f"switch_every: expected a multiple of update_every={self.update_every} (optimizer steps), got "
+                    f"{switch_every!r}"
+                )
+        hint = "1 copies the average into the model"
+        self.switch_every = switch_every
+        self.switch_blend = check_number("switch_blend", switch_blend, low=0.0, high=1.0, low_open=True, hint=hint)
+        if target is not None and lazy:
+            raise ValueError("lazy=True allocates the average late; a target module exists from the start")
+        self.target: nn.Module | None = None if target is None else make_target(model, target)
+        self._init_averages(model, options, 1, target=self.target)
 
-    # ------------------------------------------------------------------ updating
+    def _weights(self, t: int) -> tuple[Sequence[float], bool] | None:
+        if t == 0 and self.target is not None:  # the step before averaging starts: the target starts here
+            return (1.0,), False
+        if t < 1 or t % self.update_every:
+            return None
+        return (weight_of(self.rule, t, t - self.last_update_step, self.compensate, self.target is not None),), True
 
-    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
-    def update(self, model: nn.Module | None = None) -> None:
-        """Count one optimizer step; on every ``update_every``-th step, fold ``model`` into the average."""
-        self._check_not_swapped("update")
-        module = self._model(model)
-        weight = self._begin_update(module)
-        if weight is not None:
-            self._end_update(module, self.shadow.update(module, weight, nonfinite=self.nonfinite))
-        self.step += 1
-
-    @property
-    def skipped_updates(self) -> int:
-        """Updates left out for non-finite values (``nonfinite="skip"``); reading it syncs with the device."""
-        return int(self._skipped)
-
-    # ------------------------------------------------------------------ using the average
-
-    def _check_ready(self, action: str) -> None:
-        self._check_not_swapped(action)
-        if self.num_updates == 0:
-            raise RuntimeError(
-                f"cannot {action} before the first update: the average holds no training step yet "
-                f"(step={self.step}, start_step={self.start_step}, update_every={self.update_every}); "
-                "check `averager.num_updates > 0` first"
-            )
-
-    @contextmanager
-    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """Within the block the model holds the averaged weights; its own come back on exit, even on error.
-
-        Refused (``RuntimeError``) before the first update and while the model is already swapped (by this or
-        any other averager). Inside the block, ``model.state_dict()`` warns and is marked as holding the
-        average: check a checkpoint with :func:`polyak.is_swapped_state_dict`.
-        """
-        self._check_ready("swap")
-        self._swapped = True
-        try:
-            with self.shadow.swapped(self._model(model)) as swapped_model:
-                yield swapped_model
-        finally:
-            self._swapped = False
-
-    def copy_to(self, model: nn.Module | None = None) -> None:
-        """Write the averaged weights into the model, permanently."""
-        self._check_ready("copy the average")
-        self.shadow.copy_to(self._model(model))
-
-    def averaged_model(self) -> nn.Module:
-        """A new module (a deep copy of the model) holding the averaged weights, for evaluation or export."""
-        self._check_ready("build the averaged model")
-        return self.shadow.clone_module(self.model)
-
-    # ------------------------------------------------------------------ checkpoints
+    def _after_update(self, module: nn.Module, t: int) -> None:
+        if self.switch_every is not None and t % self.switch_every == 0:
+            blend = self.switch_blend
+            self.shadow.write(module, Mix(1.0 - blend, (blend,)) if blend < 1.0 else Mix.copy(0, 1))
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -211,42 +190,10 @@ class Averager(FrontEnd):
             "rule": self.rule.config(),
             "update_every": self.update_every,
             "start_step": self.start_step,
-            "policy": self._policy(),
-            "target": None if self.target is None else "module",  # states without the key load as None
-        } | ({} if self.compensate else {"compensate": False})  # states without the key were compensated
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: counters, configuration (checked on load), tensors.
-
-        Allowed inside ``swapped()``: a swap backs the model up and leaves the average itself untouched, so
-        a checkpoint taken during evaluation holds the same average as one taken outside.
-        """
-        shadow = self._shadow
-        if shadow is not None:
-            shadow.check(self.model)  # a model changed since the last update: refused here too
-        stochastic = shadow is not None and shadow.rounding != "nearest"
-        rounding = {"rounding_state": shadow.rounding_state()} if stochastic else {}  # type: ignore[union-attr]
-        return self._state(shadow=None if shadow is None else shadow.state_dict(), **rounding)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; raises before changing anything if it does not fit."""
-        counters = self._checked_counters(state)
-        # None: a lazy averager saved before its start; anything else must be a shadow's state
-        saved = None if "shadow" in state and state["shadow"] is None else self._entry(state, "shadow", dict)
-        shadow = self._shadow  # a stochastically rounding average: its random streams too, all or nothing
-        streams = shadow.rounding_state() if shadow is not None and shadow.rounding != "nearest" else None
-        if streams is not None:
-            shadow.load_rounding_state(state.get("rounding_state"))  # type: ignore[union-attr]  # checked there
-        try:
-            self._load_shadow(saved, counters["num_updates"])
-        except BaseException:
-            if streams is not None:
-                shadow.load_rounding_state(streams)  # type: ignore[union-attr]
-            raise
-        if streams is None and self._shadow is not None and self._shadow.rounding != "nearest":  # allocated now
-            self._shadow.load_rounding_state(state.get("rounding_state"))
-        self._set_counters(counters)
-        self._skipped = counters["skipped_updates"]
+            "policy": self.options.saved(),
+            "target": None if self.target is None else "module",
+            "compensate": self.compensate,
+        }
 
     def __repr__(self) -> str:
         return (
@@ -254,139 +201,6 @@ class Averager(FrontEnd):
             f"start_step={self.start_step}, step={self.step}, num_updates={self.num_updates}, "
             f"tensors={0 if self._shadow is None else len(self._shadow.names)})"
         )
-
-    # ------------------------------------------------------------------ live target, lazy start, Switch EMA
-
-    def _init_live(
-        self,
-        model: nn.Module,
-        options: dict[str, Any],
-        dtype: torch.dtype | None,
-        device: torch.device | str | None,
-        target: Target | None,
-        lazy: bool,
-        switch_every: int | None,
-        switch_blend: float,
-    ) -> None:
-        """Build the storage of the average.
-
-        - ``target=None`` (default): the average lives in the shadow only; evaluate it with :meth:`swapped`.
-        - ``target="copy"`` or ``target=module``: the average *is* a live module, ``target`` (a deep copy of
-          the model, cast to ``dtype`` / moved to ``device`` if given, or the user's module of the same
-          structure and dtypes). Its parameters hold the average after every update, never require grad, and
-          its train/eval mode is its own. The target starts as the model's weights at the start of averaging
-          (construction, or the step before ``start_step``) and every update blends into it, as the target
-          networks of DQN/SAC/TD3 and the teachers of BYOL/DINO/Mean Teacher do: the first update's weight is
-          ``1 - decay`` (``tau``), not a copy. Converting it later (``.to()``, ``.double()``) is followed; replacing
-          its submodules is not.
-        - ``lazy=True``: no memory for the average until the first update after ``start_step``.
-        - ``switch_every=N`` (a multiple of ``update_every``): every N optimizer steps after the update, move the
-          model to the average, ``model <- model + switch_blend * (average - model)`` (Switch EMA, Li et al.
-          2024, arXiv:2402.09240: ``switch_blend=1`` copies). The optimizer's state is left as it is.
-        """
-        if not isinstance(lazy, bool):
-            raise TypeError(f"lazy must be a bool, got {type(lazy).__name__}")
-        if switch_every is not None and not (
-            type(switch_every) is int and switch_every >= 1 and switch_every % self.update_every == 0
-        ):
-            raise ValueError(
-                f"switch_every must be None or a positive multiple of update_every={self.update_every} (optimizer "
-                f"steps), got {switch_every!r}"
-            )
-        number = isinstance(switch_blend, (int, float)) and not isinstance(switch_blend, bool)
-        blend = float(switch_blend) if number else math.nan
-        if not 0.0 < blend <= 1.0:
-            raise ValueError(f"switch_blend must be a number in (0, 1] (1 copies the average), got {switch_blend!r}")
-        self.switch_every, self.switch_blend = switch_every, blend
-        self.lazy = lazy
-        self.target: nn.Module | None = None
-        self._target_first: Tensor | None = None
-        self._shadow: Shadow | None = None
-        self._options = {**options, "dtype": dtype, "device": device}
-        if target is not None:
-            if lazy:
-                raise ValueError("lazy=True allocates the average late; a target module exists from the start")
-            self.target = make_target(model, target, dtype=dtype, device=device)
-            self._shadow = adopt(model, self.target, **options)
-            self._target_first = first_tensor(self.target)
-            self._target_memory = self._target_pointer()
-        elif not lazy:
-            self._shadow = Shadow(model, **self._options)
-
-    @property
-    def shadow(self) -> Shadow:
-        """The averaged tensors (see :class:`~polyak.shadow.Shadow`); with a target, stored in its tensors."""
-        if self._shadow is None:
-            raise RuntimeError(
-                f"no average yet: lazy=True allocates it at the first update after start_step={self.start_step} "
-                f"(now at step {self.step}); check `averager.num_updates > 0` first"
-            )
-        return self._shadow
-
-    def _begin_update(self, module: nn.Module) -> float | None:
-        """The weight of this step's update, or None when this step does not update the average."""
-        t = self.step + 1 - self.start_step
-        if self.target is not None and self._target_pointer() != self._target_memory:
-            self._readopt(module)
-        if t == 0 and self.target is not None:  # the step before averaging starts: the target starts here
-            self.shadow.copy_from(module)
-        if t < 1 or t % self.update_every:
-            return None
-        if self._shadow is None:
-            self._shadow = Shadow(module, **self._options)
-        delta = t - self.last_update_step
-        if not self.compensate and (delta < t or self.target is not None):  # one step's weight, every k steps
-            return 1.0 - self.rule.decay_at(t)
-        if self.target is not None:  # blends from the start (the initial copy is the iterate at time 0)
-            return 1.0 - self.rule.decay_over(t, delta)
-        return self.rule.weight(t, delta)
-
-    def _target_pointer(self) -> int:
-        """Where the target's first tensor lives now: one check per update notices a converted target."""
-        return 0 if self._target_first is None else self._target_first.data_ptr()
-
-    def _readopt(self, module: nn.Module) -> None:
-        """The target was converted (``.to()``, ``.half()``): store the average in its new tensors, which hold it."""
-        options = {k: v for k, v in self._options.items() if k not in ("dtype", "device")}
-        self._shadow = adopt(module, self.target, copy=False, **options)  # type: ignore[arg-type]  # a target is set
-        self._target_memory = self._target_pointer()
-
-    def _end_update(self, module: nn.Module, applied: Tensor | None) -> None:
-        """Count the update :meth:`_begin_update` asked for; switch the model to the average when due."""
-        if applied is not None:
-            self._skipped = self._skipped + ~applied
-        self.last_update_step = t = self.step + 1 - self.start_step
-        self.num_updates += 1
-        if self.switch_every is not None and t % self.switch_every == 0:
-            write_blended(module, self.shadow, self.switch_blend)
-
-    def _policy(self) -> dict[str, Any]:
-        """The shadow's saved options, also before a lazy averager has allocated it."""
-        if self._shadow is not None:
-            return self._shadow.policy()
-        options = self._options
-        dtype = options["dtype"]
-        return {
-            "buffers": options["buffers"],
-            "frozen": options["frozen"],
-            "exclude": list(options["exclude"]),
-            "include_nonpersistent": bool(options["include_nonpersistent"]),
-            "dtype": str(dtype) if dtype is not None else None,
-        } | ({"rounding": options["rounding"]} if options["rounding"] != "nearest" else {})
-
-    def _load_shadow(self, saved: Any, num_updates: int) -> None:
-        """Load the saved average (None: a lazy averager saved before its first update)."""
-        if saved is None:
-            if num_updates:
-                raise ValueError(f"saved averager has num_updates={num_updates} but no average; the state is damaged")
-            if self.lazy and self.target is None:
-                self._shadow = None  # back before the start: free the memory
-            return
-        if self._shadow is None and num_updates == 0:
-            return  # lazy and still before the start: nothing to keep
-        shadow = self._shadow if self._shadow is not None else Shadow(self.model, **self._options)
-        shadow.load_state_dict(saved)  # checked there, before anything changes
-        self._shadow = shadow
 
 
 class EMA(Averager):
@@ -455,12 +269,8 @@ class EMA(Averager):
 
 def _check_tau(tau: Any) -> float:
     """``tau`` as a float in (0, 1], or a named error."""
-    value = float(tau) if isinstance(tau, (int, float)) and not isinstance(tau, bool) else math.nan
-    if not 0.0 < value <= 1.0:
-        raise ValueError(
-            f"tau must be in (0, 1] (the weight of the online model per optimizer step; tau=1 copies), got {tau!r}"
-        )
-    return value
+    hint = "the weight of the online model per optimizer step; tau=1 copies"
+    return check_number("tau", tau, low=0.0, high=1.0, low_open=True, hint=hint)
 
 
 class SWA(Averager):

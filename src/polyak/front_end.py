@@ -1,24 +1,34 @@
-"""What every polyak front end shares: the model it follows, the optimizer hook, the swap guard, checked states.
+"""What every front end shares: the step counter, the one update, evaluation and export, and the declared state.
 
-A front end (``EMA``, ``SWA``, ``BEMA``, ``PostHocEMA``) composes rules and shadows; this base holds only the
-plumbing around them, so that each behaves the same way where users touch it.
+A front end (``EMA``, ``SWA``, ``MultiEMA``, ``BEMA``, ``PostHocEMA``) says, for optimizer step ``t`` since
+averaging began, the weights of its K averages (:meth:`FrontEnd._weights`), and how its averages become a model's
+weights (:meth:`FrontEnd._mix`). Everything else is written here once: the update through the shadow's one
+path, lazy allocation, the swap guard, ``swapped`` / ``copy_to`` / ``averaged_model``, and saving, checking and
+loading the state that the front end declares (:class:`~polyak.state.Spec`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .checks import check_int
+from .kernels import Mix
+from .options import Options
+from .shadow import Shadow
+from .state import Spec, checked_counters
 
 __all__ = ["FrontEnd", "check_schedule", "eager_when_compiled"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_MISSING = object()
 
 
 def eager_when_compiled(update: _F) -> _F:
@@ -38,35 +48,75 @@ def eager_when_compiled(update: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def check_schedule(model: Any, update_every: Any, start_name: str, start: Any) -> None:
-    """Raise a named error unless ``model`` is a module, ``update_every`` an int >= 1 and ``start`` an int >= 0."""
+def check_schedule(model: Any, update_every: Any, start_name: str, start: Any) -> tuple[int, int]:
+    """``update_every`` (an int >= 1) and the start (an int >= 0), checked; ``model`` must be a module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_int("update_every", update_every, low=1, hint="give the optimizer steps between updates, e.g. 1")
-    check_int(start_name, start, low=0, hint="give the optimizer steps before averaging begins, e.g. 0")
+    every = check_int("update_every", update_every, low=1, hint="give the optimizer steps between updates, e.g. 1")
+    return every, check_int(start_name, start, low=0, hint="give the optimizer steps before averaging begins, e.g. 0")
 
 
 class FrontEnd:
-    """Base of the front ends. A subclass sets ``model`` and the counters ``step``, ``num_updates`` and
-    ``last_update_step`` (optimizer steps, updates, averaging time of the last update), and defines
-    :meth:`update` and ``_config()`` (the settings a saved state must match)."""
+    """Base of the front ends: counts optimizer steps and folds the model into its averages when due.
 
-    _FORMAT: ClassVar[str]  # the "format" entry of a saved state
-    _WHAT: ClassVar[str]  # how messages name this kind of state, e.g. "averager"
-    _COUNTERS: ClassVar[tuple[str, ...]] = ("step", "num_updates", "last_update_step")
-    _START: ClassVar[str] = "start_step"  # the attribute holding the optimizer steps before averaging begins
+    A subclass sets ``SPEC``, calls :meth:`_init_averages` from its constructor, and defines :meth:`_weights` and
+    :meth:`_config` (the settings a saved state must match).
+    """
+
+    SPEC: ClassVar[Spec]
     model: nn.Module
+    options: Options
     update_every: int
+    count: int
     step: int
     num_updates: int
     last_update_step: int
     _swapped: bool = False
+    _warned_early = False
 
-    def update(self, model: nn.Module | None = None) -> None:
+    def _init_averages(
+        self, model: nn.Module, options: Options, count: int, *, target: nn.Module | None = None
+    ) -> None:
+        """Set up the counters and the storage of ``count`` averages (allocated now, or at the first update)."""
+        self.model, self.options, self.count, self._target = model, options, count, target
+        self.step = self.num_updates = self.last_update_step = 0
+        self._skipped: int | Tensor = 0
+        self._shadow: Shadow | None = None if options.lazy else self._new_shadow(model, copy=True)
+
+    def _new_shadow(self, module: nn.Module, copy: bool) -> Shadow:
+        return Shadow(module, self.options, count=self.count, target=self._target, copy=copy)
+
+    @property
+    def shadow(self) -> Shadow:
+        """The averaged tensors (see :class:`~polyak.shadow.Shadow`)."""
+        if self._shadow is None:
+            raise RuntimeError(
+                f"no average yet: lazy=True allocates it at the first update after {self.SPEC.start}="
+                f"{self._start()} (now at step {self.step}); check `averager.num_updates > 0` first"
+            )
+        return self._shadow
+
+    def _start(self) -> int:
+        return int(getattr(self, self.SPEC.start))
+
+    # ------------------------------------------------------------------ what a subclass says
+
+    def _weights(self, t: int) -> tuple[Sequence[float | Tensor], bool] | None:
+        """The weights of the K averages at optimizer step ``t`` since averaging began (``t`` <= 0 before), and
+        whether this counts as an update; None when nothing happens at this step."""
         raise NotImplementedError
+
+    def _after_update(self, module: nn.Module, t: int) -> None:
+        """Called after each counted update (Switch EMA, snapshots)."""
+
+    def _mix(self, index: int) -> tuple[Mix, Mix | None]:
+        """How average ``index`` becomes a model's weights: the mix of its parameters and of its buffers."""
+        return Mix.copy(index, self.count), None
 
     def _config(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the update
 
     def _model(self, model: nn.Module | None) -> nn.Module:
         return self.model if model is None else model
@@ -78,6 +128,31 @@ class FrontEnd:
                 "leave the `with ....swapped(model):` block first"
             )
 
+    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
+    def update(self, model: nn.Module | None = None) -> None:
+        """Count one optimizer step; when due, fold the model into the averages (one read of it)."""
+        self._check_not_swapped("update")
+        module = self._model(model)
+        planned = self._weights(self.step + 1 - self._start())
+        if planned is not None:
+            weights, counts = planned
+            if self._shadow is None:
+                self._shadow = self._new_shadow(module, copy=False)
+            applied = self._shadow.update(module, weights)
+            if counts:
+                t = self.step + 1 - self._start()
+                if applied is not None:
+                    self._skipped = self._skipped + ~applied
+                self.last_update_step = t
+                self.num_updates += 1
+                self._after_update(module, t)
+        self.step += 1  # counted once the update went through (a refused one, nonfinite="raise", is no step)
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates left out for inf or NaN in the model (``nonfinite="skip"``); reading it syncs with the device."""
+        return int(self._skipped)
+
     def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
         """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle.
 
@@ -85,68 +160,154 @@ class FrontEnd:
         """
         return optimizer.register_step_post_hook(lambda *_: self.update(model))
 
-    def _state(self, **tensors: Any) -> dict[str, Any]:
-        """A saved state: format, settings, counters, then the given tensor entries."""
-        return {
-            "format": self._FORMAT,
-            **self._config(),
-            **{key: getattr(self, key) for key in self._COUNTERS},
-            **tensors,
-        }
+    def check(self, model: nn.Module | None = None) -> None:
+        """Look at the model again now: follow a change the average can follow, refuse (``ValueError``) one it
+        cannot. Needed only with ``watch=False``; otherwise changes are noticed by themselves."""
+        if self._shadow is not None:
+            self._shadow.check(self._model(model))
 
-    def _checked_counters(self, state: Any) -> dict[str, int]:
-        """The counters of a saved ``state`` after checking its format, settings and counters (changes nothing)."""
+    # ------------------------------------------------------------------ into a model
+
+    def _ready(self, action: str) -> Shadow | None:
+        """The shadow to read, after refusing an open swap; before the first update, warn once and give the
+        model as built (None: a lazy average holds nothing yet, so the model as it is)."""
+        self._check_not_swapped(action)
+        if self.num_updates == 0 and not self._warned_early:
+            self._warned_early = True
+            warnings.warn(
+                f"{type(self).__name__} has no update yet (step {self.step}): {action} gives the model as built, "
+                "not an average",
+                UserWarning,
+                stacklevel=3,
+            )
+        return self._shadow
+
+    @contextmanager
+    def swapped(self, model: nn.Module | None = None, index: int = 0) -> Iterator[nn.Module]:
+        """Within the block the model holds the average (number ``index``); its own weights come back exactly on
+        exit, even on error. Before the first update it holds the model as built (one warning)."""
+        shadow = self._ready("swap")
+        module = self._model(model)
+        if shadow is None:
+            yield module
+            return
+        mix, buffers = self._mix(index) if self.num_updates else (Mix.copy(0, self.count), None)
+        self._swapped = True
+        try:
+            with shadow.swapped(module, mix, buffers=buffers) as swapped_model:
+                yield swapped_model
+        finally:
+            self._swapped = False
+
+    def copy_to(self, model: nn.Module | None = None, index: int = 0) -> None:
+        """Write the average (number ``index``) into the model, permanently."""
+        shadow = self._ready("copy the average")
+        if shadow is not None:
+            mix, buffers = self._mix(index) if self.num_updates else (Mix.copy(0, self.count), None)
+            shadow.write(self._model(model), mix, buffers=buffers)
+
+    def averaged_model(self, index: int = 0, *, dtype: torch.dtype | None = None) -> nn.Module:
+        """A new module holding the average (number ``index``), for evaluation or export: a deep copy of the model
+        in eval mode whose parameters do not require grad, in the model's dtype unless ``dtype`` says otherwise
+        (floating tensors only). Before the first update, the model as built (one warning)."""
+        shadow = self._ready("build the averaged model")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        if shadow is None:
+            shadow = self._new_shadow(self.model, copy=True)
+        mix, buffers = self._mix(index) if self.num_updates else (Mix.copy(0, self.count), None)
+        duplicate = shadow.clone_module(self.model, mix, buffers=buffers, dtype=dtype)
+        duplicate.eval()
+        duplicate.requires_grad_(False)
+        return duplicate
+
+    # ------------------------------------------------------------------ the declared state, written once
+
+    def _averages(self) -> list[dict[str, Tensor] | None]:
+        shadow = self._shadow
+        return [None if shadow is None else shadow.state_dict(k) for k in range(self.count)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: settings (checked on load), counters, the averages, their random
+        streams. Allowed inside ``swapped()``: a swap leaves the averages themselves untouched."""
+        shadow = self._shadow
+        if shadow is not None:
+            shadow.check(self.model)  # a model changed since the last update: refused here too
+        counters = {"step": self.step, "num_updates": self.num_updates, "last_update_step": self.last_update_step}
+        state = {"format": self.SPEC.format, **self._config(), **counters, "skipped_updates": self.skipped_updates}
+        state |= self.SPEC.layout.pack(self._averages())
+        if shadow is not None:
+            if shadow.options.rounding != "nearest":
+                state["rounding_state"] = shadow.rounding_state()
+            if not shadow.started:
+                state["started"] = False
+            shard = shadow.identity()
+            if shard is not None:
+                state["shard"] = shard
+        return state | self._extra_state()
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Entries a front end adds to its state (checked by :meth:`_check_extra`)."""
+        return {}
+
+    def _check_extra(self, state: dict[str, Any]) -> Callable[[], None]:
+        """Check a front end's own entries of ``state``; return what applies them (after everything is checked)."""
+        return lambda: None
+
+    def _upgrade(self, state: Any) -> Any:
+        """A state of an older format, in the current one (default: as it is)."""
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; raises before changing anything if it does not fit."""
         self._check_not_swapped("load a state")
-        if not isinstance(state, dict) or state.get("format") != self._FORMAT:
+        spec, what = self.SPEC, self.SPEC.what
+        state = self._upgrade(state)
+        if not isinstance(state, dict) or state.get("format") != spec.format:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a polyak {self._WHAT} state (format {found!r}, expected {self._FORMAT!r})")
+            raise ValueError(f"not a polyak {what} state (format {found!r}, expected {spec.format!r})")
         for key, value in self._config().items():
-            if state.get(key) != value:
+            saved = state.get(key, spec.defaults.get(key, _MISSING))
+            if saved != value:
+                shown = "nothing" if saved is _MISSING else f"{key}={saved!r}"
                 raise ValueError(
-                    f"saved {self._WHAT} has {key}={state.get(key)!r} but this one has {key}={value!r}; "
-                    f"build the {self._WHAT} with the same settings before loading"
+                    f"saved {what} has {shown} but this one has {key}={value!r}; build the {what} with the same "
+                    "settings before loading"
                 )
-        counters = {}
-        for key in self._COUNTERS:
-            value = state.get(key)
-            if type(value) is not int or value < 0:
-                raise ValueError(f"saved {self._WHAT} has {key}={value!r}; expected an int >= 0. The state is damaged")
-            counters[key] = value
-        self._check_consistent(counters)
-        return counters
-
-    def _check_consistent(self, counters: dict[str, int]) -> None:
-        """Refuse counters that no run could produce: each is fixed by ``step``, ``update_every`` and the start.
-
-        Every ``update_every``-th step after the start is an update, so after ``step`` steps there were
-        ``(step - start) // update_every`` updates, the last at ``update_every`` times that.
-        """
-        step, every, start = counters["step"], self.update_every, getattr(self, self._START)
-        updates = max(0, step - start) // every
-        expected = {"num_updates": updates, "last_update_step": updates * every}
-        for key, value in expected.items():
-            if counters[key] != value:
+        counters = checked_counters(state, what, spec.start, self._start(), self.update_every)
+        averages = spec.layout.unpack(state, self.count, what)
+        apply_extra = self._check_extra(state)
+        if any(a is None for a in averages):
+            if any(a is not None for a in averages) or counters["num_updates"]:
                 raise ValueError(
-                    f"saved {self._WHAT} has {key}={counters[key]}, but step={step} with {self._START}={start} and "
-                    f"update_every={every} gives {key}={value}. The state is damaged: load an intact copy"
+                    f"saved {what} has num_updates={counters['num_updates']} but no average; it is damaged"
                 )
-        if counters.get("skipped_updates", 0) > updates:
-            raise ValueError(
-                f"saved {self._WHAT} has skipped_updates={counters['skipped_updates']}, more than its "
-                f"num_updates={updates}. The state is damaged: load an intact copy"
-            )
-
-    def _entry(self, state: dict[str, Any], key: str, kind: type) -> Any:
-        """The entry ``key`` of a saved state, of type ``kind``; a damaged state is refused naming the key."""
-        value = state.get(key)
-        if not isinstance(value, kind):
-            found = "no such entry" if key not in state else f"a {type(value).__name__}"
-            raise ValueError(
-                f"saved {self._WHAT} has {found} under {key!r} (expected a {kind.__name__}). "
-                "The state is damaged: load an intact copy"
-            )
-        return value
-
-    def _set_counters(self, counters: dict[str, int]) -> None:
+            shadow = None if self.options.lazy else self._shadow
+        else:
+            shadow = self._shadow if self._shadow is not None else self._new_shadow(self.model, copy=False)
+            for saved in averages:
+                shadow.check_state_dict(saved)
+            _check_shard(state.get("shard"), shadow.identity(), what)
+        streams = shadow.rounding_state() if shadow is not None and shadow.options.rounding != "nearest" else None
+        if shadow is not None and streams is not None:
+            shadow.load_rounding_state(state.get("rounding_state"))  # checked there: all or nothing
+        if shadow is not None and averages[0] is not None:
+            for k, saved in enumerate(averages):
+                shadow.load_state_dict(saved, k)  # type: ignore[arg-type]  # checked above
+            shadow.started = state.get("started", True) is not False
+        self._shadow = shadow
         for key in ("step", "num_updates", "last_update_step"):
             setattr(self, key, counters[key])
+        self._skipped = counters["skipped_updates"]
+        apply_extra()
+
+
+def _check_shard(saved: Any, mine: dict[str, Any] | None, what: str) -> None:
+    """Refuse a partitioned state saved by another rank or world size: it would load another rank's elements.
+    (A state without the entry is a full one, or older than it: its tensors' shapes are checked.)"""
+    if saved is not None and saved != mine:
+        raise ValueError(
+            f"saved {what} holds the part {saved!r} of a sharded model, but this rank holds {mine!r}; load the "
+            "state this rank saved (one file per rank, same world size), or export the full average with "
+            "polyak.distributed.full_state_dict and build the averager from an unsharded model"
+        )

@@ -1,36 +1,38 @@
-"""The update kernels of the shadow: the tensor operations that fold a model into its average.
+"""The kernels: the tensor operations that fold a model into its K averages, and write averages into a model.
 
-Only :mod:`polyak.shadow` calls them. A same-dtype group is one ``_foreach_lerp_`` (or one ``lerp_`` over a
-flat range when both sides tile one storage); a model of another dtype or device is staged through a small
-buffer (:class:`CastLerp`) so that the model is read once and no full-size temporary is made.
+:class:`Fold` is the one place where tensors are averaged. It takes one group of model tensors (one device and
+dtype) and the K averages that follow them, and on each update reads every model element once:
+
+- one average of the model's own dtype and device, rounded to nearest, unguarded: one ``_foreach_lerp_``
+  (one ``lerp_`` over a flat range where both sides tile one storage, see :func:`polyak.flatten_parameters`);
+- anything else (K averages, a cast, an offloaded average, stochastic rounding, a non-finite guard): the model is
+  staged in chunks of at most ``CHUNK`` elements through a reused buffer, and each chunk is folded into all K
+  averages while it is in cache. Memory beyond the averages does not grow with K.
+
+A weight of exactly 1.0 copies (exact, and safe on garbage); 0.0 leaves that average untouched (BEMA's anchor).
+:func:`mix_into` writes a combination of the model and its averages into the model (copy, blend, extrapolation).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "CastLerp",
-    "StochasticLerp",
-    "all_finite",
-    "batches",
-    "copy_all",
-    "foreach_lerp",
-    "merge_runs",
-    "round_stochastically_",
-]
+__all__ = ["CHUNK", "Fold", "Mix", "all_finite", "batches", "copy_all", "merge_runs", "mix_into"]
 
-# A cast/offload update stages the model in chunks of this many elements (4 MiB in float32). Measured on a 2 MiB-L2,
-# 32 MiB-L3 CPU (bf16 ResNet-50 into a float32 average, 1 thread): 64 Ki elements 3.5x the floor, 256 Ki 1.75x,
-# 1 Mi 1.16-1.20x, 4 Mi 1.26x: the staged buffer needs to stay in L3, and fewer batches cost less Python.
-_CHUNK = 1 << 20
-# Seed of the fixed pattern of low bits that stochastic rounding XORs with a fresh draw per batch and update.
+# Model elements staged per chunk (4 MiB in float32). Measured on a 2 MiB-L2, 32 MiB-L3 CPU (bf16 ResNet-50 into a
+# float32 average, 1 thread): 64 Ki elements 3.5x the floor, 256 Ki 1.75x, 1 Mi 1.16-1.20x, 4 Mi 1.26x; K=3
+# averages of 32 Mi float32 elements: 1 Mi chunks 24.4 ms against 31.8 ms for three passes.
+CHUNK = 1 << 20
+# Seed of the fixed pattern of low bits that stochastic rounding XORs with a fresh draw per chunk and update.
 _PATTERN_SEED = 0x5EED
+
+Weight = float | Tensor
 
 
 def batches(sizes: Sequence[int], capacity: int) -> Iterator[list[tuple[int, int, int]]]:
@@ -57,9 +59,8 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
 
     ``tensors`` share one floating or complex dtype. Exact whatever the magnitudes: each tensor's 2-norm is
     accumulated in float64, where the square of float32's largest value (1.2e77) cannot overflow, nor 2**63 of
-    them (1e96), so a norm is inf or NaN exactly when the tensor holds inf or NaN. float64 squares could
-    overflow: for float64 (and the real and imaginary parts of complex128), the max-abs norm, which never
-    accumulates (but is slower on CPU).
+    them, so a norm is inf or NaN exactly when the tensor holds inf or NaN. float64 squares could overflow: for
+    float64 (and complex128's parts), the max-abs norm, which never accumulates.
     """
     if tensors[0].dtype == torch.complex128:
         tensors = [torch.view_as_real(t) for t in tensors]
@@ -74,12 +75,10 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     return torch.stack(norms).lt(math.inf).all()  # a norm is >= 0, or NaN (and NaN < inf is False)
 
 
-def foreach_lerp(shadows: list[Tensor], models: list[Tensor], weight: float | Tensor) -> None:
-    """``_foreach_lerp_`` by a float or a 0-d tensor; a tensor goes per tensor (as a Scalar it would sync)."""
-    if isinstance(weight, Tensor):
-        torch._foreach_lerp_(shadows, models, [weight] * len(shadows))
-    else:
-        torch._foreach_lerp_(shadows, models, weight)
+def copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``torch._foreach_copy_`` that accepts empty lists (an average may hold no tensor at all)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def _adjacent(a: Tensor, b: Tensor) -> bool:
@@ -94,10 +93,8 @@ def _adjacent(a: Tensor, b: Tensor) -> bool:
 
 
 def _flat(first: Tensor, numel: int, skip: int = 0) -> Tensor:
-    """``numel`` elements of ``first``'s storage, starting ``skip`` elements into ``first``, as a 1-d tensor.
-
-    It shares the storage but is not a view (``_base`` is None), so nothing mistakes it for a whole buffer.
-    """
+    """``numel`` elements of ``first``'s storage, starting ``skip`` elements into ``first``, as a 1-d tensor
+    (sharing the storage, but not a view: ``_base`` is None, so nothing mistakes it for a whole buffer)."""
     flat = torch.empty(0, dtype=first.dtype, device=first.device)
     return flat.set_(first.untyped_storage(), first.storage_offset() + skip, (numel,), (1,))
 
@@ -109,177 +106,42 @@ def _tiled(models: Sequence[Tensor], batch: Sequence[tuple[int, int, int]], size
     )
 
 
-def merge_runs(watched: list[Tensor], shadows: list[Tensor], models: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Merge consecutive pairs whose shadows and model tensors both tile one storage into one flat pair.
-
-    A model laid out by :func:`polyak.flatten_parameters` becomes a single pair per group: one kernel per
-    update. The model tensors of merged runs are added to ``watched`` so that a changed layout is
-    noticed and the plan rebuilt.
-    """
-    merged_shadows: list[Tensor] = []
-    merged_models: list[Tensor] = []
+def merge_runs(targets: list[Tensor], models: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Merge consecutive pairs whose targets and model tensors both tile one storage into one flat pair: a model
+    laid out by :func:`polyak.flatten_parameters` becomes a single pair per group, one kernel per update."""
+    merged: tuple[list[Tensor], list[Tensor]] = ([], [])
     start = 0
-    for stop in range(1, len(shadows) + 1):
+    for stop in range(1, len(targets) + 1):
         if (
-            stop < len(shadows)
-            and _adjacent(shadows[stop - 1], shadows[stop])
+            stop < len(targets)
+            and _adjacent(targets[stop - 1], targets[stop])
             and _adjacent(models[stop - 1], models[stop])
         ):
             continue
         if stop - start == 1:
-            merged_shadows.append(shadows[start])
-            merged_models.append(models[start])
+            merged[0].append(targets[start])
+            merged[1].append(models[start])
         else:
             numel = sum(t.numel() for t in models[start:stop])
-            merged_shadows.append(_flat(shadows[start], numel))
-            merged_models.append(_flat(models[start], numel))
-            watched.extend(models[start:stop])
+            merged[0].append(_flat(targets[start], numel))
+            merged[1].append(_flat(models[start], numel))
         start = stop
-    return merged_shadows, merged_models
+    return merged
 
 
-def _offloaded(shadow: Tensor, model: Tensor) -> bool:
-    """True when the shadow is in host memory and the model on a GPU: copies can overlap the CPU's lerps."""
-    return shadow.device.type == "cpu" and model.device.type == "cuda"
-
-
-class CastLerp:
-    """Lerp of shadows from model tensors of another dtype or device, staged through a small buffer.
-
-    Reads the model once and the shadow once, with no full-size temporary: batches of whole tensors (or
-    pieces of large ones) are copied into a reusable buffer of at most ``_CHUNK`` elements, then each batch
-    is one lerp over the contiguous range of the shadow's flat buffer that it covers. A batch whose model
-    tensors tile one storage (see :func:`polyak.flatten_parameters`) is staged with one copy. For a shadow
-    offloaded to the CPU, two pinned buffers alternate: batch b+1 is copied from the GPU (non-blocking) while
-    the CPU lerps batch b; GPU memory holds at most one chunk in transit (a dtype conversion on the way).
-    """
-
-    def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor], staging: torch.dtype | None = None) -> None:
-        self.shadows = list(shadows)
-        self.models = list(models)
-        sizes = [s.numel() for s in shadows]
-        self.overlap = _offloaded(shadows[0], models[0])
-        cuda = models[0].device.type == "cuda"
-        self.events = [torch.cuda.Event() for _ in range(2)] if self.overlap and cuda else []
-        # A tensor that is not contiguous (a channels_last weight, or its adopted average) is staged whole: a flat
-        # piece of it would first be copied whole by reshape, once per piece.
-        unsplittable = max(
-            (
-                n
-                for s, m, n in zip(shadows, models, sizes, strict=True)
-                if not (s.is_contiguous() and m.is_contiguous())
-            ),
-            default=0,
-        )
-        capacity = max(min(sum(sizes), _CHUNK), unsplittable)
-        self.scratches = [
-            torch.empty(
-                capacity, dtype=staging or shadows[0].dtype, device=shadows[0].device, pin_memory=self.overlap and cuda
-            )
-            for _ in range(2 if self.overlap else 1)
-        ]
-        # Views into one flat buffer, back to back (adopted tensors are not views: handled tensor by tensor).
-        flat = shadows[0]._base
-        contiguous = all(s._base is flat for s in shadows) and all(
-            a.storage_offset() + a.numel() == b.storage_offset() for a, b in pairwise(shadows)
-        )
-        # Each batch: the shadow range (one tensor) or pieces (a list), the staged range and its views per
-        # tensor, the model pieces (tensor index, start, stop, whole tensor?), and the model range when the
-        # pieces tile one storage (its tensors are then watched by the plan).
-        self.batches: list[
-            tuple[Tensor | list[Tensor], Tensor, list[Tensor], list[tuple[int, int, int, bool]], Tensor | None]
-        ] = []
-        self.watched: list[Tensor] = []
-        for number, batch in enumerate(batches(sizes, max(capacity, 1))):
-            scratch = self.scratches[number % len(self.scratches)]
-            views: list[Tensor] = []
-            targets: list[Tensor] = []
-            pieces: list[tuple[int, int, int, bool]] = []
-            offset = 0
-            for i, a, b in batch:
-                whole = (a, b) == (0, sizes[i])
-                view = scratch[offset : offset + b - a]
-                views.append(view.as_strided(shadows[i].shape, shadows[i].stride()) if whole else view)
-                targets.append(shadows[i] if whole else shadows[i].view(-1)[a:b])
-                pieces.append((i, a, b, whole))
-                offset += b - a
-            if contiguous and flat is not None:
-                start = shadows[batch[0][0]].storage_offset() + batch[0][1]
-                target: Tensor | list[Tensor] = flat.view(-1)[start : start + offset]
-            else:
-                target = targets
-            source = None
-            if len(batch) > 1 and _tiled(self.models, batch, sizes):
-                source = _flat(self.models[batch[0][0]], offset, batch[0][1])
-                self.watched.extend(self.models[i] for i, _, _ in batch)
-            self.batches.append((target, scratch[:offset], views, pieces, source))
-
-    def run(self, weight: float | Tensor, keep: Tensor | None = None) -> None:
-        """Lerp every batch by ``weight``; a weight of exactly 1.0 copies (exact, and safe on garbage).
-
-        With ``keep`` (a 0-d bool tensor, True to apply), a False flag stages the shadow's own values in place
-        of the model's, so the lerp leaves the shadow bit for bit as it was, whatever the model holds.
-        """
-        for number in range(len(self.batches)):
-            self._stage(number, non_blocking=self.overlap)
-            if not self.overlap:
-                self._fold(number, weight, keep)
-                continue
-            if self.events:
-                self.events[number % 2].record()
-            if number:  # lerp the previous batch while this one is in flight
-                self._fold(number - 1, weight, keep)
-        if self.overlap and self.batches:
-            self._fold(len(self.batches) - 1, weight, keep)
-
-    def _stage(self, number: int, non_blocking: bool = False) -> None:
-        """Copy the model's part of batch ``number`` into the staging buffer."""
-        _, staged, views, pieces, source = self.batches[number]
-        if source is not None:
-            staged.copy_(source, non_blocking=non_blocking)
-        else:
-            models = self.models
-            sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
-            torch._foreach_copy_(views, sources, non_blocking=non_blocking)
-
-    def _fold(self, number: int, weight: float | Tensor, keep: Tensor | None) -> None:
-        """Lerp (or copy, for a weight of 1.0) the staged batch ``number`` into the shadow."""
-        target, staged, views, _, _ = self.batches[number]
-        if self.events:
-            self.events[number % 2].synchronize()  # its copy from the GPU has landed
-        if keep is not None and isinstance(target, Tensor):
-            torch.where(keep, staged, target, out=staged)
-        elif keep is not None:
-            for view, piece in zip(views, target, strict=True):
-                torch.where(keep, view, piece, out=view)
-        _fold_staged(target, staged, views, weight)
-
-    def run_shared(self, casts: Sequence[CastLerp], weights: Sequence[float | Tensor]) -> None:
-        """Stage each batch of the model once (in this scratch) and fold it into the shadows of every cast.
-
-        ``casts`` (this one among them) pair shadows of identical layout with the same model tensors. The
-        copies are not overlapped with the lerps here (an offloaded shadow waits for each staged batch).
-        """
-        for number, (_, staged, views, _, _) in enumerate(self.batches):
-            self._stage(number)
-            for cast, weight in zip(casts, weights, strict=True):
-                _fold_staged(cast.batches[number][0], staged, views, weight)
-
-
-def _fold_staged(target: Tensor | list[Tensor], staged: Tensor, views: list[Tensor], weight: float | Tensor) -> None:
-    """Lerp a staged batch into its shadow range (or pieces) by ``weight``; exactly 1.0 copies."""
-    copy = isinstance(weight, float) and weight == 1.0
-    if isinstance(target, Tensor):
-        target.copy_(staged) if copy else target.lerp_(staged, weight)
-    elif copy:
-        torch._foreach_copy_(target, views)
+def _lerp(targets: list[Tensor], sources: list[Tensor], weight: Weight) -> None:
+    """``_foreach_lerp_`` by a float or a 0-d tensor (as a Scalar a tensor would sync); exactly 1.0 copies."""
+    if isinstance(weight, Tensor):
+        torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+    elif weight == 1.0:
+        torch._foreach_copy_(targets, sources)
     else:
-        foreach_lerp(target, views, weight)
+        torch._foreach_lerp_(targets, sources, weight)
 
 
 def round_stochastically_(target: Tensor, wide: Tensor, bits: Tensor) -> None:
-    """Write float32 ``wide`` into bfloat16 ``target``, rounding up with probability (distance to the value below) /
-    (bf16 spacing): unbiased. ``bits`` holds uniform integers in [0, 2**16), one per value; ``wide`` is overwritten.
+    """Write float32 ``wide`` into bfloat16 ``target``, rounding up with probability (distance to the value below)
+    / (bf16 spacing): unbiased. ``bits`` holds uniform integers in [0, 2**16), one per value; ``wide`` is overwritten.
 
     The 16 low bits of a float32 pattern are exactly what bfloat16 drops, so adding uniform bits there and
     truncating rounds stochastically, in the magnitude (the sign bit is apart), for normal and subnormal values;
@@ -290,57 +152,227 @@ def round_stochastically_(target: Tensor, wide: Tensor, bits: Tensor) -> None:
     target.copy_(wide)  # exact: nothing is left below bfloat16's precision
 
 
-class StochasticLerp(CastLerp):
-    """Lerp of bfloat16 shadows toward model tensors (any dtype), in float32, rounded back stochastically.
+def _offloaded(average: Tensor, model: Tensor) -> bool:
+    """True when the average is in host memory and the model on a GPU: copies can overlap the CPU's folds."""
+    return average.device.type == "cpu" and model.device.type == "cuda"
 
-    Staged like :class:`CastLerp` (in float32): each batch of the shadow is widened into a float32 scratch,
-    lerped there and written back with :func:`round_stochastically_`. An average that round-to-nearest would
-    freeze (increments under half a bf16 spacing are lost) keeps moving, by the right amount on average.
 
-    The random low bits of a batch are a fixed random pattern XOR one 16-bit draw from ``generator`` per batch
-    and update: each value's bits are uniform and independent from one update to the next (all that
-    unbiasedness needs), for one integer operation instead of a random number per value (20 to 50 times
-    dearer on a CPU). Values of one batch share the draw, so their rounding errors are not independent of each
-    other within an update. Scratch: the float32 staging buffer, a float32 copy of the batch's average and the
-    pattern (int32), each of up to ``_CHUNK`` elements (12 MiB in all).
+@dataclass
+class _Batch:
+    """One staged chunk: each average's range (one flat tensor, or pieces), the staged range and its per-tensor
+    views, the model pieces ``(index, start, stop, whole)``, and the model range when they tile one storage."""
+
+    targets: list[Tensor | list[Tensor]]
+    staged: Tensor
+    views: list[Tensor]
+    pieces: list[tuple[int, int, int, bool]]
+    source: Tensor | None
+
+
+class Fold:
+    """Folds one group of model tensors into K averages: ``average_k <- average_k + w_k (model - average_k)``.
+
+    Args:
+        averages: K lists of average tensors, each list parallel to ``models`` (one device and dtype for all).
+        models: the model tensors (one device and dtype), read once per update.
+        generator: stochastic rounding into bfloat16 averages, drawing from this stream (None: to nearest).
+        guard: the update may be skipped on the device (``keep`` in :meth:`run`).
+
+    Staged (see the module docstring), scratch is one chunk in the staging dtype (the averages', float32 when
+    rounding stochastically), plus one chunk to guard K > 1 averages, plus, for stochastic rounding, a float32
+    chunk, a pattern of random low bits and their draw (16 MiB in all). For an average offloaded to host memory,
+    two pinned chunks alternate: chunk b+1 is copied from the GPU while the CPU folds chunk b.
     """
 
-    def __init__(self, shadows: Sequence[Tensor], models: Sequence[Tensor], generator: torch.Generator) -> None:
-        wrong = next((s for s in shadows if s.dtype != torch.bfloat16), None)
-        if wrong is not None:
-            raise ValueError(f"stochastic rounding writes bfloat16 averages, got a {wrong.dtype} tensor")
-        super().__init__(shadows, models, staging=torch.float32)
-        if any(not isinstance(target, Tensor) for target, *_ in self.batches):
-            raise ValueError("stochastic rounding needs the average's own flat storage, not adopted tensors")
-        capacity, device = self.scratches[0].numel(), shadows[0].device
+    def __init__(
+        self,
+        averages: Sequence[Sequence[Tensor]],
+        models: Sequence[Tensor],
+        *,
+        generator: torch.Generator | None = None,
+        guard: bool = False,
+    ) -> None:
+        self.averages = [list(a) for a in averages]
+        self.models = list(models)
+        first, model = self.averages[0][0], self.models[0]
+        self.device = first.device
         self.generator = generator
-        self.draws = torch.empty(len(self.batches), dtype=torch.int32, device=device)
-        pattern = torch.randint(
-            0, 1 << 16, (capacity,), dtype=torch.int32, generator=torch.Generator().manual_seed(_PATTERN_SEED)
-        ).to(device)
-        wide = torch.empty(capacity, device=device)
-        sizes = [staged.numel() for _, staged, *_ in self.batches]
-        self.pieces = [(wide[:n], pattern[:n], self.draws[i]) for i, n in enumerate(sizes)]
+        same = first.dtype == model.dtype and first.device == model.device
+        self.direct = len(self.averages) == 1 and same and generator is None and not guard
+        if self.direct:
+            self.pairs = merge_runs(self.averages[0], self.models)
+            return
+        self.overlap = _offloaded(first, model)
+        cuda = model.device.type == "cuda"  # a CPU stand-in for the GPU (tests) has no events to wait on
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.overlap and cuda else []
+        sizes = [m.numel() for m in self.models]
+        # A tensor that is not contiguous (a channels_last weight or its adopted average) is staged whole: a flat
+        # piece of it would first be copied whole by reshape, once per piece.
+        unsplittable = max(
+            (
+                n
+                for n, i in zip(sizes, range(len(sizes)), strict=True)
+                if not (self.models[i].is_contiguous() and all(a[i].is_contiguous() for a in self.averages))
+            ),
+            default=0,
+        )
+        capacity = max(min(sum(sizes), CHUNK), unsplittable, 1)
+        staging = torch.float32 if generator is not None else first.dtype
+        pinned = self.overlap and cuda
+        self.scratches = [
+            torch.empty(capacity, dtype=staging, device=first.device, pin_memory=pinned)
+            for _ in range(2 if self.overlap else 1)
+        ]
+        self.spare = torch.empty(capacity, dtype=staging, device=first.device) if guard and len(averages) > 1 else None
+        self.batches = [self._batch(number, batch, sizes) for number, batch in enumerate(batches(sizes, capacity))]
+        if generator is not None:
+            pattern_generator = torch.Generator().manual_seed(_PATTERN_SEED)
+            pattern = torch.randint(0, 1 << 16, (capacity,), dtype=torch.int32, generator=pattern_generator)
+            self.pattern = pattern.to(first.device)
+            self.wide = torch.empty(capacity, device=first.device)
+            self.bits = torch.empty(capacity, dtype=torch.int32, device=first.device)
+            self.draws = torch.empty(len(self.averages), len(self.batches), dtype=torch.int32, device=first.device)
 
-    def run(self, weight: float | Tensor, keep: Tensor | None = None) -> None:
-        """Lerp every batch by ``weight`` and round stochastically; ``keep`` as in :meth:`CastLerp.run`."""
-        self.draws.random_(0, 1 << 16, generator=self.generator)
-        super().run(weight, keep)
+    def _batch(self, number: int, batch: list[tuple[int, int, int]], sizes: list[int]) -> _Batch:
+        scratch = self.scratches[number % len(self.scratches)]
+        template = self.averages[0]
+        views: list[Tensor] = []
+        pieces: list[tuple[int, int, int, bool]] = []
+        offset = 0
+        for i, a, b in batch:
+            whole = (a, b) == (0, sizes[i])
+            view = scratch[offset : offset + b - a]
+            views.append(view.as_strided(template[i].shape, template[i].stride()) if whole else view)
+            pieces.append((i, a, b, whole))
+            offset += b - a
+        targets: list[Tensor | list[Tensor]] = []
+        for average in self.averages:
+            flat = average[0]._base
+            contiguous = flat is not None and all(t._base is flat for t in average)
+            contiguous = contiguous and all(
+                x.storage_offset() + x.numel() == y.storage_offset() for x, y in pairwise(average)
+            )
+            if contiguous and flat is not None:
+                start = average[batch[0][0]].storage_offset() + batch[0][1]
+                targets.append(flat.view(-1)[start : start + offset])
+            else:  # adopted tensors (a live target's own) are not views of one buffer: tensor by tensor
+                targets.append([average[i] if whole else average[i].view(-1)[a:b] for i, a, b, whole in pieces])
+        if self.generator is not None and any(not isinstance(t, Tensor) for t in targets):
+            raise ValueError("stochastic rounding needs the average's own flat storage, not adopted tensors")
+        source = None
+        if len(batch) > 1 and _tiled(self.models, batch, sizes):
+            source = _flat(self.models[batch[0][0]], offset, batch[0][1])
+        return _Batch(targets, scratch[:offset], views, pieces, source)
 
-    def _fold(self, number: int, weight: float | Tensor, keep: Tensor | None) -> None:
-        target, staged, _, _, _ = self.batches[number]
+    def run(self, weights: Sequence[Weight], keep: Tensor | None = None) -> None:
+        """Fold the model into every average by its weight; with ``keep`` (a 0-d bool tensor), a False flag
+        leaves every average bit for bit as it was, whatever the model holds (decided on the device)."""
+        if self.direct:
+            if isinstance(weights[0], Tensor) or weights[0] != 0.0:
+                _lerp(*self.pairs, weights[0])
+            return
+        if self.generator is not None:
+            self.draws.random_(0, 1 << 16, generator=self.generator)
+        for number in range(len(self.batches)):
+            self._stage(number)
+            if not self.overlap:
+                self._fold(number, weights, keep)
+                continue
+            if self.events:
+                self.events[number % 2].record()
+            if number:  # fold the previous batch while this one is in flight
+                self._fold(number - 1, weights, keep)
+        if self.overlap and self.batches:
+            self._fold(len(self.batches) - 1, weights, keep)
+
+    def _stage(self, number: int) -> None:
+        """Copy the model's part of batch ``number`` into its staging buffer (the one read of the model)."""
+        batch = self.batches[number]
+        if batch.source is not None:
+            batch.staged.copy_(batch.source, non_blocking=self.overlap)
+        else:
+            models = self.models
+            sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in batch.pieces]
+            torch._foreach_copy_(batch.views, sources, non_blocking=self.overlap)
+
+    def _fold(self, number: int, weights: Sequence[Weight], keep: Tensor | None) -> None:
+        """Fold the staged batch ``number`` into each average (or copy, for a weight of 1.0)."""
+        batch = self.batches[number]
         if self.events:
-            self.events[number % 2].synchronize()
-        wide, pattern, draw = self.pieces[number]
-        wide.copy_(target)  # type: ignore[arg-type]  # a flat range (checked in __init__)
-        if keep is not None:  # a lerp toward the shadow's own value is exact, and exact values round to themselves
-            torch.where(keep, staged, wide, out=staged)
+            self.events[number % 2].synchronize()  # its copy from the GPU has landed
+        for k, (target, weight) in enumerate(zip(batch.targets, weights, strict=True)):
+            if not isinstance(weight, Tensor) and weight == 0.0:
+                continue
+            copy = not isinstance(weight, Tensor) and weight == 1.0  # exact, and blind to what the average held
+            if self.generator is not None and not copy:
+                self._round(batch, self.draws[k, number], target, weight, keep)  # type: ignore[arg-type]  # flat
+                continue
+            staged, views = batch.staged, batch.views
+            if keep is not None:  # the average's own values where the flag is False: the lerp then keeps them
+                staged, views = self._guarded(batch, target, keep)
+            if not isinstance(target, Tensor):
+                _lerp(target, views, weight)
+            elif copy:
+                target.copy_(staged)
+            else:
+                target.lerp_(staged, weight)
+
+    def _guarded(self, batch: _Batch, target: Tensor | list[Tensor], keep: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The staged batch with ``target``'s values where ``keep`` is False (in place for a single average)."""
+        out = batch.staged if self.spare is None else self.spare[: batch.staged.numel()]
+        if isinstance(target, Tensor):
+            torch.where(keep, batch.staged, target, out=out)
+            return out, batch.views
+        views = batch.views if self.spare is None else [out[: v.numel()].view_as(v) for v in batch.views]
+        for view, staged, piece in zip(views, batch.views, target, strict=True):
+            torch.where(keep, staged, piece, out=view)
+        return out, views
+
+    def _round(self, batch: _Batch, draw: Tensor, target: Tensor, weight: Weight, keep: Tensor | None) -> None:
+        """Fold in float32 and write back into the bfloat16 average with stochastic rounding."""
+        n = batch.staged.numel()
+        wide, staged = self.wide[:n], batch.staged
+        wide.copy_(target)
+        if keep is not None:  # a lerp toward the average's own value is exact, and exact values round to themselves
+            staged = self.spare[:n] if self.spare is not None else staged
+            torch.where(keep, batch.staged, wide, out=staged)
         wide.lerp_(staged, weight)
-        bits = torch.bitwise_xor(pattern, draw, out=staged.view(torch.int32))  # the staged values are used up
-        round_stochastically_(target, wide, bits)  # type: ignore[arg-type]
+        bits = torch.bitwise_xor(self.pattern[:n], draw, out=self.bits[:n])
+        round_stochastically_(target, wide, bits)
 
 
-def copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``torch._foreach_copy_`` that accepts empty lists (a shadow may hold no tensor at all)."""
-    if targets:
-        torch._foreach_copy_(targets, sources)
+@dataclass(frozen=True)
+class Mix:
+    """A value written into the model: ``model * self.model + sum_k average_k * self.averages[k]``."""
+
+    model: float
+    averages: tuple[float, ...]
+
+    @classmethod
+    def copy(cls, index: int, count: int) -> Mix:
+        """Average number ``index`` of ``count``, as it is."""
+        return cls(0.0, tuple(1.0 if k == index else 0.0 for k in range(count)))
+
+
+@torch.no_grad()
+def mix_into(models: list[Tensor], averages: Sequence[list[Tensor]], mix: Mix) -> None:
+    """Write ``mix`` of ``models`` and their K ``averages`` into ``models``, in place.
+
+    A plain copy of one average is one ``_foreach_copy_`` (cast to the model's dtype); any other mix is computed in
+    the averages' precision (one temporary of their size) and cast back.
+    """
+    if not models:
+        return
+    used = [(k, c) for k, c in enumerate(mix.averages) if c != 0.0]
+    if mix.model == 0.0 and len(used) == 1 and used[0][1] == 1.0:
+        torch._foreach_copy_(models, averages[used[0][0]])
+        return
+    first = averages[0]
+    if mix.model != 0.0:
+        result = [m.to(device=a.device, dtype=a.dtype, copy=True) for m, a in zip(models, first, strict=True)]
+        torch._foreach_mul_(result, mix.model)
+    else:
+        result = [torch.zeros_like(a) for a in first]
+    for k, c in used:
+        torch._foreach_add_(result, averages[k], alpha=c)
+    torch._foreach_copy_(models, result)

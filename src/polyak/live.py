@@ -1,22 +1,22 @@
-"""A live averaged module: a target network or momentum teacher whose own tensors are the average's storage.
+"""A live averaged module: a target network or momentum teacher that holds the average and runs forward.
 
-The front ends build it here and then keep a :class:`~polyak.shadow.Shadow` with ``adopt=True`` over it, so an
-update writes the average straight into the module's parameters and buffers (there is no second copy and no
-second update path). The module does not require grad, keeps its own train/eval mode, and its
-``state_dict()`` has the model's keys.
+The front ends build it here (a copy of the model, or the user's module, checked) and hand it to their
+:class:`~polyak.shadow.Shadow` as its ``target``: where the module's own tensors have the average's storage dtype
+(a float32 model, or ``dtype=`` the model's), they are the storage, and an update writes straight into them;
+otherwise (a bf16 model's float32 master, a stochastically rounded one) the average is kept apart and copied
+into the module after every update, at the cost of that master's memory. The module does not require grad,
+keeps its own train/eval mode, and its ``state_dict()`` has the model's keys.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from .module_tensors import copy_module, unwrap, walk
-from .shadow import Shadow
 
-__all__ = ["Target", "adopt", "check_same_structure", "make_target"]
+__all__ = ["Target", "check_same_structure", "make_target"]
 
 Target = nn.Module | Literal["copy"]
 
@@ -52,53 +52,37 @@ def check_same_structure(model: nn.Module, target: nn.Module) -> None:
             )
 
 
-def make_target(
-    model: nn.Module, target: Any, *, dtype: torch.dtype | None, device: torch.device | str | None
-) -> nn.Module:
-    """The live module for ``target``: a deep copy of ``model`` (``"copy"``, moved to ``device`` and cast to
-    ``dtype`` if given) or the user's own module, checked against ``model``."""
+def _refuse_aliasing(model: nn.Module, target: nn.Module) -> None:
+    """Raise ``ValueError`` naming the tensor when ``target`` shares storage with ``model`` (a module reused by
+    reference, tied weights): every update would write the average into the online model's own tensor."""
+    storages: dict[int, str] = {}
+    for f in walk(model)[0]:
+        if f.tensor.numel():
+            storages.setdefault(f.tensor.untyped_storage().data_ptr(), f.name)
+    for f in walk(target)[0]:
+        shared = storages.get(f.tensor.untyped_storage().data_ptr()) if f.tensor.numel() else None
+        if shared is not None:
+            raise ValueError(
+                f"target tensor {f.name!r} shares its memory with the online model's {shared!r} (a module or weight "
+                "reused by reference); the average would overwrite the model. Pass a separate module, e.g. "
+                'copy.deepcopy(model), or target="copy"'
+            )
+
+
+def make_target(model: nn.Module, target: Any) -> nn.Module:
+    """The live module for ``target``: a deep copy of ``model`` (``"copy"``) or the user's own module, checked
+    against ``model`` (structure, and no memory shared with it). Its parameters stop requiring grad."""
     if isinstance(target, str):
         if target != "copy":
             raise ValueError(f'target must be "copy" or an nn.Module built like the model, got {target!r}')
         module = copy_module(model)
-        if device is not None:
-            module.to(device=device)
-        if dtype is not None:  # floating tensors only; complex ones keep their imaginary part
-            wanted = {True: dtype.to_complex(), False: dtype}
-            module._apply(lambda t: t.to(wanted[t.is_complex()]) if t.is_floating_point() or t.is_complex() else t)
-        return module
-    if not isinstance(target, nn.Module):
+    elif isinstance(target, nn.Module):
+        if unwrap(target) is unwrap(model):
+            raise ValueError("target is the online model itself; pass a separate module of the same structure")
+        check_same_structure(model, target)
+        _refuse_aliasing(model, target)
+        module = target
+    else:
         raise TypeError(f'target must be "copy" or an nn.Module built like the model, got {type(target).__name__}')
-    if dtype is not None or device is not None:
-        raise ValueError(
-            "target=<module> is averaged in its own dtype and on its own device: leave dtype and device as None "
-            '(or use target="copy", dtype=..., device=...)'
-        )
-    if unwrap(target) is unwrap(model):
-        raise ValueError("target is the online model itself; pass a separate module of the same structure")
-    check_same_structure(model, target)
-    return target
-
-
-def adopt(model: nn.Module, target: nn.Module, *, copy: bool = True, **options: Any) -> Shadow:
-    """A shadow stored in ``target``'s own tensors, selected as in ``model``, holding ``model``'s values
-    (``copy=False``: keeping the target's).
-
-    Which parameters are averaged follows ``model`` (``requires_grad``), not the target; afterwards no
-    parameter of the target requires grad.
-    """
-    online = {f.name: f.tensor for f in walk(model)[0]}
-    for f in walk(target)[0]:
-        if f.is_param and f.name in online:
-            f.tensor.requires_grad_(online[f.name].requires_grad)
-    shadow = Shadow(target, adopt=True, **options)
-    unwrap(target).requires_grad_(False)
-    if copy:
-        shadow.copy_from(model)
-    return shadow
-
-
-def first_tensor(module: nn.Module) -> torch.Tensor | None:
-    """The module's first parameter or buffer: converting the module (``.to()``, ``.half()``) gives it new memory."""
-    found = walk(module)[0]
-    return found[0].tensor if found else None
+    unwrap(module).requires_grad_(False)
+    return module

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .zero import is_engine, is_partitioned
+from .storage.zero3 import is_engine, is_partitioned
 
 __all__ = ["Found", "canonical_name", "copy_module", "unwrap", "walk"]
 

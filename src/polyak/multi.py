@@ -1,137 +1,192 @@
-"""Several EMAs of one model, each a full :class:`~polyak.EMA`, updated together in one read of the model."""
+"""Several EMAs of one model, of different lengths, kept in one shadow and updated in one read of the model."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from .ema import EMA
-from .rules import Rule
-from .shadow import check_same_layout, update_many
+from .ema import _AVERAGER_FORMAT, check_compensate, weight_of
+from .front_end import FrontEnd, check_schedule
+from .options import Options
+from .rules import ConstantDecay, Rule
+from .state import Keyed, Spec, damaged, entry
 
-__all__ = ["MultiEMA"]
+__all__ = ["Average", "MultiEMA"]
 
-_FORMAT = "polyak.multi_ema/1"
+_FORMAT = "polyak.multi_ema/2"
+_FORMAT_1 = "polyak.multi_ema/1"  # each average a whole averager state (before the one-path redesign)
 
 
 def _name(decay: float) -> str:
-    """A name for a decay that is safe in dotted checkpoint paths: 0.999 -> "0_999"."""
-    return f"{decay:g}".replace(".", "_").replace("-", "m")
+    """A name for a decay that is safe in dotted checkpoint paths: 0.999 -> "0_999" (every digit kept, so that
+    0.99991 stays apart from 0.9999)."""
+    return repr(float(decay)).replace(".", "_").replace("-", "m").replace("+", "")
 
 
-class MultiEMA:
+class MultiEMA(FrontEnd):
     """K exponential moving averages of one model, e.g. of decays 0.999 and 0.9999, in one pass over it.
 
-    Each model tensor is read once per update for all K averages (a tensor that must be cast or moved is
-    staged once). Every average is an :class:`~polyak.EMA` of its own, reached by name: swap it in with
-    ``multi["0_999"].swapped(model)``, export it with ``multi["0_999"].state_dict()`` or ``copy_to``.
+    The K averages share one shadow: each model tensor is read once per update for all of them, in every dtype,
+    and every option of :class:`~polyak.EMA` (``nonfinite``, ``dtype`` and ``rounding``, ``lazy``, selection)
+    applies to all K. Each average is reached by name (:class:`Average`): ``multi["0_999"].swapped(model)``,
+    ``.copy_to()``, ``.averaged_model()``, ``.state_dict()`` (an :class:`~polyak.EMA` state, which a plain EMA
+    of that decay loads).
 
     Args:
         model: the model being trained.
         decays: a sequence of decays per optimizer step (named ``"0_999"``, ``"0_9999"``, ...), or a mapping
             from names to decays or :mod:`polyak.rules` rules, e.g. ``{"fast": 0.999, "slow": 0.9999}``.
-        options: as :class:`~polyak.EMA` (``update_every``, ``start_step``, ``lazy``, dtype and selection),
-            shared by all K averages. A live ``target`` and ``switch_every`` belong to one average: use
-            :class:`~polyak.EMA` for those.
+        update_every, start_step, compensate: the schedule, as :class:`~polyak.EMA`'s, shared by all K.
+        options: how the averages are kept (:class:`~polyak.options.Options`: ``nonfinite``, ``dtype``,
+            ``rounding``, ``lazy``, selection), shared by all K. A live ``target`` and ``switch_every`` belong
+            to one average: use :class:`~polyak.EMA` for those.
     """
 
-    def __init__(self, model: nn.Module, decays: Sequence[float] | Mapping[str, float | Rule], **options: Any) -> None:
-        for key in ("target", "switch_every"):
-            if options.get(key) is not None:
+    def __init__(
+        self,
+        model: nn.Module,
+        decays: Sequence[float] | Mapping[str, float | Rule],
+        *,
+        update_every: int = 1,
+        start_step: int = 0,
+        compensate: bool = True,
+        **options: Any,
+    ) -> None:
+        for key in ("target", "switch_every", "switch_blend"):
+            if key in options:
                 raise ValueError(f"MultiEMA does not take {key}=; build a polyak.EMA for the one average that needs it")
-        if isinstance(decays, Mapping):
-            named = dict(decays)
-        elif isinstance(decays, Sequence) and not isinstance(decays, str):
-            if not all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in decays):
-                raise TypeError(
-                    f"a sequence of decays holds numbers only, got {list(decays)!r}; name rules with a mapping, "
-                    'e.g. {"teacher": CosineMomentum(...)}'
-                )
-            named = {_name(float(d)): d for d in decays}
-            if len(named) != len(decays):
-                raise ValueError(f"decays must differ from each other, got {list(decays)!r}")
-        else:
-            raise TypeError(f"decays must be a sequence of decays or a mapping of names to decays, got {decays!r}")
-        if not named:
-            raise ValueError("MultiEMA needs at least one decay, got none")
-        self.averages: dict[str, EMA] = {}
-        for name, value in named.items():
-            if not isinstance(name, str) or not name or "." in name:
-                raise ValueError(f"average names must be non-empty str without dots (checkpoint paths), got {name!r}")
-            given = {"rule": value} if isinstance(value, Rule) else {"decay": value}
-            self.averages[name] = EMA(model, **given, **options)
-        self.model = model
-        first = next(iter(self.averages.values()))
-        for other in self.averages.values():
-            if first._shadow is not None and other._shadow is not None:
-                check_same_layout(first.shadow, other.shadow)
+        self.update_every, self.start_step = check_schedule(model, update_every, "start_step", start_step)
+        self.rules = _rules(decays)
+        self.compensate = check_compensate(compensate, self.rules.values())
+        names = tuple(self.rules)
+        self.SPEC = Spec(_FORMAT, "MultiEMA", Keyed("averages", names), defaults={"compensate": True})  # type: ignore[misc]
+        self._init_averages(model, Options(**options), len(names))
 
-    def __getitem__(self, name: str) -> EMA:
-        if name not in self.averages:
-            raise KeyError(f"no average named {name!r}; this MultiEMA holds {list(self.averages)}")
-        return self.averages[name]
+    def _weights(self, t: int) -> tuple[Sequence[float], bool] | None:
+        if t < 1 or t % self.update_every:
+            return None
+        delta = t - self.last_update_step
+        return tuple(weight_of(rule, t, delta, self.compensate, False) for rule in self.rules.values()), True
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "rules": {name: rule.config() for name, rule in self.rules.items()},
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+            "policy": self.options.saved(),
+            "compensate": self.compensate,
+        }
+
+    def __getitem__(self, name: str) -> Average:
+        if name not in self.rules:
+            raise KeyError(f"no average named {name!r}; this MultiEMA holds {list(self.rules)}")
+        return Average(self, name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.averages)
+        return iter(self.rules)
 
     def __len__(self) -> int:
-        return len(self.averages)
+        return len(self.rules)
 
-    def items(self) -> Iterator[tuple[str, EMA]]:
-        """(name, EMA) pairs, in the order given."""
-        return iter(self.averages.items())
+    def items(self) -> Iterator[tuple[str, Average]]:
+        """(name, :class:`Average`) pairs, in the order given."""
+        return ((name, Average(self, name)) for name in self.rules)
 
-    def update(self, model: nn.Module | None = None) -> None:
-        """Count one optimizer step; when due, fold ``model`` into every average in one pass."""
-        members = list(self.averages.values())
-        for member in members:
-            member._check_not_swapped("update")
-        module = self.model if model is None else model
-        weights = [member._begin_update(module) for member in members]
-        if weights[0] is not None:
-            if members[0].nonfinite == "propagate":
-                update_many([member.shadow for member in members], module, weights)  # type: ignore[arg-type]
-                for member in members:
-                    member._end_update(module, None)
-            else:
-                for member, weight in zip(members, weights, strict=True):
-                    member._end_update(module, member.shadow.update(module, weight, nonfinite=member.nonfinite))  # type: ignore[arg-type]
-        for member in members:
-            member.step += 1
-
-    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> RemovableHandle:
-        """Call :meth:`update` after every ``optimizer.step()``; returns the hook handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.update(model))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Each average's :meth:`~polyak.EMA.state_dict`, by name."""
-        return {"format": _FORMAT, "averages": {name: ema.state_dict() for name, ema in self.averages.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore every average by name; checks all of them before changing any."""
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a polyak MultiEMA state (format {found!r}, expected {_FORMAT!r})")
-        saved = state.get("averages")
-        if not isinstance(saved, dict) or set(saved) != set(self.averages):
-            names = sorted(saved) if isinstance(saved, dict) else saved
-            raise ValueError(
-                f"saved MultiEMA holds averages {names!r}, this one {sorted(self.averages)}; build it with the same "
-                'decays, or load one average with multi["name"].load_state_dict(state["averages"]["name"])'
-            )
-        for name, ema in self.averages.items():  # check everything first
-            counters = ema._checked_counters(saved[name])
-            if saved[name].get("shadow") is not None and ema._shadow is not None:
-                ema._shadow.check_state_dict(saved[name]["shadow"])
-            elif saved[name].get("shadow") is None and counters["num_updates"]:
-                raise ValueError(f"saved average {name!r} has no tensors after {counters['num_updates']} updates")
-        for name, ema in self.averages.items():
-            ema.load_state_dict(saved[name])
+    def _upgrade(self, state: Any) -> Any:
+        """A format /1 state (one whole averager state per average) as one format /2 state."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT_1:
+            return state
+        saved = entry(state, "averages", dict, "MultiEMA")
+        if set(saved) != set(self.rules):
+            raise ValueError(f"saved MultiEMA holds averages {sorted(saved)}, this one {sorted(self.rules)}")
+        parts = [entry(saved, name, dict, "MultiEMA") for name in self.rules]
+        first = parts[0]
+        keys = ("step", "num_updates", "last_update_step", "update_every", "start_step", "policy")
+        for name, part in zip(self.rules, parts, strict=True):
+            if any(part.get(key) != first.get(key) for key in keys):
+                raise damaged("MultiEMA", f"has average {name!r} at another step or with other settings than the rest")
+        upgraded = {key: first.get(key) for key in keys} | {"format": _FORMAT, "skipped_updates": 0}
+        upgraded["rules"] = {name: part.get("rule") for name, part in zip(self.rules, parts, strict=True)}
+        upgraded["averages"] = {name: part.get("shadow") for name, part in zip(self.rules, parts, strict=True)}
+        if "rounding_state" in first:
+            upgraded["rounding_state"] = first["rounding_state"]
+        return upgraded | ({"compensate": first["compensate"]} if "compensate" in first else {})
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{name!r}: {ema.rule!r}" for name, ema in self.averages.items())
-        return f"MultiEMA({{{inner}}}, step={next(iter(self.averages.values())).step})"
+        inner = ", ".join(f"{name!r}: {rule!r}" for name, rule in self.rules.items())
+        return f"MultiEMA({{{inner}}}, step={self.step})"
+
+
+def _rules(decays: Any) -> dict[str, Rule]:
+    """The averages by name, each a rule (a number is a constant decay, checked there)."""
+    if isinstance(decays, Mapping):
+        named = dict(decays)
+    elif isinstance(decays, Sequence) and not isinstance(decays, str):
+        if any(isinstance(d, (Rule, str, bool)) or not isinstance(d, (int, float)) for d in decays):
+            raise TypeError(
+                f"a sequence of decays holds numbers only, got {list(decays)!r}; name rules with a mapping, "
+                'e.g. {"teacher": CosineMomentum(...)}'
+            )
+        named = {_name(d): d for d in decays}
+        if len(named) != len(decays):
+            raise ValueError(f"decays must differ from each other, got {list(decays)!r}")
+    else:
+        raise TypeError(f"decays must be a sequence of decays or a mapping of names to decays, got {decays!r}")
+    if not named:
+        raise ValueError("MultiEMA needs at least one decay, got none")
+    for name in named:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"average names must be non-empty str without dots (checkpoint paths), got {name!r}")
+    return {name: value if isinstance(value, Rule) else ConstantDecay(value) for name, value in named.items()}
+
+
+class Average:
+    """One average of a :class:`MultiEMA`, by name: evaluate, copy or export it as an :class:`~polyak.EMA`'s."""
+
+    def __init__(self, multi: MultiEMA, name: str) -> None:
+        self.multi, self.name, self.index = multi, name, list(multi.rules).index(name)
+        self.rule = multi.rules[name]
+
+    @property
+    def step(self) -> int:
+        return self.multi.step
+
+    @property
+    def num_updates(self) -> int:
+        return self.multi.num_updates
+
+    @property
+    def skipped_updates(self) -> int:
+        return self.multi.skipped_updates
+
+    @contextmanager
+    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
+        """Within the block the model holds this average; its own weights come back exactly on exit."""
+        with self.multi.swapped(model, self.index) as swapped_model:
+            yield swapped_model
+
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Write this average into the model, permanently."""
+        self.multi.copy_to(model, self.index)
+
+    def averaged_model(self, *, dtype: torch.dtype | None = None) -> nn.Module:
+        """A new module holding this average (eval mode, no grad; see :meth:`polyak.EMA.averaged_model`)."""
+        return self.multi.averaged_model(self.index, dtype=dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This average as an :class:`~polyak.EMA` state (format ``polyak.averager/1``): a plain EMA of its rule,
+        built with the MultiEMA's settings, loads it."""
+        multi = self.multi
+        state = multi.state_dict()
+        single = {key: state[key] for key in ("update_every", "start_step", "policy", "compensate", "step")}
+        single |= {key: state[key] for key in ("num_updates", "last_update_step", "skipped_updates")}
+        single |= {"format": _AVERAGER_FORMAT, "kind": "EMA", "rule": self.rule.config(), "target": None}
+        single["shadow"] = state["averages"][self.name]
+        return single | {key: state[key] for key in ("rounding_state", "started", "shard") if key in state}
+
+    def __repr__(self) -> str:
+        return f"Average({self.name!r} of {self.multi!r})"

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .checkpoints import export_weights, open_checkpoint
 from .io import CheckpointError, LazyStateDict, TensorSpec, save_state_dict
-from .shadow import exporting_average
+from .swap import exporting_average
 
 __all__ = ["export_pretrained", "save_pretrained"]
 

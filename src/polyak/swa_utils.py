@@ -24,6 +24,7 @@ from .bn import update_bn
 from .checks import check_flag
 from .front_end import eager_when_compiled
 from .module_tensors import copy_module
+from .options import Options
 from .rules import ConstantDecay, EqualWeights, Rule
 from .shadow import Shadow
 
@@ -203,7 +204,6 @@ class AveragedModel(nn.Module):
         self._count_seen: tuple[Tensor, int | None] = (self.n_averaged, _version(self.n_averaged))
         self._count_copies: dict[torch.device, Tensor] = {}
         self._shadow: Shadow | None = None
-        self._bound: tuple[nn.Module, list[Tensor], list[int]] | None = None
         self.register_load_state_dict_pre_hook(_drop_compile_prefix)
         low = sorted({str(p.dtype) for p in self.module.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
         if low and dtype is None:
@@ -220,25 +220,17 @@ class AveragedModel(nn.Module):
         return self.module(*args, **kwargs)
 
     def _storage(self) -> Shadow:
-        """The shadow whose storage is ``self.module``'s tensors, rebuilt when those were replaced."""
-        module = self.module
-        bound = self._bound
-        if (
-            self._shadow is None
-            or bound is None
-            or bound[0] is not module
-            or list(map(Tensor.data_ptr, bound[1])) != bound[2]
-        ):
-            self._shadow = Shadow(
-                module,
+        """The shadow whose storage is ``self.module``'s tensors (it follows their conversions), made anew when
+        ``self.module`` itself was replaced."""
+        shadow = self._shadow
+        if shadow is None or shadow.target is not self.module:
+            options = Options(
                 buffers="average" if self.use_buffers else "copy",
                 frozen="average",  # as torch: a parameter unfrozen later is averaged from then on
                 include_nonpersistent=not self.use_buffers,  # copied as torch, but never averaged
-                adopt=True,
             )
-            tensors = [*module.parameters(), *module.buffers()]
-            self._bound = (module, tensors, list(map(Tensor.data_ptr, tensors)))
-        return self._shadow
+            shadow = self._shadow = Shadow(self.module, options, adopt=True)
+        return shadow
 
     def _n(self) -> int:
         """Models averaged so far, re-read from the buffer only when something other than us wrote it."""
@@ -269,9 +261,14 @@ class AveragedModel(nn.Module):
         if n == 0 or isinstance(rule, Rule):
             shadow.update(model, rule.weight(n + 1) if isinstance(rule, Rule) else 1.0)
         elif multi is not None:
-            shadow.update_with(model, lambda avg, new: multi(avg, new, self._count_on(avg[0].device, n)))
+            shadow.apply(model, lambda avg, new: multi(avg, new, self._count_on(avg[0].device, n)))
         elif each is not None:
-            shadow.update_with(model, lambda avg, new: each(avg, new, self._count_on(avg.device, n)), each=True)
+
+            def per_tensor(averages: list[Tensor], models: list[Tensor]) -> None:
+                for average, new in zip(averages, models, strict=True):
+                    average.copy_(each(average, new, self._count_on(average.device, n)))
+
+            shadow.apply(model, per_tensor)
         self._count = n + 1
         self.n_averaged.fill_(self._count)
         self._count_seen = (self.n_averaged, _version(self.n_averaged))
@@ -279,7 +276,7 @@ class AveragedModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The shadow caches a pairing with the training model: neither is pickled nor deep-copied.
         state = dict(super().__getstate__())
-        state.update(_shadow=None, _bound=None, _count_copies={})
+        state.update(_shadow=None, _count_copies={})
         return state
 
 

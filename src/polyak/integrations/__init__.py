@@ -19,10 +19,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..distributed import full_model_state_dict, is_dtensor
+from ..distributed import full_model_state_dict
 from ..ema import EMA
 from ..rules import RationalWarmup
-from ..shadow import exporting_average
+from ..storage.dtensor import is_dtensor
+from ..swap import exporting_average
 
 __all__ = ["AveragerFactory", "averaged_full_state", "build_averager", "default_averager"]
 

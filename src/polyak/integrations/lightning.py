@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import full_state_dict, is_dtensor
+from ..distributed import full_state_dict
+from ..storage.dtensor import is_dtensor
 from ..swa_utils import update_bn
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
 

@@ -14,8 +14,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..distributed import full_state_dict, is_dtensor, partitioned_names
+from ..distributed import full_state_dict
 from ..io import load_torch
+from ..storage.dtensor import is_dtensor
+from ..storage.zero3 import is_partitioned
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
 
 require("transformers", "transformers")
@@ -28,9 +30,14 @@ STATE_FILE = "polyak_averager.pt"  # the averager's state, inside each checkpoin
 AVERAGED_DIR = "averaged"  # the averaged model, inside each checkpoint directory (``from_pretrained``-able)
 
 
+def _partitioned(model: nn.Module) -> bool:
+    """True for a model that DeepSpeed ZeRO-3 partitions."""
+    return any(is_partitioned(p) for p in model.parameters())
+
+
 def _state_file(model: nn.Module) -> str:
     """The averager's state file: one per rank when the average is partitioned (DeepSpeed ZeRO-3)."""
-    if partitioned_names(model):
+    if _partitioned(model):
         return f"polyak_averager.rank{torch.distributed.get_rank()}.pt"
     return STATE_FILE
 
@@ -267,7 +274,7 @@ class AveragingCallback(TrainerCallback):
         model: nn.Module = kwargs["model"]
         directory = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         # Collectives when sharded: every rank gathers, the main process writes.
-        if partitioned_names(model):  # ZeRO-3: every rank keeps its own partitions (same world size to resume)
+        if _partitioned(model):  # ZeRO-3: every rank keeps its own partitions (same world size to resume)
             own = {"global_step": state.global_step, "averager": self.averager.state_dict()}
             torch.save(own, directory / _state_file(model))
             saved = None

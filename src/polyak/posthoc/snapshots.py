@@ -33,6 +33,7 @@ class Snapshot:
     copied: frozenset[str]
     aliases: dict[str, str]
     tensors: SafetensorsFile
+    run: str | None = None  # the identity of the run that wrote it (None: written before runs had one)
 
 
 def find_snapshots(directory: str | Path) -> list[Snapshot]:
@@ -58,6 +59,7 @@ def find_snapshots(directory: str | Path) -> list[Snapshot]:
                 frozenset(str(n) for n in json.loads(metadata["copied"])),
                 {str(a): str(n) for a, n in json.loads(metadata["aliases"]).items()},
                 tensors,
+                metadata.get("run") or None,
             )
             if not 0 < snapshot.step < 2**63:
                 raise ValueError(f"step {snapshot.step} is not a positive int64")

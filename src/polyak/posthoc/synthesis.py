@@ -75,6 +75,12 @@ def reconstruct(
     snapshots = find_snapshots(directory)
     if not snapshots:
         raise ValueError(f"no snapshots ({PATTERN}) in {str(directory)!r}; write them with PostHocEMA(directory=...)")
+    runs = sorted({s.run or "(unnamed)" for s in snapshots})
+    if len(runs) > 1:
+        raise ValueError(
+            f"{str(directory)!r} holds snapshots of {len(runs)} runs ({', '.join(runs)}); their averages cannot be "
+            "combined: move each run's snapshots into a folder of its own"
+        )
     if step is not None and (isinstance(step, bool) or not 0 < int(step) < 2**63):
         raise ValueError(f"step must be a positive number of steps since averaging began, got {step}")
     step = snapshots[-1].step if step is None else int(step)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..checks import check_flag, check_int, check_number
-from ..front_end import FrontEnd, check_schedule, eager_when_compiled
+from ..checks import check_int, check_number
+from ..front_end import FrontEnd, check_schedule
 from ..io import TensorSpec, open_writer
+from ..kernels import Mix
+from ..options import NonFinite, Options, Policy, Rounding
 from ..rules import PowerFunction
-from ..shadow import Policy, Shadow, check_same_layout, update_many
-from .snapshots import FORMAT, version
+from ..state import Listed, Spec
+from .snapshots import FORMAT, PATTERN, find_snapshots, version
 
 __all__ = ["PostHocEMA"]
 
@@ -30,6 +32,10 @@ class PostHocEMA(FrontEnd):
     ``directory`` (see :meth:`snapshot`), ``<step>`` counting optimizer steps since averaging began. Save
     :meth:`state_dict` with your checkpoint to resume.
 
+    Each run has an identity (:attr:`run_id`, written in its snapshots and its state): a new run refuses a folder
+    that holds another run's snapshots (it would overwrite some and mix with the rest), and a run resumed from
+    its state continues there.
+
     Args:
         model: the model being trained.
         sigma_rels: relative widths of the tracked profiles (default 0.05 and 0.10, as in the paper).
@@ -38,12 +44,11 @@ class PostHocEMA(FrontEnd):
         snapshot_every: optimizer steps between snapshots; None for on-demand snapshots only.
         update_every: optimizer steps between updates (>= 1). start_step: steps before averaging begins.
         snapshot_dtype: dtype of averaged tensors in snapshots (float32).
-        buffers: which buffers take part; this and ``frozen``, ``exclude``, ``include_nonpersistent``,
-            ``dtype`` and ``device`` are :class:`~polyak.shadow.Shadow`'s options.
+        nonfinite, buffers, frozen, exclude, include_nonpersistent, dtype, device, rounding, lazy, watch: how the
+            averages are kept (:class:`~polyak.options.Options`), as for :class:`~polyak.EMA`.
     """
 
-    _FORMAT = FORMAT
-    _WHAT = "PostHocEMA"
+    SPEC = Spec(FORMAT, "PostHocEMA", Listed("shadows"))
 
     def __init__(
         self,
@@ -56,14 +61,18 @@ class PostHocEMA(FrontEnd):
         update_every: int = 1,
         start_step: int = 0,
         snapshot_dtype: torch.dtype = torch.float32,
+        nonfinite: NonFinite = "propagate",
         buffers: Policy = "average",
         frozen: Policy = "copy",
         exclude: Sequence[str] = (),
         include_nonpersistent: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        rounding: Rounding = "nearest",
+        lazy: bool = False,
+        watch: bool = True,
     ) -> None:
-        check_schedule(model, update_every, "start_step", start_step)
+        self.update_every, self.start_step = check_schedule(model, update_every, "start_step", start_step)
         if sigma_rels is not None and gammas is not None:
             raise ValueError("give sigma_rels or gammas, not both")
         if gammas is None and sigma_rels is None:
@@ -80,62 +89,56 @@ class PostHocEMA(FrontEnd):
             name = "gammas" if gammas is not None else "sigma_rels"
             raise ValueError(f"{name}: expected at least one profile, got none; e.g. sigma_rels=(0.05, 0.10)")
         if snapshot_every is not None:
-            check_int("snapshot_every", snapshot_every, low=1, hint="give optimizer steps between snapshots, or None")
-            if snapshot_every % update_every:
+            hint = "give optimizer steps between snapshots, or None"
+            snapshot_every = check_int("snapshot_every", snapshot_every, low=1, hint=hint)
+            if snapshot_every % self.update_every:
                 raise ValueError(
-                    f"snapshot_every must be a positive multiple of update_every={update_every} (optimizer steps), "
-                    f"got {snapshot_every!r}"
+                    f"snapshot_every must be a positive multiple of update_every={self.update_every} (optimizer "
+                    f"steps), got {snapshot_every!r}"
                 )
-        check_flag("include_nonpersistent", include_nonpersistent)
         if snapshot_every is not None and directory is None:
             raise ValueError("snapshot_every needs a directory to write the snapshots to")
         if not (isinstance(snapshot_dtype, torch.dtype) and snapshot_dtype.is_floating_point):
             raise TypeError(f"snapshot_dtype must be a floating torch.dtype, got {snapshot_dtype!r}")
-        self.model = model
         self.directory = Path(directory) if directory is not None else None
         self.snapshot_every = snapshot_every
-        self.update_every = update_every
-        self.start_step = start_step
         self.snapshot_dtype = snapshot_dtype
-        options: dict[str, Any] = dict(
+        self.run_id: str | None = uuid.uuid4().hex  # a resumed run takes its saved one (None: saved before ids)
+        self._checked: set[Path] = set()  # folders known to hold no other run's snapshots
+        options = Options(
             buffers=buffers,
             frozen=frozen,
-            exclude=exclude,
+            exclude=exclude,  # type: ignore[arg-type]  # checked and made a tuple there
             include_nonpersistent=include_nonpersistent,
             dtype=dtype,
-            device=device,
+            device=device,  # type: ignore[arg-type]  # checked and made a device there
+            rounding=rounding,
+            nonfinite=nonfinite,
+            lazy=lazy,
+            watch=watch,
         )
-        self.shadows = [Shadow(model, **options) for _ in self.rules]
-        for other in self.shadows[1:]:
-            check_same_layout(self.shadows[0], other)
-        self.step = 0
-        self.num_updates = 0
-        self.last_update_step = 0
+        self._init_averages(model, options, len(self.rules))
 
     @property
     def sigma_rels(self) -> list[float]:
         """Relative widths of the tracked profiles."""
         return self._sigma_rels or [rule.sigma_rel for rule in self.rules]
 
-    @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
-    def update(self, model: nn.Module | None = None) -> None:
-        """Count one optimizer step; fold the model into every average on update steps; snapshot when due."""
-        t = self.step + 1 - self.start_step
-        due = t >= 1 and t % self.update_every == 0
-        if due:
-            weights: list[float | torch.Tensor] = [rule.weight(t, t - self.last_update_step) for rule in self.rules]
-            update_many(self.shadows, self._model(model), weights)
-            self.last_update_step = t
-            self.num_updates += 1
-        self.step += 1  # counted once the update went through
-        if due and self.snapshot_every is not None and t % self.snapshot_every == 0:
+    def _weights(self, t: int) -> tuple[Sequence[float], bool] | None:
+        if t < 1 or t % self.update_every:
+            return None
+        return [rule.weight(t, t - self.last_update_step) for rule in self.rules], True
+
+    def _after_update(self, module: nn.Module, t: int) -> None:
+        if self.snapshot_every is not None and t % self.snapshot_every == 0:
             self.snapshot()
 
     def snapshot(self, directory: str | Path | None = None) -> Path:
         """Write all averages, as of the last update, to ``directory/phema-<step>.safetensors`` (atomically).
 
         Tensor ``k/<name>`` holds profile k; the metadata records the step (since averaging began), the
-        optimizer step, the profiles' ``sigma_rels`` and ``gammas``, the tensor names and which are copied.
+        optimizer step, the profiles' ``sigma_rels`` and ``gammas``, the tensor names, which are copied, and the
+        run's identity. Refused (``ValueError``) in a folder that holds another run's snapshots.
         """
         if self.num_updates == 0:
             raise RuntimeError(f"nothing to snapshot before the first update (step={self.step})")
@@ -143,7 +146,9 @@ class PostHocEMA(FrontEnd):
         if where is None:
             raise ValueError("snapshot() needs a directory: pass one here or to PostHocEMA(directory=...)")
         where.mkdir(parents=True, exist_ok=True)
-        modes = self.shadows[0].modes()
+        self._check_folder(where)
+        shadow = self.shadow
+        modes = shadow.modes()
         metadata = {
             "format": FORMAT,
             "step": str(self.last_update_step),
@@ -152,12 +157,13 @@ class PostHocEMA(FrontEnd):
             "gammas": json.dumps([rule.gamma for rule in self.rules]),
             "names": json.dumps(list(modes)),
             "copied": json.dumps([name for name, mode in modes.items() if mode == "copy"]),
-            "aliases": json.dumps(self.shadows[0].aliases),  # other names of tied tensors
+            "aliases": json.dumps(shadow.aliases),  # other names of tied tensors
+            "run": self.run_id or "",
             "polyak_version": version(),
         }
         specs, tensors = {}, {}
-        for k, shadow in enumerate(self.shadows):
-            for name, tensor in shadow.tensors().items():
+        for k in range(self.count):
+            for name, tensor in shadow.tensors(k).items():
                 dtype = self.snapshot_dtype if modes[name] == "average" else tensor.dtype
                 specs[f"{k}/{name}"] = TensorSpec(tuple(tensor.shape), dtype)
                 tensors[f"{k}/{name}"] = tensor
@@ -167,28 +173,25 @@ class PostHocEMA(FrontEnd):
                 writer.write(tensors[key].to(specs[key].dtype))
         return path
 
-    @contextmanager
-    def swapped(self, model: nn.Module | None = None, profile: int = 0) -> Iterator[nn.Module]:
-        """Within the block the model holds average number ``profile``; its own weights come back on exit."""
-        with self.shadows[self._profile(profile)].swapped(self._model(model)) as swapped:
-            yield swapped
-
-    def copy_to(self, model: nn.Module | None = None, profile: int = 0) -> None:
-        """Write average number ``profile`` into the model, permanently."""
-        self.shadows[self._profile(profile)].copy_to(self._model(model))
-
-    def averaged_model(self, profile: int = 0) -> nn.Module:
-        """A new module (a deep copy of the model) holding average number ``profile``, for evaluation or export."""
-        return self.shadows[self._profile(profile)].clone_module(self.model)
-
-    def _profile(self, profile: int) -> int:
-        if self.num_updates == 0:
-            raise RuntimeError(f"no average yet: the first update has not happened (step={self.step})")
-        if not 0 <= profile < len(self.rules):
+    def _check_folder(self, where: Path) -> None:
+        """Refuse a folder holding another run's snapshots (once per folder: later ones are this run's)."""
+        resolved = where.resolve()
+        if resolved in self._checked:
+            return
+        others = sorted({s.run or "(unnamed)" for s in find_snapshots(where) if s.run != self.run_id})
+        if others:
             raise ValueError(
-                f"profile must be in 0..{len(self.rules) - 1} (sigma_rels {self.sigma_rels}), got {profile!r}"
+                f"{str(where)!r} holds snapshots of another run ({', '.join(others)}); this run ({self.run_id}) "
+                f"would overwrite some and mix with the rest. To continue that run, load its state "
+                f"(load_state_dict); else pick another directory or move its {PATTERN} files out"
             )
-        return profile
+        self._checked.add(resolved)
+
+    def _mix(self, index: int) -> tuple[Mix, Mix | None]:
+        """Profile number ``index`` as it is."""
+        if not 0 <= index < self.count:
+            raise ValueError(f"index must be in 0..{self.count - 1} (sigma_rels {self.sigma_rels}), got {index!r}")
+        return Mix.copy(index, self.count), None
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -196,28 +199,22 @@ class PostHocEMA(FrontEnd):
             "update_every": self.update_every,
             "start_step": self.start_step,
             "snapshot_every": self.snapshot_every,
-            "policy": self.shadows[0].policy(),
+            "policy": self.options.saved(),
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """Counters, configuration (checked on load) and the averages; snapshots already written stay on disk."""
-        self.shadows[0].check(self.model)  # a model changed since the last update: refused here too
-        return self._state(shadows=[shadow.state_dict() for shadow in self.shadows])
+    def _extra_state(self) -> dict[str, Any]:
+        return {"run": self.run_id}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; raises before changing anything if it does not fit."""
-        counters = self._checked_counters(state)
-        shadows = self._entry(state, "shadows", list)
-        if len(shadows) != len(self.shadows):
-            raise ValueError(
-                f"saved PostHocEMA holds {len(shadows)} averages, this one {len(self.shadows)} (gammas "
-                f"{state.get('gammas')!r}). The state is damaged: load an intact copy"
-            )
-        for shadow, saved in zip(self.shadows, shadows, strict=True):
-            shadow.check_state_dict(saved)
-        for shadow, saved in zip(self.shadows, shadows, strict=True):
-            shadow.load_state_dict(saved)
-        self._set_counters(counters)
+    def _check_extra(self, state: dict[str, Any]) -> Callable[[], None]:
+        run = state.get("run")  # None: a state saved before runs had an identity (its snapshots have none)
+        if run is not None and not isinstance(run, str):
+            raise ValueError(f"saved PostHocEMA has run={run!r}, expected a str. The state is damaged")
+
+        def apply() -> None:
+            self.run_id = run
+            self._checked.clear()
+
+        return apply
 
 
 def _numbers(name: str, values: Any, **bounds: Any) -> list[float]:

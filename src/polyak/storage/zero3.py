@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3: where a partitioned parameter's data lives, for the shadow.
+"""DeepSpeed ZeRO-3: the average of a partitioned parameter is this rank's partition of it.
 
 Under ZeRO-3 a parameter outside a gather is a 0-element placeholder; this rank's data is its partition
 ``p.ds_tensor``, a 1-d tensor of ``ceil(ds_numel / world)`` elements, rank r holding the flat elements
@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["gather_partition", "is_engine", "is_partitioned", "partition", "partition_tensors", "release"]
+from . import Engine
+
+__all__ = ["ZeroEngine", "is_engine", "is_partitioned", "partition"]
 
 
 def _status(name: str) -> Any:
@@ -80,49 +82,74 @@ def partition(p: Tensor) -> Tensor:
     )
 
 
-def partition_tensors(tensors: list[Tensor]) -> list[Tensor]:
-    """The ``ds_tensor`` of each partitioned parameter in ``tensors``: its data pointer changes when DeepSpeed
-    moves the partition (``ds_tensor.data = ...``, e.g. ``offload_states``), which a cached pairing must notice."""
-    return [t.ds_tensor for t in tensors if is_partitioned(t)]  # type: ignore[attr-defined]
-
-
 def _params(module: nn.Module) -> list[Any]:
     return [p for p in module.parameters() if is_partitioned(p)]
 
 
-@torch.no_grad()
-def release(module: nn.Module) -> None:
-    """Release ``module``'s gathered ZeRO-3 parameters (no collective; nothing is copied back).
+class ZeroEngine(Engine):
+    """DeepSpeed ZeRO-3 parameters: the valid elements of this rank's partition, a plain 1-d tensor."""
 
-    After an evaluation forward, and for the parameters DeepSpeed keeps whole, the gathered copy would hide a
-    partition that the shadow writes (``swapped``, ``copy_to``); released, the next forward gathers the
-    partitions again. A parameter in flight (mid-gather) raises ``RuntimeError``.
-    """
-    params = _params(module)
-    if not params:
-        return
-    available, pending = _status("AVAILABLE"), _status("NOT_AVAILABLE")
-    inflight = [p for p in params if p.ds_status not in (available, pending)]
-    if inflight:
-        raise RuntimeError(
-            f"DeepSpeed ZeRO-3 parameter ({_describe(inflight[0])}) is being gathered ({inflight[0].ds_status}); "
-            "build, update or swap the average between forward passes, not inside one"
-        )
-    gathered = [p for p in params if p.ds_status == available]
-    if gathered:
-        gathered[0].partition(param_list=gathered)
+    name = "ZeRO-3"
+    sharded = True
 
+    def claims(self, tensor: Any) -> bool:
+        return is_partitioned(tensor)
 
-def gather_partition(stored: Tensor, p: Any) -> Tensor:
-    """The full tensor (shape ``p.ds_shape``) whose this-rank part is ``stored`` (from :func:`partition`).
+    def local(self, tensor: Tensor) -> Tensor:
+        return partition(tensor)
 
-    A collective over ``p``'s partition group: one all-gather of ``k`` elements per rank.
-    """
-    group = getattr(p, "ds_process_group", None)
-    _, k, valid = _extent(p)
-    world = dist.get_world_size(group)
-    padded = torch.zeros(k, dtype=stored.dtype, device=stored.device)
-    padded[:valid].copy_(stored.reshape(-1))
-    full = torch.empty(world * k, dtype=stored.dtype, device=stored.device)
-    dist.all_gather_into_tensor(full, padded, group=group)
-    return full[: int(p.ds_numel)].view(tuple(p.ds_shape))
+    def stored_shape(self, tensor: Tensor) -> torch.Size:
+        return partition(tensor).shape
+
+    def anchors(self, tensor: Tensor) -> list[Tensor]:
+        return [tensor.ds_tensor]  # type: ignore[attr-defined]  # DeepSpeed moves it with ds_tensor.data = ...
+
+    def agree(self, flag: Tensor, tensors: list[Tensor]) -> Tensor:
+        groups = {id(g): g for g in (getattr(t, "ds_process_group", None) for t in tensors)}
+        agreed = flag.to(torch.int32)
+        for group in groups.values():
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+        return agreed.bool()
+
+    def gather(self, stored: Tensor, tensor: Tensor | None) -> Tensor:
+        """The full tensor (shape ``ds_shape``) whose this-rank part is ``stored``: one all-gather of ``k``
+        elements per rank over the parameter's partition group."""
+        if tensor is None:
+            raise ValueError("gathering a ZeRO-3 partition needs the model's parameter; pass model=")
+        p: Any = tensor
+        group = getattr(p, "ds_process_group", None)
+        _, k, valid = _extent(p)
+        world = dist.get_world_size(group)
+        padded = torch.zeros(k, dtype=stored.dtype, device=stored.device)
+        padded[:valid].copy_(stored.reshape(-1))
+        full = torch.empty(world * k, dtype=stored.dtype, device=stored.device)
+        dist.all_gather_into_tensor(full, padded, group=group)
+        return full[: int(p.ds_numel)].view(tuple(p.ds_shape))
+
+    def identity(self, tensor: Tensor) -> dict[str, Any] | None:
+        """This rank and the world size of the partition group: with each tensor's size, they fix its elements."""
+        group = getattr(tensor, "ds_process_group", None)
+        rank, world = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+        return {"engine": self.name, "rank": rank, "world": world}
+
+    @torch.no_grad()
+    def release(self, module: nn.Module) -> None:
+        """Release ``module``'s gathered ZeRO-3 parameters (no collective; nothing is copied back).
+
+        After an evaluation forward, and for the parameters DeepSpeed keeps whole, the gathered copy would hide a
+        partition that the shadow writes (``swapped``, ``copy_to``); released, the next forward gathers the
+        partitions again. A parameter in flight (mid-gather) raises ``RuntimeError``.
+        """
+        params = _params(module)
+        if not params:
+            return
+        available, pending = _status("AVAILABLE"), _status("NOT_AVAILABLE")
+        inflight = [p for p in params if p.ds_status not in (available, pending)]
+        if inflight:
+            raise RuntimeError(
+                f"DeepSpeed ZeRO-3 parameter ({_describe(inflight[0])}) is being gathered ({inflight[0].ds_status}); "
+                "build, update or swap the average between forward passes, not inside one"
+            )
+        gathered = [p for p in params if p.ds_status == available]
+        if gathered:
+            gathered[0].partition(param_list=gathered)
