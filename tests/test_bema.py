@@ -91,6 +91,7 @@ def test_memory_is_two_copies_and_output_not_stored():
         pass
     held = [value for value in vars(bema).values() if isinstance(value, (Shadow, torch.Tensor))]
     assert held == [bema.shadow] and bema.shadow.count == 2  # the EMA and theta_0, and nothing else
+
     def storages(*indices: int) -> dict[int, int]:
         tensors = [t for k in indices for t in bema.shadow.tensors(k).values()]
         return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}

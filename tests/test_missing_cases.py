@@ -55,7 +55,9 @@ def test_posthoc_start_step_matches_float64_power_function(tmp_path, start_step,
     assert tracker.last_update_step == calls["last"] and tracker.num_updates == (17 - start_step) // every
     for k in range(tracker.count):
         for name in averaged:
-            torch.testing.assert_close(tracker.shadow.tensors(k)[name].double(), reference[k][name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                tracker.shadow.tensors(k)[name].double(), reference[k][name], rtol=1e-5, atol=1e-6
+            )
     snapshots = find_snapshots(tmp_path)
     assert [s.step for s in snapshots] == list(range(2 * every, 17 - start_step + 1, 2 * every))
     metadata = open_safetensors(snapshots[-1].path).metadata
