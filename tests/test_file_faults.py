@@ -352,11 +352,13 @@ def test_replaced_outputs_keep_their_permissions_and_links_are_written_through(
 # ---------------------------------------------------------------------------------------------- posthoc
 
 
-def snapshots(directory: Path, steps: int, width: int = 4, every: int = 4) -> Path:
+def snapshots(directory: Path, steps: int, width: int = 4, every: int = 4, run: str | None = None) -> Path:
     torch.manual_seed(0)
     model = nn.Linear(width, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = polyak.PostHocEMA(model, directory=directory, snapshot_every=every)
+    if run is not None:  # two trackers writing under one run's name: only their shapes tell them apart
+        tracker.run_id = run
     for _ in range(steps):
         optimizer.zero_grad()
         model(torch.randn(8, width)).square().mean().backward()
@@ -366,8 +368,8 @@ def snapshots(directory: Path, steps: int, width: int = 4, every: int = 4) -> Pa
 
 
 def test_posthoc_refuses_snapshots_of_different_shapes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    directory = snapshots(tmp_path / "snaps", steps=8, width=4)
-    other = snapshots(tmp_path / "other", steps=12, width=6)  # the same names, wider weight
+    directory = snapshots(tmp_path / "snaps", steps=8, width=4, run="one")
+    other = snapshots(tmp_path / "other", steps=12, width=6, run="one")  # the same names, wider weight
     (other / "phema-000000000012.safetensors").rename(directory / "phema-000000000012.safetensors")
     with pytest.raises(ValueError, match="'0/weight' has shape"):
         reconstruct(directory, [0.1], [tmp_path / "o.safetensors"])

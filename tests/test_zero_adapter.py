@@ -35,9 +35,9 @@ def _model(**extra: object) -> nn.Module:
 
 def test_average_of_partition_skips_padding_and_updates_in_place(monkeypatch):
     # As rank 1 of 2: 6 elements split 3/3; a bias of 3 elements split 2/1, so rank 1 holds 1 value and 1 of padding.
-    monkeypatch.setattr(polyak.zero.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(polyak.zero.dist, "get_rank", lambda group=None: 1)
-    monkeypatch.setattr(polyak.zero.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(polyak.storage.zero3.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(polyak.storage.zero3.dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(polyak.storage.zero3.dist, "get_world_size", lambda group=None: 2)
     model = nn.Sequential(nn.Linear(3, 2))
     model[0].weight = _partitioned(torch.arange(3.0, 6.0))
     model[0].weight.ds_numel, model[0].weight.ds_shape = 6, (2, 3)

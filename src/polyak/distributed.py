@@ -10,7 +10,7 @@ and writes local shards only (no collective), each rank stores its share, and ``
 DTensors that ``torch.distributed.checkpoint`` saves sharded and reshards on load. :func:`full_state_dict`
 gathers the full average for export.
 
-Under DeepSpeed ZeRO-3 the average of a parameter is this rank's partition of it (see :mod:`polyak.zero`), a
+Under DeepSpeed ZeRO-3 the average of a parameter is this rank's partition of it (see :mod:`polyak.storage.zero3`), a
 plain tensor: the update needs no collective, ``state_dict()`` is per rank, and ``full_state_dict(state,
 model=model)`` gathers it. Where a tensor's data lives is decided by its adapter in :mod:`polyak.storage`.
 """

@@ -197,7 +197,7 @@ class Shadow:
         model. Cheap when nothing changed."""
         plan = self._plan
         if plan is not None and plan.root is module:
-            if plan.current(module):
+            if plan.current(module) and self._watcher is not None:  # unwatched: a call here is the only news
                 return plan
             self.rechecks += 1
             if plan.sharded:  # FSDP2 / ZeRO-3 may hold gathered parameters after a forward without backward

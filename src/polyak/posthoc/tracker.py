@@ -32,7 +32,7 @@ class PostHocEMA(FrontEnd):
     ``directory`` (see :meth:`snapshot`), ``<step>`` counting optimizer steps since averaging began. Save
     :meth:`state_dict` with your checkpoint to resume.
 
-    Each run has an identity (:attr:`run_id`, written in its snapshots and its state): a new run refuses a folder
+    Each run has an identity (``run_id``, written in its snapshots and its state): a new run refuses a folder
     that holds another run's snapshots (it would overwrite some and mix with the rest), and a run resumed from
     its state continues there.
 

@@ -1,0 +1,120 @@
+"""The one path's structural guarantees, counted at the ATen dispatcher and in the watcher, never timed.
+
+- K averages read the model once: every element of every model tensor is an input to exactly one operation per
+  update of a ``MultiEMA`` (K=3), in float32 and bfloat16.
+- Changes to other modules cost an averager nothing: torch's ``AveragedModel`` beside it, a module whose
+  ``.data`` is assigned every step, a layer added elsewhere: zero re-checks of the averager's own model; a change
+  to its own model is still noticed.
+- What polyak installs into torch goes when the last averager goes.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import polyak
+
+
+class ModelReads(TorchDispatchMode):
+    """Counts, per model tensor, the elements that operations read from its storage (written outputs aside)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.storages = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
+        self.read: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        inputs = list(args)
+        schema = func._schema
+        written = {i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write}
+        for index, value in enumerate(inputs):
+            if index in written:
+                continue
+            for tensor in tree_leaves(value):
+                if isinstance(tensor, Tensor) and tensor.numel():
+                    name = self.storages.get(tensor.untyped_storage().data_ptr())
+                    if name is not None:
+                        self.read[name] += tensor.numel()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_ema_of_three_reads_each_model_tensor_once(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8)).to(dtype)
+    multi = polyak.MultiEMA(model, decays=(0.9, 0.99, 0.999))
+    multi.update()
+    multi.update()  # plans and kernels exist
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with ModelReads(model) as reads:
+        multi.update()
+    assert dict(reads.read) == {name: p.numel() for name, p in model.named_parameters()}
+    separate = [polyak.EMA(model, decay=d) for d in (0.9, 0.99, 0.999)]  # the count can fail: three EMAs read 3x
+    for ema in separate:
+        ema.update()
+        ema.update()
+    with ModelReads(model) as reads:
+        for ema in separate:
+            ema.update()
+    assert dict(reads.read) == {name: 3 * p.numel() for name, p in model.named_parameters()}
+
+
+def test_foreign_events_cost_no_recheck_and_own_changes_are_noticed() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = polyak.EMA(model, decay=0.9)
+    other = nn.Linear(4, 4)
+    averaged = torch.optim.swa_utils.AveragedModel(other)  # torch's: assigns its n_averaged buffer every update
+    assigned = nn.Linear(4, 4)
+    for step in range(5):
+        averaged.update_parameters(other)
+        assigned.weight.data = torch.randn(4, 4)  # a BYOL-style target update by .data
+        assigned.register_buffer("extra", torch.zeros(step + 1))  # a buffer added elsewhere
+        ema.update()
+    assert ema.shadow.rechecks == 0
+    before = ema.shadow.tensors()["0.weight"].double().clone()
+    model[0].weight.data = torch.randn(4, 4)  # its own model: followed
+    ema.update()
+    assert ema.shadow.rechecks == 1
+    expected = before + 0.1 * (model[0].weight.detach().double() - before)
+    torch.testing.assert_close(ema.shadow.tensors()["0.weight"].double(), expected, rtol=0, atol=1e-6)
+
+
+def test_what_polyak_installs_goes_with_the_last_averager() -> None:
+    gc.collect()
+    before = polyak.watch.installed()
+    data = torch.Tensor.__dict__.get("data")
+    ema = polyak.EMA(nn.Linear(2, 2), decay=0.9)
+    assert polyak.watch.installed()
+    del ema
+    gc.collect()
+    if not before:  # no other averager of this process is alive
+        assert not polyak.watch.installed()
+        assert torch.Tensor.__dict__.get("data") is data  # torch's own again
+    unwatched = polyak.EMA(nn.Linear(2, 2), decay=0.9, watch=False)
+    unwatched.update()
+    assert unwatched.shadow.rechecks == 0
+
+
+def test_an_unwatched_averager_follows_a_change_after_check() -> None:
+    """``watch=False`` installs nothing; ``check()`` then looks at the model again (a re-cast is followed)."""
+    model = nn.Linear(3, 2)
+    ema = polyak.EMA(model, decay=0.5, watch=False)
+    ema.update()
+    first = model.weight.detach().double().clone()
+    model.double()
+    ema.check()
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update()
+    weight = ema.state_dict()["shadow"]["weight"]
+    assert weight.dtype == torch.float32  # the float32 average stays float32 for a float64 model
+    torch.testing.assert_close(weight.double(), first + 0.5 * (2.0 - first), rtol=0, atol=1e-6)
