@@ -7,10 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from ..checkpoints import average_checkpoints, average_weights, newest_checkpoints
-from ..io import CheckpointError, output_format, save_state_dict
 from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
 
 EXAMPLES = """\
@@ -62,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _average(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..checkpoints import average_checkpoints, newest_checkpoints
+    from ..io import CheckpointError, output_format, save_state_dict
+
     report = (lambda _: None) if args.quiet else say
     paths = list(args.checkpoints)
     if args.last:
@@ -119,6 +120,9 @@ def _average(args: argparse.Namespace) -> None:
 
 def _check_weights(args: argparse.Namespace, count: int) -> None:
     """Refuse bad --weights / --ema values, in the flags' own words, before any file is opened."""
+    from ..checkpoints import average_weights
+    from ..io import CheckpointError
+
     if args.ema is not None and not 0.0 <= args.ema < 1.0:
         raise CheckpointError(f"--ema must be a decay in [0, 1) per file, got {args.ema:g}; e.g. --ema 0.9")
     if args.weights is not None and len(args.weights) != count:

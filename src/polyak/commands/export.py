@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoints import export_weights
-from ..io import CheckpointError, output_format, save_state_dict
-from ..pretrained import export_pretrained
 from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
 
 EXAMPLES = """\
@@ -45,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from ..checkpoints import export_weights
+    from ..io import output_format, save_state_dict
+
     if args.like is not None:
         _export_folder(args)
         return
@@ -65,6 +65,9 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _export_folder(args: argparse.Namespace) -> None:
+    from ..io import CheckpointError
+    from ..pretrained import export_pretrained
+
     if args.format is not None:
         raise CheckpointError("--format does not apply with --like: the folder is written as its reference's")
     folder, left_out = export_pretrained(

@@ -14,7 +14,7 @@ __all__ = ["RL_SHAPES", "SHAPES", "Shape"]
 
 @dataclass(frozen=True)
 class Shape:
-    """One shape: a class of :mod:`.models`, its full-size title, and its ``--quick`` stand-in."""
+    """One shape: a class of :mod:`polyak.commands.bench.models`, its full-size title, its ``--quick`` stand-in."""
 
     model: str  # class name in polyak.commands.bench.models
     title: str  # the full shape, in words

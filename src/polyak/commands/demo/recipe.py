@@ -1,18 +1,22 @@
-"""What the demo trains and tracks: the two models, the averages (rows) and the settings (columns)."""
+"""What the demo trains and tracks: the two models, the averages (rows) and the settings (columns).
+
+Reading this table imports no torch (``polyak demo --help`` shows some of it); the models are built with it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal, Protocol
-
-import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import polyak
 from polyak.rules import PowerFunction, RationalWarmup
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
 
 LEARNING_RATE = 0.5  # plain SGD, no momentum: high enough that the last iterate keeps jumping around
 BATCH_SIZE = 16
@@ -86,6 +90,8 @@ SETTINGS: tuple[Setting, ...] = (
 
 def mlp(inputs: int, classes: int) -> nn.Sequential:
     """Two hidden ReLU layers of WIDTH units, no normalisation layer."""
+    from torch import nn
+
     return nn.Sequential(
         nn.Linear(inputs, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, classes)
     )
@@ -94,6 +100,8 @@ def mlp(inputs: int, classes: int) -> nn.Sequential:
 def cnn(inputs: int, classes: int) -> nn.Sequential:
     """Two convolutions (kernel 5, stride 2, CHANNELS channels), each followed by BatchNorm and ReLU, then a
     linear layer on the ``ceil(inputs / 4)`` positions left."""
+    from torch import nn
+
     return nn.Sequential(
         nn.Unflatten(1, (1, inputs)),
         nn.Conv1d(1, CHANNELS, 5, stride=2, padding=2, bias=False),
