@@ -89,3 +89,51 @@ def test_what_help_writes_out_matches_the_library():
         "float32": torch.float32,
         "float64": torch.float64,
     }
+
+
+def _run_folder(path: Path) -> Path:
+    """Two small checkpoints, ckpt_100.pt and ckpt_200.pt, in a new folder ``path``."""
+    path.mkdir()
+    for step in (100, 200):
+        torch.save({"w": torch.full((3,), float(step))}, path / f"ckpt_{step}.pt")
+    return path
+
+
+def test_a_folder_given_as_a_checkpoint_points_to_last(tmp_path, capsys):
+    from polyak.cli import main
+
+    run = _run_folder(tmp_path / "run")
+    assert main(["average", str(run), "-o", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"give --last N {run}" in err, err
+    assert "converted" not in err and not (tmp_path / "x.pt").exists()
+
+
+def test_one_checkpoint_is_said_to_be_converted_only_once_it_has_been_read(tmp_path, capsys):
+    from polyak.cli import main
+
+    run = _run_folder(tmp_path / "run")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((run / "ckpt_100.pt").read_bytes()[:-40])
+    assert main(["average", str(damaged), "-o", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "converted" not in err, err
+    assert main(["average", str(run / "ckpt_100.pt"), "-o", str(tmp_path / "x.pt")]) == 0
+    assert "converted (nothing to average)" in capsys.readouterr().err
+
+
+def test_an_existing_folder_as_output_is_called_a_folder(tmp_path, capsys):
+    from polyak.cli import main
+
+    run = _run_folder(tmp_path / "run")
+    first, second = str(run / "ckpt_100.pt"), str(run / "ckpt_200.pt")
+    for argv, example in (
+        (["average", first, second, "-o", str(run)], "averaged.safetensors"),
+        (["average", first, second, "-o", str(run), "--format", "pt"], "averaged.safetensors"),
+        (["export", first, "-o", str(run)], "model.safetensors"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"-o {run}: is a folder" in err and str(run / example) in err, err
+        assert "suffix" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt_100.pt", "ckpt_200.pt"]

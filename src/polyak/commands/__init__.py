@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+    from ..io import Format
 
 
 class _Dtypes(Mapping[str, "torch.dtype"]):
@@ -38,6 +41,22 @@ OUTPUT_HELP = (
     "output file: .safetensors or .pt/.pth/.bin/.ckpt (other suffixes are refused unless --format is given); "
     "an existing file is replaced atomically and keeps its permissions; a symbolic link is written through"
 )
+
+
+def output_format(output: str, given: Format | None, example: str, otherwise: str = "") -> Format:
+    """The format to write ``-o output`` in: ``given`` (``--format``), else from its suffix.
+
+    An existing folder is refused in words that say so, with ``example`` (a file name) inside it as what to give
+    and ``otherwise`` (e.g. another option) after it.
+    """
+    from ..io import CheckpointError
+    from ..io import output_format as from_suffix
+
+    if Path(output).is_dir():
+        raise CheckpointError(
+            f"-o {output}: is a folder; give the output file's name, e.g. -o {Path(output) / example}{otherwise}"
+        )
+    return given or from_suffix(output)
 
 
 def say(message: str) -> None:
