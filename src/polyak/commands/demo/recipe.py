@@ -52,14 +52,20 @@ class Method:
     name: str
     make: Callable[[nn.Module, int], Tracker]
     recalculate: bool = False
+    warmup: RationalWarmup | None = None  # an EMA's rule: the notes say what decay it reaches in the run
+
+
+def _ema(decay: float, recalculate: bool = False) -> Method:
+    """EMA ``decay``, warmed up as polyak's integrations do (RationalWarmup: decay min(d, (1 + n) / (10 + n))
+    after n updates), so that it follows the weights from the start instead of sitting near the initial ones."""
+    rule = RationalWarmup(decay)
+    return Method(f"EMA {decay:g}", lambda model, steps: polyak.EMA(model, rule=rule), recalculate, rule)
 
 
 # One line per row. Any front end with ``attach``, ``swapped`` and ``num_updates`` fits as is.
-# EMA warms up as polyak's integrations do (RationalWarmup: decay min(d, (1 + n) / (10 + n)) after n updates),
-# so it follows the weights from the start instead of sitting near the initial ones.
 METHODS: tuple[Method, ...] = (
-    Method("EMA 0.99", lambda model, steps: polyak.EMA(model, rule=RationalWarmup(0.99))),
-    Method("EMA 0.999", lambda model, steps: polyak.EMA(model, rule=RationalWarmup(0.999)), recalculate=True),
+    _ema(0.99),
+    _ema(0.999, recalculate=True),
     Method("SWA (last 25%)", lambda model, steps: polyak.SWA(model, start_step=steps - steps // 4), recalculate=True),
     Method("power EMA σrel 0.05", lambda model, steps: polyak.EMA(model, rule=PowerFunction(sigma_rel=0.05))),
     Method("power EMA σrel 0.10", lambda model, steps: polyak.EMA(model, rule=PowerFunction(sigma_rel=0.10))),

@@ -3,6 +3,8 @@ record written to the output folder."""
 
 from __future__ import annotations
 
+import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from .recipe import BATCH_SIZE, CHANNELS, LEARNING_RATE, POSTHOC, RECALCULATED, 
 from .train import BN_BATCH, train
 
 EVALUATIONS = 40  # test-set evaluations per run, for the plot (post-hoc EMA snapshots are taken at the same steps)
+COLUMNS = 100  # the prose of the printed text (and of table.md) is filled to this width; the table is not
 
 
 def session(seeds: int, steps: int, out: Path) -> str:
@@ -23,7 +26,8 @@ def session(seeds: int, steps: int, out: Path) -> str:
 
 
 def _train_all(data: Dataset, seeds: int, steps: int) -> report.Results:
-    """Every setting for seeds 0..seeds-1, behind one progress bar."""
+    """Every setting for seeds 0..seeds-1, behind one progress bar on a terminal; elsewhere (output to a file or
+    a pipe) one line per setting on stderr instead of the bar's updates."""
     from tqdm import tqdm
 
     threads = torch.get_num_threads()
@@ -31,8 +35,16 @@ def _train_all(data: Dataset, seeds: int, steps: int) -> report.Results:
     torch.set_num_threads(1)
     try:
         results: report.Results = {}
-        with tqdm(total=len(SETTINGS) * seeds * steps, unit="step", desc="polyak demo") as bar:
-            for setting in SETTINGS:
+        # disable=None: no bar unless stderr is a terminal
+        with tqdm(total=len(SETTINGS) * seeds * steps, unit="step", desc="polyak demo", disable=None) as bar:
+            for k, setting in enumerate(SETTINGS, 1):
+                if bar.disable:
+                    print(
+                        f"polyak demo: training {setting.name} ({k} of {len(SETTINGS)} settings, {seeds} x {steps} "
+                        "steps)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 bar.set_postfix_str(setting.name)
                 results[setting.name] = [
                     train(data, setting, seed, steps, EVALUATIONS, bar.update) for seed in range(seeds)
@@ -50,8 +62,7 @@ def _write(results: report.Results, data: Dataset, seeds: int, steps: int, out: 
         f"{CHANNELS} channels with BatchNorm"
     )
     notes = (
-        "EMA d warms up: decay min(d, (1+n)/(10+n)) after n updates (RationalWarmup, reaches 0.999 after ~9,000), "
-        "so it follows the weights from the start. BatchNorm statistics of an average are averaged with its "
+        f"{report.warmup_note(steps)} BatchNorm statistics of an average are averaged with its "
         f"weights; '{RECALCULATED.strip()}' rows recompute them on the {len(data.y):,} training sequences "
         f"(batches of {BN_BATCH}). '{POSTHOC}': reconstructed from PostHocEMA snapshots, its width chosen on "
         f"the {HELD_OUT} held-out training sequences."
@@ -71,6 +82,14 @@ def _write(results: report.Results, data: Dataset, seeds: int, steps: int, out: 
         "summaries": paragraphs,
     }
     report.record(results, about, out / "results.json")
-    text = "\n\n".join([header, report.table(results), *paragraphs, report.NOISE_NOTE])
+    prose = [_filled(part) for part in (header, *paragraphs, report.NOISE_NOTE)]
+    text = "\n\n".join([prose[0], report.table(results), *prose[1:]])
     (out / "table.md").write_text(text + "\n")
     return text
+
+
+def _filled(text: str) -> str:
+    """Each line of ``text`` filled to COLUMNS, words kept whole (a word longer than a line stays on its own)."""
+    return "\n".join(
+        textwrap.fill(line, COLUMNS, break_long_words=False, break_on_hyphens=False) for line in text.splitlines()
+    )
