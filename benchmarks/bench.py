@@ -1,6 +1,6 @@
 """Run the update benchmark: ``python benchmarks/bench.py [--quick] [--json]`` (same as ``polyak bench``).
 
-The harness lives in ``polyak.commands.bench`` so that the installed ``polyak bench`` command runs the same code.
+The harness is the package ``polyak.commands.bench``, so that the installed ``polyak bench`` runs the same code.
 """
 
 import sys

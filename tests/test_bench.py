@@ -8,7 +8,7 @@ from polyak.cli import main
 
 
 def test_quick_bench_runs_and_reports_measured_columns(capsys, monkeypatch):
-    monkeypatch.setattr("polyak.commands.bench._SAMPLE_S", 0.001)  # timings are not checked: keep samples short
+    monkeypatch.setattr("polyak.commands.bench.harness._SAMPLE_S", 0.001)  # timings are not checked: short samples
     assert main(["bench", "--quick", "--shapes", "many", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [shape["shape"] for shape in report["shapes"]] == ["many"]
@@ -26,14 +26,14 @@ def test_quick_bench_runs_and_reports_measured_columns(capsys, monkeypatch):
 
 
 def test_markdown_table(capsys, monkeypatch):
-    monkeypatch.setattr("polyak.commands.bench._SAMPLE_S", 0.001)
+    monkeypatch.setattr("polyak.commands.bench.harness._SAMPLE_S", 0.001)
     assert main(["bench", "--quick", "--shapes", "gpt2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| polyak EMA |" in out and "x floor" in out and "Goals" in out
 
 
 def test_rl_shapes_have_the_rl_rows_and_every_overhead_goal_is_printed(capsys, monkeypatch):
-    monkeypatch.setattr("polyak.commands.bench._SAMPLE_S", 0.001)
+    monkeypatch.setattr("polyak.commands.bench.harness._SAMPLE_S", 0.001)
     assert main(["bench", "--quick", "--shapes", "sac", "dqn", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     for shape in report["shapes"]:
@@ -51,7 +51,7 @@ def test_rl_shapes_have_the_rl_rows_and_every_overhead_goal_is_printed(capsys, m
 
 
 def test_quick_names_the_shapes_as_run_and_judges_no_goal_of_a_full_shape(capsys, monkeypatch):
-    monkeypatch.setattr("polyak.commands.bench._SAMPLE_S", 0.001)
+    monkeypatch.setattr("polyak.commands.bench.harness._SAMPLE_S", 0.001)
     assert main(["bench", "--quick", "--shapes", "many", "sac", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "### 200 small tensors (--quick): 200 tensors" in out and "2,000" not in out
@@ -59,3 +59,14 @@ def test_quick_names_the_shapes_as_run_and_judges_no_goal_of_a_full_shape(capsys
     assert "- many: not judged, the goals are for the full shape" in out
     assert not [line for line in out.splitlines() if line.startswith("- many, ") and "met" in line]
     assert [line for line in out.splitlines() if line.startswith("- sac, polyak EMA: ") and "met" in line]
+
+
+def test_every_goal_judges_rows_that_are_timed_and_the_floor_is_timed_first():
+    """A goal whose row names are misspelt would be left out of the report without a word."""
+    from polyak.commands.bench import sections
+    from polyak.commands.bench.goals import FLOOR
+
+    names = [contender.name for section in sections.SECTIONS for contender in section.CONTENDERS]
+    assert names[0] == FLOOR and len(set(names)) == len(names)
+    for goal in sections.goals():
+        assert goal.subject in names and goal.reference in names, goal

@@ -77,10 +77,11 @@ def test_quick_run_end_to_end(quick_runs):
     rows = [LAST, *(m.name for m in METHODS), POSTHOC, *RECALCULATED_ROWS]
     for name in rows:
         assert f"| {name} " in table
+    flat = " ".join(table.split())  # the prose is filled to lines
     for setting in SETTINGS:
-        assert f"{setting.name}: averaging " in table  # one verdict per setting
-    assert f"{BN_SETTING.name}: recomputing the BatchNorm statistics" in table
-    assert f"Post-hoc EMA ({POSTHOC_SETTING.name})" in table
+        assert f"{setting.name}: averaging " in flat  # one verdict per setting
+    assert f"{BN_SETTING.name}: recomputing the BatchNorm statistics" in flat
+    assert f"Post-hoc EMA ({POSTHOC_SETTING.name})" in flat
 
     record = json.loads((out / "results.json").read_text())
     assert set(record["settings"]) == {s.name for s in SETTINGS}
@@ -109,7 +110,11 @@ def test_quick_run_end_to_end(quick_runs):
             assert all(math.isfinite(v) and 10.0 < v <= 100.0 for v in values), (key, values)
     for errors in sweep["profile_errors"]:
         assert all(0.0 <= e < 1.0 for e in errors)
-    assert record["summaries"] == table.split("\n\n")[2:4]  # the two paragraphs that read the table
+    words = [" ".join(paragraph.split()) for paragraph in table.split("\n\n")]
+    assert [" ".join(p.split()) for p in record["summaries"]] == words[2:4]  # the two paragraphs reading the table
+    assert " ".join(record["notes"].split()) in words[0]  # filled to lines, nothing lost
+    prose = [line for line in printed.splitlines() if not line.startswith("|")]  # the table's rows are not filled
+    assert max(len(line) for line in prose) <= 100, max(prose, key=len)
 
 
 @pytest.mark.slow
@@ -271,11 +276,61 @@ def test_table_marks_rows_that_do_not_apply():
     assert next(line for line in lines if line.startswith("| other ")).split("|")[2].strip() == report.MISSING
 
 
-def test_every_row_has_its_own_colour_and_style():
-    rows = [LAST, *(m.name for m in METHODS), *RECALCULATED_ROWS]
-    assert set(rows) <= set(plots.STYLES)
-    looks = {(plots.STYLES[row]["color"], plots.STYLES[row]["linestyle"]) for row in rows}
-    assert len(looks) == len(rows)
+def test_every_method_has_its_own_colour_and_its_update_bn_row_is_the_same_colour_dashed():
+    methods = [LAST, *(m.name for m in METHODS)]
+    assert set(methods) <= set(plots.STYLES)
+    assert len({plots.style(name)["color"] for name in methods}) == len(methods)
+    assert {plots.style(name)["linestyle"] for name in methods} == {"-"}
+    for row in RECALCULATED_ROWS:
+        base = plots.style(row.removesuffix(RECALCULATED))
+        assert plots.style(row)["color"] == base["color"] and plots.style(row)["linestyle"] == "--", row
+
+
+def _first_update_at(decay):
+    """The first update j at which TensorFlow's warm-up min(d, (1 + n) / (10 + n)), n = j - 1, reaches d."""
+    j = 1
+    while (1 + (j - 1)) / (10 + (j - 1)) < decay:
+        j += 1
+    return j
+
+
+def test_the_warmup_note_says_what_each_ema_reaches_in_the_run():
+    assert _first_update_at(0.999) > 4000 > _first_update_at(0.99)
+    note = report.warmup_note(4000)
+    assert f"EMA 0.99 reaches 0.99 after {_first_update_at(0.99):,} updates" in note
+    assert f"EMA 0.999 ends at {4000 / 4009:.4f} (it would reach 0.999 after {_first_update_at(0.999):,})" in note
+    assert "same average" not in note
+    assert f"EMA 0.999 reaches 0.999 after {_first_update_at(0.999):,} updates" in report.warmup_note(10_000)
+    short = report.warmup_note(600)  # neither reaches its decay: both follow (1+n)/(10+n) all along
+    assert f"EMA 0.99 ends at {600 / 609:.4f}" in short and "EMA 0.99 and EMA 0.999 are the same average" in short
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_follows_the_terminal(terminal, monkeypatch, capsys):
+    """A bar on a terminal; with stderr sent to a file, one line per setting instead of a bar's ~800 updates."""
+    from polyak.commands.demo import session
+
+    def fake_train(data, setting, seed, steps, evaluations, advance):
+        for _ in range(evaluations):
+            advance(steps // evaluations)
+
+    monkeypatch.setattr(session, "train", fake_train)
+    stderr = _Terminal() if terminal else None
+    if stderr is not None:
+        monkeypatch.setattr("sys.stderr", stderr)
+    session._train_all(None, seeds=5, steps=4000)
+    written = stderr.getvalue() if stderr is not None else capsys.readouterr().err
+    if terminal:
+        assert "\r" in written and "polyak demo" in written
+    else:
+        assert "\r" not in written and written.count("\n") == len(SETTINGS), written
+        for setting in SETTINGS:
+            assert f"training {setting.name} (" in written
 
 
 def test_noise_level_is_at_least_the_test_set_error():

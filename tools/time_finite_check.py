@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 import polyak
-from polyak.commands.bench_models import ResNet50Shape
+from polyak.commands.bench.models import ResNet50Shape
 from polyak.kernels import all_finite
 
 

@@ -7,11 +7,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from ..checkpoints import average_checkpoints, average_weights, newest_checkpoints
-from ..io import CheckpointError, output_format, save_state_dict
-from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
+from . import DTYPES, OUTPUT_HELP, guarded, output_format, plural, say, size
 
 EXAMPLES = """\
 examples:
@@ -62,8 +58,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _average(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..checkpoints import average_checkpoints, newest_checkpoints
+    from ..io import CheckpointError, save_state_dict
+
     report = (lambda _: None) if args.quiet else say
     paths = list(args.checkpoints)
+    folders = [path for path in paths if Path(path).is_dir()]
+    if folders:
+        raise CheckpointError(
+            f"CKPT {folders[0]}: is a folder, not a checkpoint file; to average the newest N checkpoints in it, "
+            f"give --last N {folders[0]} (e.g. --last 5 {folders[0]})"
+        )
     if args.last:
         if paths:
             raise CheckpointError("give checkpoint files or --last N DIR, not both")
@@ -74,12 +81,10 @@ def _average(args: argparse.Namespace) -> None:
         paths, how = newest_checkpoints(args.last[1], count)
     if not paths:
         raise CheckpointError("no checkpoints given; pass files or --last N DIR")
-    fmt = args.format or output_format(args.output)
+    fmt = output_format(args.output, args.format, "averaged.safetensors")
     _check_weights(args, len(paths))
     if args.last:
         report(f"newest {plural(count, 'checkpoint')} by {how}: " + ", ".join(str(p) for p in paths))
-    if len(paths) == 1:
-        report(f"only one checkpoint given: the output is {paths[0]} itself, converted (nothing to average)")
     started = time.perf_counter()
     torch.set_num_threads(1)  # pieces of 1 MiB are memory-bound; more threads only wait on each other
     average = average_checkpoints(
@@ -94,6 +99,8 @@ def _average(args: argparse.Namespace) -> None:
         reason = next(iter(average.left_out.values()))
         more = f" (and {len(average.left_out) - 1} more)" if len(average.left_out) > 1 else ""
         raise CheckpointError(f"{reason}{more}; add --no-strict to average only the tensors every file has")
+    if len(paths) == 1:
+        report(f"only one checkpoint given: the output is {paths[0]} itself, converted (nothing to average)")
     notes: dict[str, list[str]] = {}
     for opened in average.inputs:
         if opened.note:
@@ -119,6 +126,9 @@ def _average(args: argparse.Namespace) -> None:
 
 def _check_weights(args: argparse.Namespace, count: int) -> None:
     """Refuse bad --weights / --ema values, in the flags' own words, before any file is opened."""
+    from ..checkpoints import average_weights
+    from ..io import CheckpointError
+
     if args.ema is not None and not 0.0 <= args.ema < 1.0:
         raise CheckpointError(f"--ema must be a decay in [0, 1) per file, got {args.ema:g}; e.g. --ema 0.9")
     if args.weights is not None and len(args.weights) != count:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoints import export_weights
-from ..io import CheckpointError, output_format, save_state_dict
-from ..pretrained import export_pretrained
-from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
+from . import DTYPES, OUTPUT_HELP, guarded, output_format, plural, say, size
 
 EXAMPLES = """\
 examples:
@@ -45,10 +42,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from ..checkpoints import export_weights
+    from ..io import save_state_dict
+
     if args.like is not None:
         _export_folder(args)
         return
-    fmt = args.format or output_format(args.output)  # an unknown suffix is refused before any reading
+    # an unknown suffix or a folder is refused before any reading
+    fmt = output_format(args.output, args.format, "model.safetensors", ", or --like DIR for a from_pretrained folder")
     exported = export_weights(
         args.checkpoint,
         key=args.key,
@@ -65,6 +66,9 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _export_folder(args: argparse.Namespace) -> None:
+    from ..io import CheckpointError
+    from ..pretrained import export_pretrained
+
     if args.format is not None:
         raise CheckpointError("--format does not apply with --like: the folder is written as its reference's")
     folder, left_out = export_pretrained(
@@ -77,5 +81,19 @@ def _export_folder(args: argparse.Namespace) -> None:
     )
     if not args.quiet:
         say(f"wrote {folder}/ laid out like {args.like}")
-        if left_out:
-            say(f"left out {plural(len(left_out), 'averaged tensor')} that {args.like} does not hold: {left_out[0]!r}")
+        _report_left_out(left_out, args.like)
+
+
+def _report_left_out(left_out: list[str], like: str) -> None:
+    """Say which averaged tensors the folder does not hold, as a note: a tied output head is expected there."""
+    # save_pretrained writes a tied weight once: an lm_head.weight that the reference lacks is tied to the embedding
+    tied = [name for name in left_out if name == "lm_head.weight" or name.endswith(".lm_head.weight")]
+    for name in tied:
+        say(f"not written, as in {like}: {name!r}, tied to the input embedding; from_pretrained re-ties it on load")
+    others = [name for name in left_out if name not in tied]
+    if others:
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        say(
+            f"left out {plural(len(others), 'averaged tensor')} that {like} does not hold, so from_pretrained would "
+            f"not load {'it' if len(others) == 1 else 'them'}: {others[0]!r}{more}"
+        )

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ..posthoc import MAX_FIT_ERROR, Reconstruction, reconstruct
 from ..rules import sigma_rel_to_gamma
 from . import DTYPES, guarded, plural
+
+if TYPE_CHECKING:
+    from ..posthoc import Reconstruction
+
+# polyak.posthoc.MAX_FIT_ERROR, written out so that --help needs no torch (tests/test_cli.py holds them equal)
+MAX_FIT_ERROR = 0.1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _posthoc(args: argparse.Namespace) -> None:
+    from ..posthoc import reconstruct
+
     result = reconstruct(
         args.directory, args.sigma_rel, args.output, step=args.step, dtype=DTYPES[args.dtype], force=args.force
     )
@@ -60,6 +66,8 @@ def _posthoc(args: argparse.Namespace) -> None:
 
 def plot(result: Reconstruction, path: str | Path) -> None:
     """Plot each target profile and the profile of the combination that approximates it."""
+    import numpy as np
+
     try:
         import matplotlib
 

@@ -15,14 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from .recipe import BATCH_SIZE
 
-from . import plots, report
-from .data import HELD_OUT, Dataset, mnist1d
-from .recipe import BATCH_SIZE, CHANNELS, LEARNING_RATE, POSTHOC, RECALCULATED, SETTINGS, WIDTH
-from .train import BN_BATCH, train
-
-EVALUATIONS = 40  # test-set evaluations per run, for the plot (post-hoc EMA snapshots are taken at the same steps)
 DEFAULTS = {"seeds": 5, "steps": 4000}
 QUICK = {"seeds": 2, "steps": 600}
 MIN_STEPS = 100
@@ -86,66 +80,12 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else chosen["seeds"]
     steps = args.steps if args.steps is not None else chosen["steps"]
 
+    from .session import session
+
     began = time.perf_counter()
-    data = mnist1d()
-    results = _train_all(data, seeds, steps)
-    text = _write(results, data, seeds, steps, args.out)
+    text = session(seeds, steps, args.out)
     print(f"\n{text}\n")
     for what, name in FILES:
         print(f"{what + ':':6} {args.out / name}")
     print(f"wall time: {time.perf_counter() - began:.0f} s")
     return 0
-
-
-def _train_all(data: Dataset, seeds: int, steps: int) -> report.Results:
-    """Every setting for seeds 0..seeds-1, behind one progress bar."""
-    from tqdm import tqdm
-
-    threads = torch.get_num_threads()
-    # The model is tiny: threads cost more than they give, and one thread keeps the numbers machine-independent.
-    torch.set_num_threads(1)
-    try:
-        results: report.Results = {}
-        with tqdm(total=len(SETTINGS) * seeds * steps, unit="step", desc="polyak demo") as bar:
-            for setting in SETTINGS:
-                bar.set_postfix_str(setting.name)
-                results[setting.name] = [
-                    train(data, setting, seed, steps, EVALUATIONS, bar.update) for seed in range(seeds)
-                ]
-        return results
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _write(results: report.Results, data: Dataset, seeds: int, steps: int, out: Path) -> str:
-    """Write both plots, the JSON record and the table (with its reading) to ``out``; return the table's text."""
-    recipe = (
-        f"plain SGD lr {LEARNING_RATE} (decaying: cosine to 0), batch {BATCH_SIZE}, {steps} steps, seeds "
-        f"0..{seeds - 1}; MLP {data.x.shape[1]}-{WIDTH}-{WIDTH}-{data.classes}; CNN: 2 conv layers of "
-        f"{CHANNELS} channels with BatchNorm"
-    )
-    notes = (
-        "EMA d warms up: decay min(d, (1+n)/(10+n)) after n updates (RationalWarmup, reaches 0.999 after ~9,000), "
-        "so it follows the weights from the start. BatchNorm statistics of an average are averaged with its "
-        f"weights; '{RECALCULATED.strip()}' rows recompute them on the {len(data.y):,} training sequences "
-        f"(batches of {BN_BATCH}). '{POSTHOC}': reconstructed from PostHocEMA snapshots, its width chosen on "
-        f"the {HELD_OUT} held-out training sequences."
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    caption = f"{notes} Bands: ± std over seeds. Each y-axis starts 15 points below its lowest final accuracy."
-    plots.curves(results, f"{data.source}\n{recipe}", caption, out / "accuracy.png")
-    plots.sigma(results, f"{data.source}\n{recipe}", out / "sigma_rel.png")
-    over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
-    header = f"Test accuracy (%) at the end of training, {over}.\n{data.source}.\n{recipe}.\n{notes}"
-    paragraphs = report.summaries(results, len(data.y_test))
-    about = {
-        "dataset": data.source,
-        "recipe": recipe,
-        "notes": notes,
-        "methods": report.rows(results),
-        "summaries": paragraphs,
-    }
-    report.record(results, about, out / "results.json")
-    text = "\n\n".join([header, report.table(results), *paragraphs, report.NOISE_NOTE])
-    (out / "table.md").write_text(text + "\n")
-    return text

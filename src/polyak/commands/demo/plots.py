@@ -10,26 +10,29 @@ from typing import Any
 
 import numpy as np
 
-from .recipe import DIRECT_SIGMA_RELS, LAST
+from .recipe import DIRECT_SIGMA_RELS, LAST, RECALCULATED
 from .report import Results, chosen, finals
 
-# Each row keeps one colour and line style in every panel; a row with recomputed BatchNorm statistics shares
-# its base's colour, dotted.
+# Each method keeps one colour, drawn solid, in every panel; its row with recomputed BatchNorm statistics
+# ("+ update_bn") has the same colour, dashed.
 STYLES: dict[str, dict[str, Any]] = {
-    LAST: {"color": "black", "linestyle": "-", "linewidth": 1.0},
-    "EMA 0.99": {"color": "tab:blue", "linestyle": "-"},
-    "EMA 0.999": {"color": "tab:orange", "linestyle": "-"},
-    "SWA (last 25%)": {"color": "tab:green", "linestyle": "--"},
-    "power EMA σrel 0.05": {"color": "tab:red", "linestyle": "-."},
-    "power EMA σrel 0.10": {"color": "tab:purple", "linestyle": "--"},
-    "BEMA": {"color": "tab:brown", "linestyle": "-."},
-    "EMA 0.999 + update_bn": {"color": "tab:orange", "linestyle": ":", "linewidth": 2.4},
-    "SWA (last 25%) + update_bn": {"color": "tab:green", "linestyle": ":", "linewidth": 2.4},
+    LAST: {"color": "black", "linewidth": 1.0},
+    "EMA 0.99": {"color": "tab:blue"},
+    "EMA 0.999": {"color": "tab:orange"},
+    "SWA (last 25%)": {"color": "tab:green"},
+    "power EMA σrel 0.05": {"color": "tab:red"},
+    "power EMA σrel 0.10": {"color": "tab:purple"},
+    "BEMA": {"color": "tab:brown"},
 }
 
 
-def _style(name: str) -> dict[str, Any]:
-    return {"linewidth": 1.6, **STYLES.get(name, {"color": "tab:gray", "linestyle": "-"})}
+def style(name: str) -> dict[str, Any]:
+    """Colour, line style and width of row ``name``."""
+    base = name.removesuffix(RECALCULATED)
+    look = {"linewidth": 1.6, "linestyle": "-", **STYLES.get(base, {"color": "tab:gray"})}
+    if base != name:
+        look.update(linestyle="--", linewidth=2.0)
+    return look
 
 
 def _mean_std(values: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -57,9 +60,9 @@ def curves(results: Results, title: str, caption: str, path: Path) -> None:
         highest = 0.0
         for name in runs[0].accuracy:
             mean, spread = _mean_std([run.accuracy[name] for run in runs])
-            style = _style(name)
-            (line,) = ax.plot(steps, mean, label=name, **style)
-            ax.fill_between(steps, mean - spread, mean + spread, color=style["color"], alpha=0.12, linewidth=0)
+            look = style(name)
+            (line,) = ax.plot(steps, mean, label=name, **look)
+            ax.fill_between(steps, mean - spread, mean + spread, color=look["color"], alpha=0.12, linewidth=0)
             seen.setdefault(name, line)
             highest = max(highest, float(np.nanmax(mean + spread)))
         lowest = min(min(values) for values in finals(runs).values())

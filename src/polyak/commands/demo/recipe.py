@@ -1,18 +1,22 @@
-"""What the demo trains and tracks: the two models, the averages (rows) and the settings (columns)."""
+"""What the demo trains and tracks: the two models, the averages (rows) and the settings (columns).
+
+Reading this table imports no torch (``polyak demo --help`` shows some of it); the models are built with it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal, Protocol
-
-import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import polyak
 from polyak.rules import PowerFunction, RationalWarmup
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
 
 LEARNING_RATE = 0.5  # plain SGD, no momentum: high enough that the last iterate keeps jumping around
 BATCH_SIZE = 16
@@ -48,14 +52,20 @@ class Method:
     name: str
     make: Callable[[nn.Module, int], Tracker]
     recalculate: bool = False
+    warmup: RationalWarmup | None = None  # an EMA's rule: the notes say what decay it reaches in the run
+
+
+def _ema(decay: float, recalculate: bool = False) -> Method:
+    """EMA ``decay``, warmed up as polyak's integrations do (RationalWarmup: decay min(d, (1 + n) / (10 + n))
+    after n updates), so that it follows the weights from the start instead of sitting near the initial ones."""
+    rule = RationalWarmup(decay)
+    return Method(f"EMA {decay:g}", lambda model, steps: polyak.EMA(model, rule=rule), recalculate, rule)
 
 
 # One line per row. Any front end with ``attach``, ``swapped`` and ``num_updates`` fits as is.
-# EMA warms up as polyak's integrations do (RationalWarmup: decay min(d, (1 + n) / (10 + n)) after n updates),
-# so it follows the weights from the start instead of sitting near the initial ones.
 METHODS: tuple[Method, ...] = (
-    Method("EMA 0.99", lambda model, steps: polyak.EMA(model, rule=RationalWarmup(0.99))),
-    Method("EMA 0.999", lambda model, steps: polyak.EMA(model, rule=RationalWarmup(0.999)), recalculate=True),
+    _ema(0.99),
+    _ema(0.999, recalculate=True),
     Method("SWA (last 25%)", lambda model, steps: polyak.SWA(model, start_step=steps - steps // 4), recalculate=True),
     Method("power EMA σrel 0.05", lambda model, steps: polyak.EMA(model, rule=PowerFunction(sigma_rel=0.05))),
     Method("power EMA σrel 0.10", lambda model, steps: polyak.EMA(model, rule=PowerFunction(sigma_rel=0.10))),
@@ -86,6 +96,8 @@ SETTINGS: tuple[Setting, ...] = (
 
 def mlp(inputs: int, classes: int) -> nn.Sequential:
     """Two hidden ReLU layers of WIDTH units, no normalisation layer."""
+    from torch import nn
+
     return nn.Sequential(
         nn.Linear(inputs, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, classes)
     )
@@ -94,6 +106,8 @@ def mlp(inputs: int, classes: int) -> nn.Sequential:
 def cnn(inputs: int, classes: int) -> nn.Sequential:
     """Two convolutions (kernel 5, stride 2, CHANNELS channels), each followed by BatchNorm and ReLU, then a
     linear layer on the ``ceil(inputs / 4)`` positions left."""
+    from torch import nn
+
     return nn.Sequential(
         nn.Unflatten(1, (1, inputs)),
         nn.Conv1d(1, CHANNELS, 5, stride=2, padding=2, bias=False),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
-from .recipe import DIRECT_SIGMA_RELS, LAST, POSTHOC, RECALCULATED
+from .recipe import DIRECT_SIGMA_RELS, LAST, METHODS, POSTHOC, RECALCULATED
 from .train import Curves
 
 Results = dict[str, list[Curves]]  # setting name -> one Curves per seed
@@ -173,11 +174,37 @@ def posthoc_summary(setting: str, runs: list[Curves], test_size: int) -> str | N
     )
 
 
+def warmup_note(steps: int) -> str:
+    """How the warmed-up EMA rows' decays grow, and what each reaches in a run of ``steps`` updates (one per
+    optimizer step), computed from their rules; rows whose decays agree at every update are named as one."""
+    parts: list[str] = []
+    schedules: dict[tuple[float, ...], list[str]] = {}
+    for method in METHODS:
+        rule = method.warmup
+        if rule is None:
+            continue
+        reached = next(j for j in itertools.count(1) if rule.decay_at(j) >= rule.decay)
+        if reached <= steps:
+            parts.append(f"{method.name} reaches {rule.decay:g} after {reached:,} updates")
+        else:
+            final = rule.decay_at(steps)
+            parts.append(f"{method.name} ends at {final:.4f} (it would reach {rule.decay:g} after {reached:,})")
+        schedules.setdefault(tuple(rule.decay_at(j) for j in range(1, steps + 1)), []).append(method.name)
+    note = (
+        "EMA d warms up: decay min(d, (1+n)/(10+n)) after n updates (RationalWarmup), so it follows the weights "
+        f"from the start. Over this run's {steps:,} updates {'; '.join(parts)}."
+    )
+    for names in schedules.values():
+        if len(names) > 1:
+            note += f" {' and '.join(names)} are the same average in this run."
+    return note
+
+
 def summaries(results: Results, test_size: int) -> list[str]:
     """The reading of the table: one paragraph of verdicts, then one on the post-hoc sweep (if any)."""
     sentences = [verdict(name, runs, test_size) for name, runs in results.items()]
     sentences += [s for name, runs in results.items() if (s := recalculation_verdict(name, runs, test_size))]
-    paragraphs = [" ".join(sentences)]
+    paragraphs = ["\n".join(sentences)]  # one verdict per line
     paragraphs += [p for name, runs in results.items() if (p := posthoc_summary(name, runs, test_size))]
     return paragraphs
 

@@ -1,4 +1,4 @@
-"""Model shapes for the benchmark: the tensor layouts of common networks, with no forward pass.
+"""The benchmark's models: the tensor layouts of common networks, with no forward pass.
 
 An averaging update only sees the tensors (how many, how large, which dtype), so these modules reproduce the
 parameter and buffer layout of each network and nothing else.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SHAPES", "GPT2Shape", "ManyTensors", "NatureDQNShape", "ResNet50Shape", "SACTwinCritic"]
+__all__ = ["GPT2Shape", "ManyTensors", "NatureDQNShape", "ResNet50Shape", "SACTwinCritic"]
 
 
 class _Bottleneck(nn.Module):
@@ -100,32 +100,3 @@ class NatureDQNShape(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(4, 32, 8, 4), nn.Conv2d(32, 64, 4, 2), nn.Conv2d(64, 64, 3, 1))
         self.fc = nn.Sequential(nn.Linear(64 * 7 * 7, 512), nn.Linear(512, actions))
-
-
-# Shapes of reinforcement learning's target networks, where the other rows re-implement RL libraries' updates.
-RL_SHAPES = ("sac", "dqn")
-
-# name -> (full-size factory, --quick factory or None when the full shape is already small, description, and the
-# description of the --quick shape)
-SHAPES = {
-    "resnet50": (
-        ResNet50Shape,
-        lambda: ResNet50Shape(width=8, classes=10),
-        "ResNet-50 (CNN, BatchNorm)",
-        "ResNet-50 layout at width 8 (--quick)",
-    ),
-    "gpt2": (
-        GPT2Shape,
-        lambda: GPT2Shape(vocab=1000, context=64, width=64, layers=2),
-        "GPT-2 small (tied)",
-        "GPT-2 layout, 2 layers of width 64 (--quick)",
-    ),
-    "many": (
-        ManyTensors,
-        lambda: ManyTensors(count=200, side=16),
-        "2,000 small tensors",
-        "200 small tensors (--quick)",
-    ),
-    "sac": (SACTwinCritic, None, "SAC twin critic (2 x 3-layer MLP, width 256)", ""),
-    "dqn": (NatureDQNShape, None, "Nature DQN CNN", ""),
-}
