@@ -110,6 +110,7 @@ class _Shards(TensorFile):
                 raise CheckpointError(f"{path}: the index puts tensor {name!r} in {shard}, which does not hold it")
             self._owner[name] = shards[shard]
         super().__init__(path, {name: owner.specs[name] for name, owner in self._owner.items()})
+        self.sources = (path, *(source for shard in shards.values() for source in shard.sources))
 
     def read(self, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
         return self._owner[name].read(name, start, stop, out)
@@ -230,7 +231,7 @@ class Average(LazyStateDict):
         specs: Mapping[str, TensorSpec],
         left_out: dict[str, str],
     ) -> None:
-        super().__init__(specs, self._average)
+        super().__init__(specs, self._average, [source for opened in inputs for source in opened.sources])
         self.inputs = inputs
         self.weights = weights
         self.left_out = left_out
@@ -384,7 +385,7 @@ class Export(LazyStateDict):
     """Model-ready weights read from ``source`` (the opened file; ``source.note`` says which state dict)."""
 
     def __init__(self, source: TensorFile, specs: Mapping[str, TensorSpec], load: Callable[[str], Tensor]) -> None:
-        super().__init__(specs, load)
+        super().__init__(specs, load, source.sources)
         self.source = source
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import average_checkpoints, average_weights, newest_checkpoints
-from ..io import CheckpointError, output_format, save_state_dict
+from ..io import CheckpointError, check_output, output_format, save_state_dict
 from . import DTYPES, OUTPUT_HELP, guarded, plural, say, size
 
 EXAMPLES = """\
@@ -74,6 +74,7 @@ def _average(args: argparse.Namespace) -> None:
         paths, how = newest_checkpoints(args.last[1], count)
     if not paths:
         raise CheckpointError("no checkpoints given; pass files or --last N DIR")
+    check_output(args.output, [("a checkpoint being averaged", path) for path in paths])  # inputs are read-only
     fmt = args.format or output_format(args.output)
     _check_weights(args, len(paths))
     if args.last:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import TensorSpec, open_writer, output_format
+from ..io import TensorSpec, check_output, open_writer, output_format
 from ..rules import sigma_rel_to_gamma
 from .fit import MAX_FIT_ERROR, solve_coefficients
 from .snapshots import PATTERN, Snapshot, find_snapshots, version
@@ -52,8 +51,8 @@ def reconstruct(
     (1Mi elements; one output model for a ``.pt`` output), whatever the number of snapshots. Copied tensors
     come from the latest snapshot used.
 
-    Refused (``ValueError``): snapshots whose tensors differ in names, shapes or dtypes; an output that a later
-    run would read as a snapshot (``phema-*.safetensors`` in ``directory``); and, unless ``force``, a target the
+    Refused (``ValueError``): snapshots whose tensors differ in names, shapes or dtypes; an output in ``directory``
+    (inputs are read-only, and a later run would read it as a snapshot); and, unless ``force``, a target the
     snapshots cannot express: a ``step`` that is not a snapshot's step (after the last one nothing was seen;
     between two, the training since the earlier one is missing), or a fit whose relative profile error is
     above :data:`MAX_FIT_ERROR`.
@@ -65,13 +64,8 @@ def reconstruct(
     directory = Path(directory)
     if len({os.path.realpath(output) for output in outputs}) != len(outputs):
         raise ValueError(f"two outputs are the same file ({', '.join(map(str, outputs))}); give one per target")
-    for output in outputs:
-        where = Path(os.path.realpath(output))
-        if where.parent == Path(os.path.realpath(directory)) and fnmatch.fnmatch(where.name, PATTERN):
-            raise ValueError(
-                f"output {str(output)!r} is named like a snapshot in the snapshot directory, where a later run "
-                "would read it as one; write it elsewhere or under another name"
-            )
+    for output in outputs:  # a file in the snapshot folder would be read as a snapshot by a later run
+        check_output(output, [("the snapshot folder", directory)])
     snapshots = find_snapshots(directory)
     if not snapshots:
         raise ValueError(f"no snapshots ({PATTERN}) in {str(directory)!r}; write them with PostHocEMA(directory=...)")
