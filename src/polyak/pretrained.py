@@ -82,7 +82,8 @@ def _loaded_from(model: Any) -> list[Input]:
     """The local folder ``model`` was loaded from (the ``_name_or_path`` of a transformers or diffusers config)."""
     config = getattr(model, "config", None)
     path = config.get("_name_or_path") if isinstance(config, Mapping) else getattr(config, "_name_or_path", None)
-    return [("the folder the model was loaded from", path)] if isinstance(path, str) and os.path.isdir(path) else []
+    found = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
+    return [("the folder the model was loaded from", path)] if found else []
 
 
 def _reference_specs(like: Path) -> tuple[str, dict[str, TensorSpec]]:
