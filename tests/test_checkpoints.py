@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel
 import polyak
 from polyak.checkpoints import newest_checkpoints
 from polyak.cli import main
-from polyak.io import CheckpointError, open_safetensors
+from polyak.io import CheckpointError
 
 
 def trained(seed: int) -> SmallCNN:

@@ -18,13 +18,14 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from .checks import check_int, check_number
 from .io import (
     TORCH_SUFFIXES,
     CheckpointError,
@@ -201,18 +202,29 @@ def average_weights(count: int, weights: Sequence[float] | None = None, ema_deca
     if weights is not None and ema_decay is not None:
         raise CheckpointError("give explicit weights or an EMA decay, not both")
     if ema_decay is not None:
-        if not 0.0 <= ema_decay < 1.0:
-            raise CheckpointError(f"EMA decay must be in [0, 1), got {ema_decay}")
-        return [ema_decay ** (count - 1)] + [(1 - ema_decay) * ema_decay ** (count - 1 - i) for i in range(1, count)]
+        d = _checked(check_number, "ema_decay", ema_decay, low=0.0, high=1.0, high_open=True, hint="e.g. 0.9 per file")
+        return [d ** (count - 1)] + [(1 - d) * d ** (count - 1 - i) for i in range(1, count)]
     if weights is None:
         return [1.0 / count] * count
-    weights = [float(w) for w in weights]
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise CheckpointError(f"weights: expected a sequence of numbers, one per checkpoint, got {weights!r}")
+    weights = list(weights)  # a list, a numpy array, a tensor
     if len(weights) != count:
         raise CheckpointError(f"got {len(weights)} weights for {count} checkpoints; give one weight per checkpoint")
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise CheckpointError(f"weights must be finite, >= 0 and not all zero, got {weights}")
-    total = math.fsum(weights)
-    return [w / total for w in weights]
+    hint = "weights are relative (normalised to sum to 1), e.g. 1 1 2"
+    given = [_checked(check_number, f"weights[{i}]", w, low=0.0, hint=hint) for i, w in enumerate(weights)]
+    total = math.fsum(given)
+    if total <= 0:
+        raise CheckpointError(f"weights: expected weights not all zero, got {given}; {hint}")
+    return [w / total for w in given]
+
+
+def _checked(check: Callable[..., Any], name: str, value: Any, **bounds: Any) -> Any:
+    """``check(name, value, **bounds)`` (:mod:`polyak.checks`), its refusal raised as a :class:`CheckpointError`."""
+    try:
+        return check(name, value, **bounds)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(str(error)) from None
 
 
 class Average(LazyStateDict):
@@ -401,8 +413,7 @@ def newest_checkpoints(where: str | os.PathLike[str], count: int) -> tuple[list[
     modification time.
     """
     where = Path(where)
-    if count < 1:
-        raise CheckpointError(f"--last needs a count >= 1, got {count}")
+    count = _checked(check_int, "count", count, low=1, hint="the number of newest checkpoints to take (--last N)")
     if where.is_dir():
         suffixes = (".safetensors", *TORCH_SUFFIXES)
         files = [p for p in where.iterdir() if p.is_file() and p.suffix.lower() in suffixes]

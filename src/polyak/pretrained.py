@@ -82,8 +82,9 @@ def _loaded_from(model: Any) -> list[Input]:
     """The local folder ``model`` was loaded from (the ``_name_or_path`` of a transformers or diffusers config)."""
     config = getattr(model, "config", None)
     path = config.get("_name_or_path") if isinstance(config, Mapping) else getattr(config, "_name_or_path", None)
-    found = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
-    return [("the folder the model was loaded from", path)] if found else []
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        return [("the folder the model was loaded from", path)]
+    return []
 
 
 def _reference_specs(like: Path) -> tuple[str, dict[str, TensorSpec]]:

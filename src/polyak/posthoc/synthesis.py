@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import check_int, check_number
 from ..io import TensorSpec, check_output, open_writer, output_format
 from ..rules import sigma_rel_to_gamma
 from .fit import MAX_FIT_ERROR, solve_coefficients
@@ -57,7 +58,12 @@ def reconstruct(
     between two, the training since the earlier one is missing), or a fit whose relative profile error is
     above :data:`MAX_FIT_ERROR`.
     """
-    targets = tuple(float(s) for s in sigma_rels)
+    if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
+        raise TypeError(f"sigma_rels: expected a sequence of numbers, e.g. (0.05, 0.10), got {sigma_rels!r}")
+    width = {"low": 1e-9, "high": 12.0**-0.5, "high_open": True, "hint": "e.g. 0.05 or 0.10"}
+    targets = tuple(check_number(f"sigma_rels[{i}]", s, **width) for i, s in enumerate(sigma_rels))
+    if step is not None:
+        step = check_int("step", step, low=1, hint="the optimizer steps since averaging began; default: the latest")
     if len(outputs) != len(targets):
         raise ValueError(f"give one output path per target sigma_rel: {len(targets)} targets, {len(outputs)} outputs")
     formats = [output_format(output) for output in outputs]
@@ -69,9 +75,7 @@ def reconstruct(
     snapshots = find_snapshots(directory)
     if not snapshots:
         raise ValueError(f"no snapshots ({PATTERN}) in {str(directory)!r}; write them with PostHocEMA(directory=...)")
-    if step is not None and (isinstance(step, bool) or not 0 < int(step) < 2**63):
-        raise ValueError(f"step must be a positive number of steps since averaging began, got {step}")
-    step = snapshots[-1].step if step is None else int(step)
+    step = snapshots[-1].step if step is None else step
     steps = [snap.step for snap in snapshots]
     if not force and step not in steps:
         position = "after the last snapshot" if step > steps[-1] else "between snapshots"
