@@ -329,3 +329,17 @@ def test_reconstruct_never_writes_into_the_snapshot_folder(tmp_path, capsys):
         one_line_exit_2(capsys, argv, "is inside the snapshot folder")
     assert tree(snaps) == before
     reconstruct(snaps, [0.1], [tmp_path / "ema.safetensors"])
+
+
+def test_the_lightning_callbacks_export_file_is_replaced_atomically(tmp_path):
+    pytest.importorskip("lightning", reason="lightning is not installed (pip install 'polyak[lightning]')")
+    from polyak.integrations.lightning import save_weights
+
+    path = tmp_path / "average.pt"
+    path.write_bytes(b"the previous average")
+    with pytest.raises(Exception, match="pickle"):  # fails halfway through torch.save
+        save_weights({"w": torch.ones(2), "broken": lambda: None}, path)  # type: ignore[dict-item]
+    assert path.read_bytes() == b"the previous average"
+    assert [p.name for p in tmp_path.iterdir()] == ["average.pt"]
+    save_weights({"w": torch.ones(2)}, path)
+    assert torch.equal(torch.load(path)["w"], torch.ones(2))
