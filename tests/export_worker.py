@@ -19,11 +19,14 @@ import polyak
 def main() -> None:
     torch.set_num_threads(1)
     checkpoints, like = sys.argv[1:3], sys.argv[3]
+    me = os.getpid()
     for line in sys.stdin:
         pid = os.fork()
         if pid == 0:
             try:
                 for i in itertools.count():
+                    if os.getppid() != me:  # this worker is gone: stop instead of exporting forever
+                        break
                     polyak.export_pretrained(checkpoints[i % 2], like, line.strip(), overwrite=True)
             finally:
                 os._exit(1)

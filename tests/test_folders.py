@@ -8,11 +8,13 @@ spelling of the path (``./``, ``..``, a symbolic link, a hard link).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,6 +213,9 @@ def test_killed_at_random_moments_each_file_is_old_or_complete_new(tmp_path):
         env=env,
     )
     chance = random.Random(0)
+    watchdog = threading.Timer(120.0, worker.kill)  # a hung worker fails the test instead of stalling CI
+    watchdog.start()
+    pid: int | None = None
     try:
         for kill in range(20):
             target = fresh if kill % 4 == 3 else out
@@ -238,8 +243,12 @@ def test_killed_at_random_moments_each_file_is_old_or_complete_new(tmp_path):
             others = {p.name for p in work.iterdir()} - {"out", "fresh"}
             assert all(name.startswith((".out.polyak-", ".fresh.polyak-")) for name in others), others
     finally:
+        watchdog.cancel()
         worker.kill()
         worker.wait()
+        if pid is not None:  # the last export child, in case the worker died before reaping it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
