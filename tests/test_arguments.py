@@ -76,9 +76,16 @@ def optional(annotation: Any) -> bool:
 
 
 # Bad for every argument of its kind; then out-of-range values, argument by argument.
+# numpy numbers and 0-d tensors are numbers (see test_numbers.py); a 1-element 1-d tensor is not one.
 BAD = {
-    "number": [math.nan, math.inf, -math.inf, True, False, "0.5", -1.0, torch.tensor(0.5)],
-    "integer": [math.nan, math.inf, True, False, "1", -1, 2.0, np.float64(3.0)],
+    "number": [
+        *(math.nan, math.inf, -math.inf, True, False, "0.5", -1.0, torch.tensor([0.5])),
+        *(np.float64("nan"), np.float32("inf"), np.bool_(True), torch.tensor(math.nan), torch.tensor(True)),
+    ],
+    "integer": [
+        *(math.nan, math.inf, True, False, "1", -1, 2.0, np.float64(3.0), torch.tensor([2])),
+        *(np.bool_(True), torch.tensor(2.0), torch.tensor(True), np.int64(-1)),
+    ],
     "flag": ["no", 1, 0],
 }
 OUT_OF_RANGE: dict[str, list[Any]] = {

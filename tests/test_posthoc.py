@@ -345,12 +345,12 @@ def test_cli(tmp_path, capsys):
 
 def test_input_errors(tmp_path):
     with pytest.raises(ValueError, match="no snapshots"):
-        reconstruct(tmp_path, [0.1], [tmp_path / "x.safetensors"])
+        reconstruct(tmp_path, [0.1], [tmp_path.parent / "x.safetensors"])
     (tmp_path / "phema-1.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14)
     with pytest.raises(ValueError, match="not a polyak snapshot"):
         find_snapshots(tmp_path)
     with pytest.raises(ValueError, match="one output path per target"):
-        reconstruct(tmp_path, [0.1, 0.2], [tmp_path / "x.safetensors"])
+        reconstruct(tmp_path, [0.1, 0.2], [tmp_path.parent / "x.safetensors"])
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="snapshot_every must be a positive multiple of update_every=2"):
         polyak.PostHocEMA(model, directory=tmp_path, snapshot_every=3, update_every=2)

@@ -128,11 +128,11 @@ def test_refusals_and_an_interrupted_export_keeps_the_old_folder(tmp_path, monke
 
     monkeypatch.setattr("polyak.pretrained.save_state_dict", full_disk)
     with pytest.raises(CheckpointError, match="disk full"):
-        export_pretrained(tmp_path / "last.pt", tmp_path / "start", out)
+        export_pretrained(tmp_path / "last.pt", tmp_path / "start", out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
     monkeypatch.undo()
-    export_pretrained(tmp_path / "last.pt", tmp_path / "start", out)  # replacing keeps the folder's mode
+    export_pretrained(tmp_path / "last.pt", tmp_path / "start", out, overwrite=True)  # the folder keeps its mode
     assert out.stat().st_mode & 0o777 == 0o750
 
 

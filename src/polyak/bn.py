@@ -106,7 +106,7 @@ def update_bn(
     if weighting not in ("batch", "sample"):
         raise ValueError(f"weighting must be 'batch' or 'sample', got {weighting!r}")
     if max_batches is not None:
-        check_int("max_batches", max_batches, low=1, hint="or None for the whole loader")
+        max_batches = check_int("max_batches", max_batches, low=1, hint="or None for the whole loader")
     check_flag("progress", progress)
     if sync_ranks is not None:
         check_flag("sync_ranks", sync_ranks)

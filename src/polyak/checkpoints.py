@@ -18,13 +18,14 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from .checks import check_int, check_number
 from .io import (
     TORCH_SUFFIXES,
     CheckpointError,
@@ -110,6 +111,7 @@ class _Shards(TensorFile):
                 raise CheckpointError(f"{path}: the index puts tensor {name!r} in {shard}, which does not hold it")
             self._owner[name] = shards[shard]
         super().__init__(path, {name: owner.specs[name] for name, owner in self._owner.items()})
+        self.sources = (path, *(source for shard in shards.values() for source in shard.sources))
 
     def read(self, name: str, start: int = 0, stop: int | None = None, out: Tensor | None = None) -> Tensor:
         return self._owner[name].read(name, start, stop, out)
@@ -200,18 +202,29 @@ def average_weights(count: int, weights: Sequence[float] | None = None, ema_deca
     if weights is not None and ema_decay is not None:
         raise CheckpointError("give explicit weights or an EMA decay, not both")
     if ema_decay is not None:
-        if not 0.0 <= ema_decay < 1.0:
-            raise CheckpointError(f"EMA decay must be in [0, 1), got {ema_decay}")
-        return [ema_decay ** (count - 1)] + [(1 - ema_decay) * ema_decay ** (count - 1 - i) for i in range(1, count)]
+        d = _checked(check_number, "ema_decay", ema_decay, low=0.0, high=1.0, high_open=True, hint="e.g. 0.9 per file")
+        return [d ** (count - 1)] + [(1 - d) * d ** (count - 1 - i) for i in range(1, count)]
     if weights is None:
         return [1.0 / count] * count
-    weights = [float(w) for w in weights]
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise CheckpointError(f"weights: expected a sequence of numbers, one per checkpoint, got {weights!r}")
+    weights = list(weights)  # a list, a numpy array, a tensor
     if len(weights) != count:
         raise CheckpointError(f"got {len(weights)} weights for {count} checkpoints; give one weight per checkpoint")
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise CheckpointError(f"weights must be finite, >= 0 and not all zero, got {weights}")
-    total = math.fsum(weights)
-    return [w / total for w in weights]
+    hint = "weights are relative (normalised to sum to 1), e.g. 1 1 2"
+    given = [_checked(check_number, f"weights[{i}]", w, low=0.0, hint=hint) for i, w in enumerate(weights)]
+    total = math.fsum(given)
+    if total <= 0:
+        raise CheckpointError(f"weights: expected weights not all zero, got {given}; {hint}")
+    return [w / total for w in given]
+
+
+def _checked(check: Callable[..., Any], name: str, value: Any, **bounds: Any) -> Any:
+    """``check(name, value, **bounds)`` (:mod:`polyak.checks`), its refusal raised as a :class:`CheckpointError`."""
+    try:
+        return check(name, value, **bounds)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(str(error)) from None
 
 
 class Average(LazyStateDict):
@@ -230,7 +243,7 @@ class Average(LazyStateDict):
         specs: Mapping[str, TensorSpec],
         left_out: dict[str, str],
     ) -> None:
-        super().__init__(specs, self._average)
+        super().__init__(specs, self._average, [source for opened in inputs for source in opened.sources])
         self.inputs = inputs
         self.weights = weights
         self.left_out = left_out
@@ -384,7 +397,7 @@ class Export(LazyStateDict):
     """Model-ready weights read from ``source`` (the opened file; ``source.note`` says which state dict)."""
 
     def __init__(self, source: TensorFile, specs: Mapping[str, TensorSpec], load: Callable[[str], Tensor]) -> None:
-        super().__init__(specs, load)
+        super().__init__(specs, load, source.sources)
         self.source = source
 
 
@@ -400,8 +413,7 @@ def newest_checkpoints(where: str | os.PathLike[str], count: int) -> tuple[list[
     modification time.
     """
     where = Path(where)
-    if count < 1:
-        raise CheckpointError(f"--last needs a count >= 1, got {count}")
+    count = _checked(check_int, "count", count, low=1, hint="the number of newest checkpoints to take (--last N)")
     if where.is_dir():
         suffixes = (".safetensors", *TORCH_SUFFIXES)
         files = [p for p in where.iterdir() if p.is_file() and p.suffix.lower() in suffixes]

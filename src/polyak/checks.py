@@ -1,7 +1,10 @@
 """Checks of the numbers users pass (hyper-parameters, step counts), with one message shape for all of them.
 
-``name: expected <what>, got <value>; <what to do>``. A bool is never a number here (``True`` would be 1), nor
-is a string; NaN and inf are refused wherever a finite number is expected.
+``name: expected <what>, got <value>; <what to do>``. Numbers are taken as users hold them: Python numbers,
+numpy scalars (``np.int64``, ``np.float32``, ...) and 0-d arrays or tensors, returned as plain ``int`` / ``float``
+(so a saved state holds no numpy or tensor value). A bool is never a number here (``True`` would be 1), nor is
+a string; a float is never an int, even when its value is whole (``np.float64(3.0)``, a float tensor); NaN and
+inf are refused wherever a finite number is expected.
 """
 
 from __future__ import annotations
@@ -10,13 +13,25 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["check_flag", "check_int", "check_number"]
+__all__ = ["check_flag", "check_int", "check_number", "plain"]
+
+
+def plain(value: Any) -> Any:
+    """``value`` as Python holds it: a numpy scalar or a 0-d array or tensor becomes its ``int``, ``float``,
+    ``bool`` or ``complex``; anything else is returned as given."""
+    if type(value) in (bool, int, float):
+        return value
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        try:
+            return item()
+        except (RuntimeError, ValueError):  # e.g. a tensor on the meta device holds no value
+            return value
+    return value
 
 
 def _refuse(error: type[Exception], name: str, expected: str, value: Any, hint: str) -> Exception:
-    plain = value.item() if isinstance(value, numbers.Number) and hasattr(value, "item") else value  # numpy scalars
-    shown = repr(plain)
-    return error(f"{name}: expected {expected}, got {shown}" + (f"; {hint}" if hint else ""))
+    return error(f"{name}: expected {expected}, got {plain(value)!r}" + (f"; {hint}" if hint else ""))
 
 
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -48,12 +63,14 @@ def check_number(
 ) -> float:
     """``value`` as a float, after checking it is a finite real number (not a bool) within the given bounds.
 
-    Raises ``TypeError`` for something that is not a number, ``ValueError`` for NaN, inf or out of range.
+    Takes Python and numpy numbers and 0-d arrays or tensors. Raises ``TypeError`` for something that is not a
+    number, ``ValueError`` for NaN, inf or out of range.
     """
     expected = " ".join(filter(None, ("a finite number", _interval(low, high, low_open, high_open))))
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    given = plain(value)
+    if isinstance(given, bool) or not isinstance(given, numbers.Real):
         raise _refuse(TypeError, name, expected, value, hint)
-    number = float(value)
+    number = float(given)
     if not math.isfinite(number):
         raise _refuse(ValueError, name, expected, value, hint)
     if low is not None and (number <= low if low_open else number < low):
@@ -66,11 +83,13 @@ def check_number(
 def check_int(name: str, value: Any, *, low: int = 0, hint: str = "") -> int:
     """``value`` as an int, after checking it is an integer (not a bool) and at least ``low``.
 
-    Raises ``TypeError`` for a float, a bool or anything else, ``ValueError`` below ``low``.
+    Takes Python and numpy integers and 0-d integer arrays or tensors. Raises ``TypeError`` for a float (even
+    a whole one), a bool or anything else, ``ValueError`` below ``low``.
     """
     expected = f"an int >= {low}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    given = plain(value)
+    if isinstance(given, bool) or not isinstance(given, numbers.Integral):
         raise _refuse(TypeError, name, expected, value, hint)
-    if value < low:
+    if given < low:
         raise _refuse(ValueError, name, expected, value, hint)
-    return int(value)
+    return int(given)

@@ -15,6 +15,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from .checks import check_number
+
 __all__ = ["Duration", "to_steps"]
 
 _UNITS = {
@@ -86,11 +88,8 @@ class Duration:
                 f"{name} is given in {self.unit} ({self.value:g}); pass {rate_name}= "
                 f"({_RATE_MEANING[rate_name]}) to convert {self.unit} to optimizer steps"
             )
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate > 0 and math.isfinite(rate)):
-            raise ValueError(
-                f"{rate_name} must be a positive number ({_RATE_MEANING[rate_name]}) to convert {name} from "
-                f"{self.unit}, got {rate!r}"
-            )
+        hint = f"give the {_RATE_MEANING[rate_name]}, to convert {name} from {self.unit}"
+        rate = check_number(rate_name, rate, low=0.0, low_open=True, hint=hint)
         return self.value * rate if self.unit == "epochs" else self.value / rate
 
 
@@ -102,15 +101,15 @@ def to_steps(
     tokens_per_step: float | None = None,
     name: str = "duration",
 ) -> float:
-    """``duration`` in optimizer steps: a number is already in steps, a string is parsed by :class:`Duration`."""
+    """``duration`` in optimizer steps: a number is already in steps, a string is parsed by :class:`Duration`.
+
+    Numbers (the duration and the rates) may be Python or numpy numbers or 0-d tensors
+    (:func:`polyak.checks.check_number`).
+    """
     if isinstance(duration, str):
         parsed = Duration.parse(duration, name=name)
         return parsed.to_steps(
             steps_per_epoch=steps_per_epoch, batch_size=batch_size, tokens_per_step=tokens_per_step, name=name
         )
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)):
-        raise TypeError(f"{name} must be a number of optimizer steps or a str such as '1ep', got {duration!r}")
-    value = float(duration)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive, finite number of optimizer steps, got {duration!r}")
-    return value
+    hint = "give a number of optimizer steps or a str such as '1ep' or '10M samples'"
+    return check_number(name, duration, low=0.0, low_open=True, hint=hint)

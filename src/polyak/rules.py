@@ -39,13 +39,14 @@ __all__ = [
 ]
 
 
-def _check_step(step: int, delta: int) -> None:
+def _check_step(step: int, delta: int) -> tuple[int, int]:
+    """``step`` and ``delta`` as plain ints, after checking ``1 <= delta <= step``."""
     if type(step) is int and type(delta) is int and 1 <= delta <= step:  # every call from a front end: ~0.1 us
-        return
-    check_int("step", step, low=1)
-    check_int("delta", delta, low=1)
+        return step, delta
+    step, delta = check_int("step", step, low=1), check_int("delta", delta, low=1)
     if delta > step:
         raise ValueError(f"delta: expected 1 <= delta <= step={step}, got {delta}")
+    return step, delta
 
 
 def _check_decay(decay: float, name: str = "decay") -> float:
@@ -63,7 +64,7 @@ class Rule(ABC):
 
     def weight(self, step: int, delta: int = 1) -> float:
         """Weight in [0, 1] of the iterate at ``step`` for an update covering ``delta`` steps."""
-        _check_step(step, delta)
+        step, delta = _check_step(step, delta)
         if delta == step:
             return 1.0
         return 1.0 - self.decay_over(step, delta)
@@ -316,7 +317,8 @@ class _Schedule(Rule):
         hint = "a decay per optimizer step, e.g. 0.996"
         object.__setattr__(self, "start", check_number("start", self.start, low=0.0, high=1.0, hint=hint))
         object.__setattr__(self, "end", check_number("end", self.end, low=0.0, high=1.0, hint=hint))
-        check_int("total_steps", self.total_steps, low=1, hint="the optimizer steps of the schedule")
+        total = check_int("total_steps", self.total_steps, low=1, hint="the optimizer steps of the schedule")
+        object.__setattr__(self, "total_steps", total)
 
     def _progress(self, j: int) -> float:
         """How far step ``j`` is along the schedule, in [0, 1]: ``min(j - 1, total_steps) / total_steps``."""

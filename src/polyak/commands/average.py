@@ -61,7 +61,7 @@ def _average(args: argparse.Namespace) -> None:
     import torch
 
     from ..checkpoints import average_checkpoints, newest_checkpoints
-    from ..io import CheckpointError, save_state_dict
+    from ..io import CheckpointError, check_output, save_state_dict
 
     report = (lambda _: None) if args.quiet else say
     paths = list(args.checkpoints)
@@ -81,6 +81,7 @@ def _average(args: argparse.Namespace) -> None:
         paths, how = newest_checkpoints(args.last[1], count)
     if not paths:
         raise CheckpointError("no checkpoints given; pass files or --last N DIR")
+    check_output(args.output, [("a checkpoint being averaged", path) for path in paths])  # inputs are read-only
     fmt = output_format(args.output, args.format, "averaged.safetensors")
     _check_weights(args, len(paths))
     if args.last:

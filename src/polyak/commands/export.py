@@ -13,12 +13,16 @@ examples:
   polyak export lightning.ckpt --key state_dict --strip-prefix model. -o model.safetensors
   polyak export ema_state.pt --dtype bfloat16 -o model_bf16.safetensors
   polyak export last.pt --like base-model/ -o model-ema/   # a from_pretrained folder (or a PEFT adapter folder)
+  polyak export last.pt --like unet/ -o unet-ema/         # a diffusers model folder the same way
 
 Reads a polyak EMA/SWA state (its averaged tensors), a torch.optim.swa_utils.AveragedModel state, or a
 plain state dict, alone or inside a training checkpoint; removes wrapper prefixes (module., _orig_mod.);
 writes a state dict that model.load_state_dict() accepts. With --like, -o is a folder laid out like the
 reference folder (the one save_pretrained wrote for this model or adapter): the averaged weights under its
-tensor names, beside copies of its config files, loadable with from_pretrained.
+tensor names, beside copies of its config files, loadable with from_pretrained. The files are added to -o:
+its other files stay, and a file of the same name is refused unless --overwrite. Inputs are read-only: an
+output that is, is inside or holds the checkpoint or the --like folder is refused, and so is the current
+directory as the -o folder.
 """
 
 
@@ -34,6 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--like", metavar="DIR", help="write -o as a Hugging Face model (or PEFT adapter) folder laid out like DIR"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --like: replace files of the same names that the -o folder already holds (its other files stay)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no report")
 
 
@@ -43,11 +52,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> None:
     from ..checkpoints import export_weights
-    from ..io import save_state_dict
+    from ..io import CheckpointError, check_output, save_state_dict
 
     if args.like is not None:
         _export_folder(args)
         return
+    if args.overwrite:
+        raise CheckpointError("--overwrite applies with --like only: a file output (-o FILE) is replaced atomically")
+    check_output(args.output, [("the checkpoint being exported", args.checkpoint)])  # inputs are read-only
     # an unknown suffix or a folder is refused before any reading
     fmt = output_format(args.output, args.format, "model.safetensors", ", or --like DIR for a from_pretrained folder")
     exported = export_weights(
@@ -78,6 +90,7 @@ def _export_folder(args: argparse.Namespace) -> None:
         key=args.key,
         strip_prefix=args.strip_prefix,
         dtype=DTYPES[args.dtype] if args.dtype else None,
+        overwrite=args.overwrite,
     )
     if not args.quiet:
         say(f"wrote {folder}/ laid out like {args.like}")

@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         help="output file(s), one per --sigma-rel: .safetensors or .pt/.pth/.bin/.ckpt (other suffixes are refused; "
-        "not a phema-*.safetensors name in SNAPSHOT_DIR); an existing file is replaced atomically and keeps its "
+        "not in SNAPSHOT_DIR, which is read-only); an existing file is replaced atomically and keeps its "
         "permissions; a symbolic link is written through",
     )
     parser.add_argument(

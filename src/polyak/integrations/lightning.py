@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import full_state_dict
+from ..io import atomic_write
 from ..storage.dtensor import is_dtensor
 from ..swa_utils import update_bn
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
@@ -30,14 +31,16 @@ def recompute_bn(loader: Any, model: nn.Module, device: torch.device | None = No
 
 
 def save_weights(state: dict[str, Tensor], path: str | Path) -> None:
-    """Write a state dict: safetensors for a ``.safetensors`` path, else ``torch.save``."""
+    """Write a state dict atomically (:func:`polyak.io.atomic_write`): safetensors for a ``.safetensors`` path,
+    else ``torch.save``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        safetensors_torch = require("safetensors.torch", "safetensors")
-        safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    else:
-        torch.save(state, path)
+    with atomic_write(path) as f:
+        if path.suffix == ".safetensors":
+            safetensors_torch = require("safetensors.torch", "safetensors")
+            f.write(safetensors_torch.save({k: v.contiguous() for k, v in state.items()}))
+        else:
+            torch.save(state, f)
 
 
 def _sharded(value: Any) -> bool:

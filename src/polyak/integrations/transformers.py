@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import full_state_dict
-from ..io import load_torch
+from ..io import folder_writer, load_torch
 from ..storage.dtensor import is_dtensor
 from ..storage.zero3 import is_partitioned
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
@@ -44,17 +44,16 @@ def _state_file(model: nn.Module) -> str:
 
 def save_pretrained(model: nn.Module, directory: str | Path, state: dict[str, Tensor] | None = None) -> None:
     """Write ``model`` (or ``state`` under its names) to ``directory`` in safetensors: ``save_pretrained``, else
-    ``model.safetensors``."""
-    directory = Path(directory)
+    ``model.safetensors``; the files are added to ``directory`` (:func:`polyak.io.folder_writer`)."""
     state = state if state is not None else {k: v.detach() for k, v in model.state_dict().items()}
     save: Any = getattr(model, "save_pretrained", None)
-    if callable(save):
-        save(directory, state_dict=state)
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        require("safetensors.torch", "safetensors").save_file(
-            {k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors")
-        )
+    with folder_writer(directory, overwrite=True) as building:  # the callback's own folder: its files replaced
+        if callable(save):
+            save(building, state_dict=state)
+        else:
+            require("safetensors.torch", "safetensors").save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(building / "model.safetensors")
+            )
 
 
 def load_weights(model: nn.Module, directory: str | Path) -> None:

@@ -9,7 +9,8 @@ file's first bytes, not its name; only regular files are opened (a FIFO or devic
 Writing: :func:`save_state_dict` and :func:`open_writer` write safetensors (streamed) or a PyTorch file
 through :func:`atomic_write`: a temporary file in the same folder, fsync-ed, then renamed over the target. A
 crash or a full disk leaves the previous file intact; a replaced file keeps its permissions; a symbolic link
-is written through.
+is written through. A folder is written with :func:`folder_writer`: beside the target, then moved into it file by
+file, adding to what it holds. :func:`check_output` refuses an output that is, is inside or holds an input.
 
 Every problem with a file raises :class:`CheckpointError` (a ``ValueError``) with a one-line message naming it.
 """
@@ -32,6 +33,8 @@ from .base import (
     output_format,
     sniff,
 )
+from .folders import check_names, folder_writer
+from .outputs import Input, check_output
 from .safetensors import SafetensorsFile, SafetensorsWriter
 from .torch_files import TorchWriter, check_zip, load_torch, torch_tensors
 from .writing import open_writer, save_state_dict
@@ -41,6 +44,7 @@ __all__ = [
     "TORCH_SUFFIXES",
     "CheckpointError",
     "Format",
+    "Input",
     "LazyStateDict",
     "SafetensorsFile",
     "SafetensorsWriter",
@@ -49,7 +53,10 @@ __all__ = [
     "TensorWriter",
     "TorchWriter",
     "atomic_write",
+    "check_names",
+    "check_output",
     "check_zip",
+    "folder_writer",
     "load_torch",
     "one_line",
     "open_regular",

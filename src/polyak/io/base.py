@@ -6,7 +6,7 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +63,14 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     Shapes and dtypes (``specs``) are known up front, so a writer can stream it to disk and a
     ``dict(lazy)`` or ``model.load_state_dict(lazy)`` materialises it. Each access computes the tensor anew.
+    ``sources``: the files it reads, which a writer refuses to write over (inputs are read-only).
     """
 
-    def __init__(self, specs: Mapping[str, TensorSpec], load: Callable[[str], Tensor]) -> None:
+    def __init__(
+        self, specs: Mapping[str, TensorSpec], load: Callable[[str], Tensor], sources: Iterable[Path] = ()
+    ) -> None:
         self.specs = dict(specs)
+        self.sources = tuple(sources)
         self._load = load
 
     def __getitem__(self, name: str) -> Tensor:
@@ -99,7 +103,7 @@ class TensorFile(LazyStateDict):
     """
 
     def __init__(self, path: Path, specs: Mapping[str, TensorSpec], key: str | None = None) -> None:
-        super().__init__(specs, lambda name: self.read(name).view(self.specs[name].shape))
+        super().__init__(specs, lambda name: self.read(name).view(self.specs[name].shape), [path])
         self.path = path
         self.key = key
         self.note: str | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import Format, LazyStateDict, TensorSpec, TensorWriter, output_format
+from .outputs import Input, check_output
 from .safetensors import SafetensorsWriter
 from .torch_files import TorchWriter
 
@@ -23,15 +24,18 @@ def open_writer(
     *,
     format: Format | None = None,
     metadata: Mapping[str, str] | None = None,
+    inputs: Iterable[Input] = (),
 ) -> TensorWriter:
     """A :class:`~polyak.io.TensorWriter` for ``path``: write its ``names`` in order (whole or in pieces), then commit.
 
     ``format``: ``"safetensors"`` (streamed to disk, with polyak's checksums) or ``"pt"`` (a plain dict of
     tensors for ``torch.load``, gathered in memory and saved at commit); by default from the suffix
     (:func:`~polyak.io.output_format`, which refuses an unknown one). ``metadata`` goes into a safetensors
-    header; a ``.pt`` file has none.
+    header; a ``.pt`` file has none. ``inputs``: ``(what, path)`` of the files and folders the data comes
+    from; a ``path`` that is, is inside or holds one of them is refused (:func:`~polyak.io.check_output`).
     """
     path = Path(path)
+    check_output(path, inputs)
     if (format or output_format(path)) == "pt":
         return TorchWriter(path, specs)
     return SafetensorsWriter(path, specs, metadata)
@@ -44,6 +48,7 @@ def save_state_dict(
     format: Format | None = None,
     metadata: Mapping[str, str] | None = None,
     progress: bool = False,
+    inputs: Iterable[Input] = (),
 ) -> None:
     """Write a state dict to ``path`` atomically (a temporary file, fsync-ed, renamed over ``path``).
 
@@ -51,13 +56,16 @@ def save_state_dict(
     ``.pt/.pth/.bin/.ckpt``; another suffix is refused). A :class:`LazyStateDict` is computed and written one
     tensor (or piece) at a time. ``metadata`` (strings) goes into the safetensors header next to
     ``"format": "pt"``. ``progress`` shows a bar (needs ``tqdm``). See :func:`~polyak.io.atomic_write` for
-    what happens to an existing file, a symbolic link or a full disk.
+    what happens to an existing file, a symbolic link or a full disk. ``path`` may not be (or be inside) one of
+    ``inputs`` or of the files a :class:`LazyStateDict` reads (its ``sources``): inputs are read-only.
     """
     lazy = state if isinstance(state, LazyStateDict) else None
     specs = lazy.specs if lazy is not None else {name: _spec(name, tensor) for name, tensor in state.items()}
+    read = [("a file this state dict is read from", source) for source in (lazy.sources if lazy is not None else ())]
+    check_output(path, [*inputs, *read])  # before any progress bar or format check
     bar = _bar(sum(s.nbytes for s in specs.values()), f"writing {Path(path).name}", progress)
     try:
-        with open_writer(path, specs, format=format, metadata=metadata) as writer:
+        with open_writer(path, specs, format=format, metadata=metadata, inputs=inputs) as writer:
             for name in writer.names:
                 spec, written = specs[name], 0
                 for piece in lazy.pieces(name) if lazy is not None else [state[name]]:

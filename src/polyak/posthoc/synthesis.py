@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import TensorSpec, open_writer, output_format
+from ..checks import check_int, check_number
+from ..io import TensorSpec, check_output, open_writer, output_format
 from ..rules import sigma_rel_to_gamma
 from .fit import MAX_FIT_ERROR, solve_coefficients
 from .snapshots import PATTERN, Snapshot, find_snapshots, version
@@ -52,26 +52,26 @@ def reconstruct(
     (1Mi elements; one output model for a ``.pt`` output), whatever the number of snapshots. Copied tensors
     come from the latest snapshot used.
 
-    Refused (``ValueError``): snapshots whose tensors differ in names, shapes or dtypes; an output that a later
-    run would read as a snapshot (``phema-*.safetensors`` in ``directory``); and, unless ``force``, a target the
+    Refused (``ValueError``): snapshots whose tensors differ in names, shapes or dtypes; an output in ``directory``
+    (inputs are read-only, and a later run would read it as a snapshot); and, unless ``force``, a target the
     snapshots cannot express: a ``step`` that is not a snapshot's step (after the last one nothing was seen;
     between two, the training since the earlier one is missing), or a fit whose relative profile error is
     above :data:`MAX_FIT_ERROR`.
     """
-    targets = tuple(float(s) for s in sigma_rels)
+    if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
+        raise TypeError(f"sigma_rels: expected a sequence of numbers, e.g. (0.05, 0.10), got {sigma_rels!r}")
+    width = {"low": 1e-9, "high": 12.0**-0.5, "high_open": True, "hint": "e.g. 0.05 or 0.10"}
+    targets = tuple(check_number(f"sigma_rels[{i}]", s, **width) for i, s in enumerate(sigma_rels))
+    if step is not None:
+        step = check_int("step", step, low=1, hint="the optimizer steps since averaging began; default: the latest")
     if len(outputs) != len(targets):
         raise ValueError(f"give one output path per target sigma_rel: {len(targets)} targets, {len(outputs)} outputs")
     formats = [output_format(output) for output in outputs]
     directory = Path(directory)
     if len({os.path.realpath(output) for output in outputs}) != len(outputs):
         raise ValueError(f"two outputs are the same file ({', '.join(map(str, outputs))}); give one per target")
-    for output in outputs:
-        where = Path(os.path.realpath(output))
-        if where.parent == Path(os.path.realpath(directory)) and fnmatch.fnmatch(where.name, PATTERN):
-            raise ValueError(
-                f"output {str(output)!r} is named like a snapshot in the snapshot directory, where a later run "
-                "would read it as one; write it elsewhere or under another name"
-            )
+    for output in outputs:  # a file in the snapshot folder would be read as a snapshot by a later run
+        check_output(output, [("the snapshot folder", directory)])
     snapshots = find_snapshots(directory)
     if not snapshots:
         raise ValueError(f"no snapshots ({PATTERN}) in {str(directory)!r}; write them with PostHocEMA(directory=...)")
@@ -81,9 +81,7 @@ def reconstruct(
             f"{str(directory)!r} holds snapshots of {len(runs)} runs ({', '.join(runs)}); their averages cannot be "
             "combined: move each run's snapshots into a folder of its own"
         )
-    if step is not None and (isinstance(step, bool) or not 0 < int(step) < 2**63):
-        raise ValueError(f"step must be a positive number of steps since averaging began, got {step}")
-    step = snapshots[-1].step if step is None else int(step)
+    step = snapshots[-1].step if step is None else step
     steps = [snap.step for snap in snapshots]
     if not force and step not in steps:
         position = "after the last snapshot" if step > steps[-1] else "between snapshots"
