@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import plain
 from .ema import _AVERAGER_FORMAT, check_compensate, weight_of
 from .front_end import FrontEnd, check_schedule
 from .options import Options
@@ -126,12 +128,13 @@ def _rules(decays: Any) -> dict[str, Rule]:
     if isinstance(decays, Mapping):
         named = dict(decays)
     elif isinstance(decays, Sequence) and not isinstance(decays, str):
-        if any(isinstance(d, (Rule, str, bool)) or not isinstance(d, (int, float)) for d in decays):
+        numbers_ = [plain(d) for d in decays]  # numpy numbers and 0-d tensors as Python's
+        if any(isinstance(d, bool) or not isinstance(d, numbers.Real) for d in numbers_):
             raise TypeError(
                 f"a sequence of decays holds numbers only, got {list(decays)!r}; name rules with a mapping, "
                 'e.g. {"teacher": CosineMomentum(...)}'
             )
-        named = {_name(d): d for d in decays}
+        named = {_name(d): d for d in numbers_}
         if len(named) != len(decays):
             raise ValueError(f"decays must differ from each other, got {list(decays)!r}")
     else:

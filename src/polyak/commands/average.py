@@ -81,8 +81,8 @@ def _average(args: argparse.Namespace) -> None:
         paths, how = newest_checkpoints(args.last[1], count)
     if not paths:
         raise CheckpointError("no checkpoints given; pass files or --last N DIR")
+    fmt = output_format(args.output, args.format, "averaged.safetensors")  # a folder: refused in those words
     check_output(args.output, [("a checkpoint being averaged", path) for path in paths])  # inputs are read-only
-    fmt = output_format(args.output, args.format, "averaged.safetensors")
     _check_weights(args, len(paths))
     if args.last:
         report(f"newest {plural(count, 'checkpoint')} by {how}: " + ", ".join(str(p) for p in paths))

@@ -59,9 +59,9 @@ def _export(args: argparse.Namespace) -> None:
         return
     if args.overwrite:
         raise CheckpointError("--overwrite applies with --like only: a file output (-o FILE) is replaced atomically")
-    check_output(args.output, [("the checkpoint being exported", args.checkpoint)])  # inputs are read-only
     # an unknown suffix or a folder is refused before any reading
     fmt = output_format(args.output, args.format, "model.safetensors", ", or --like DIR for a from_pretrained folder")
+    check_output(args.output, [("the checkpoint being exported", args.checkpoint)])  # inputs are read-only
     exported = export_weights(
         args.checkpoint,
         key=args.key,
