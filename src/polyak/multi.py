@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -135,3 +135,11 @@ class MultiEMA:
     def __repr__(self) -> str:
         inner = ", ".join(f"{name!r}: {ema.rule!r}" for name, ema in self.averages.items())
         return f"MultiEMA({{{inner}}}, step={next(iter(self.averages.values())).step})"
+
+    def select(
+        self, model: nn.Module, evaluate: Callable[[nn.Module], float], *, mode: str = "min", **options: Any
+    ) -> Any:
+        """The average scoring best on ``evaluate(model)``: :func:`polyak.posthoc.select_average` over these."""
+        from .posthoc.select import select_average
+
+        return select_average(self.items(), model, evaluate, mode=mode, **options)  # type: ignore[arg-type]
