@@ -148,7 +148,9 @@ def report(figures: dict[str, Any]) -> str:
         f"{figures['snapshots']} snapshots of 2 profiles, {torch.get_num_threads()} thread(s)",
         *(
             f"round {i + 1}: loop {loop:.2f} s, select {sel:.2f} s, evaluations alone {ev:.2f} s"
-            for i, (loop, sel, ev) in enumerate(zip(rounds["loop"], rounds["select"], rounds["evaluations"]))
+            for i, (loop, sel, ev) in enumerate(
+                zip(rounds["loop"], rounds["select"], rounds["evaluations"], strict=True)
+            )
         ),
         f"median: hand-written loop {median['loop']:.2f} s, select {median['select']:.2f} s, of which the "
         f"{figures['widths']} evaluations take {median['evaluations']:.2f} s",
