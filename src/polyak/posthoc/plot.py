@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 __all__ = ["plot_selection"]
 
 
-def plot_selection(selection: Selection, path: Path) -> None:
+def plot_selection(selection: Selection, path: Path, score: str = "score") -> None:
     """Write ``selection`` as a PNG to ``path``: each candidate's score against its ``sigma_rel`` (log axis), the
     chosen width starred, the tracked widths as dotted lines, widths the snapshots cannot express shaded and the
     candidates left out for that marked on the axis. Live averages without a width are drawn by name."""
@@ -68,7 +68,7 @@ def plot_selection(selection: Selection, path: Path) -> None:
         ax.plot([at], [scores[chosen]], "*", markersize=16, color="tab:red", label=f"chosen: {chosen}")
         ax.set_xticks(range(len(keys)), [str(k) for k in keys])
         ax.set_xlabel("average")
-    ax.set_ylabel(f"score ({better} is better)")
+    ax.set_ylabel(f"{score} ({better} is better)")
     where = f" at step {selection.step}" if selection.step is not None else ""
     ax.set_title(f"EMA width chosen on validation data{where}", fontsize="medium")
     ax.grid(alpha=0.3)

@@ -85,12 +85,13 @@ class Selection:
         """Candidate widths the snapshots cannot express (fit error above the bound), with their fit errors."""
         return {width: error for width, error in self.fit_errors.items() if width not in self.scores}
 
-    def plot(self, path: str | Path) -> None:
-        """Write a PNG of the score against ``sigma_rel`` (log axis), the chosen and the tracked widths marked and
-        widths the snapshots cannot express shaded. Needs matplotlib (``pip install 'polyak[plot]'``)."""
+    def plot(self, path: str | Path, *, score: str = "score") -> None:
+        """Write a PNG of the score (``score`` names it on the axis) against ``sigma_rel`` (log axis), the chosen
+        and the tracked widths marked and widths the snapshots cannot express shaded. Needs matplotlib
+        (``pip install 'polyak[plot]'``)."""
         from .plot import plot_selection
 
-        plot_selection(self, Path(path))
+        plot_selection(self, Path(path), score)
 
 
 def select(
