@@ -140,6 +140,6 @@ class MultiEMA:
         self, model: nn.Module, evaluate: Callable[[nn.Module], float], *, mode: str = "min", **options: Any
     ) -> Any:
         """The average scoring best on ``evaluate(model)``: :func:`polyak.posthoc.select_average` over these."""
-        from .posthoc.select import select_average
+        from .posthoc import select_average
 
         return select_average(self.items(), model, evaluate, mode=mode, **options)  # type: ignore[arg-type]

@@ -9,12 +9,12 @@ squares in L2 (the paper's Algorithm 3), and writes the combined weights. Steps 
 averaging began (``step - start_step``), the time the profiles are defined in.
 
 Modules: ``tracker`` (:class:`PostHocEMA`), ``snapshots`` (the files on disk), ``fit`` (the least-squares fit),
-``synthesis`` (:func:`reconstruct`: combining snapshots into a new width) and ``select`` (:func:`select`: the
+``synthesis`` (:func:`reconstruct`: combining snapshots into a new width) and ``selection`` (:func:`select`: the
 width chosen on validation data; ``plot`` draws the choice).
 """
 
 from .fit import MAX_FIT_ERROR, solve_coefficients
-from .select import Selection, select, select_average  # the function select shadows its module's name here
+from .selection import Selection, select, select_average
 from .snapshots import Snapshot, find_snapshots
 from .synthesis import Reconstruction, reconstruct
 from .tracker import PostHocEMA

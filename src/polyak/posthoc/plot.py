@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from .fit import MAX_FIT_ERROR
 
 if TYPE_CHECKING:
-    from .select import Selection
+    from .selection import Selection
 
 __all__ = ["plot_selection"]
 
