@@ -21,6 +21,15 @@ from polyak.posthoc import MAX_FIT_ERROR, reconstruct, select, solve_coefficient
 STEPS, SNAPSHOT_EVERY = 300, 30
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: on a busy 2-core machine a second thread makes the 300 steps 30 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def data(n: int, seed: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
@@ -295,3 +304,18 @@ def test_plot_without_matplotlib_names_the_extra(run, tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"polyak\[plot\]"):
         result.plot(tmp_path / "x.png")
     assert np.isfinite(result.scores[0.05])
+
+
+def test_bench_agrees_with_the_hand_written_loop():
+    """benchmarks/posthoc_select.py at toy size: select and the reconstruct-load-evaluate loop choose alike."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "posthoc_select.py"
+    spec = importlib.util.spec_from_file_location("posthoc_select_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    figures = bench.measure(layers=1, width=64, vocab=256, context=16, snapshots=8, widths=4, rounds=1)
+    assert figures["widths"] == 4 and figures["ratio"] > 0
+    assert "goal <= 0.6x" in bench.report(figures)
