@@ -112,8 +112,8 @@ def select(
 
     Candidates: ``sigma_rels``, or by default ``grid_size`` log-spaced widths over the range the snapshots
     express (fit error at most :data:`~polyak.posthoc.MAX_FIT_ERROR`; 3 significant digits, one within 5% of a
-    tracked width replaced by it) plus the tracked widths, ascending. A
-    candidate the snapshots cannot express is not scored: it is reported in ``fit_errors`` / ``left_out``.
+    tracked width replaced by it) plus the tracked widths, ascending. A candidate the snapshots cannot express
+    is not scored: it is reported in ``fit_errors`` / ``left_out``.
     ``refine=n`` then takes n golden-section steps on log ``sigma_rel`` between the best candidate's neighbours,
     each one more reconstruction (and pass over the snapshots) and evaluation; default 0.
 
