@@ -31,8 +31,9 @@ from polyak.commands.demo.recipe import (
     cnn,
 )
 from polyak.commands.demo.train import Curves, Sweep, _evaluate, train
+from polyak.posthoc import MAX_FIT_ERROR, solve_coefficients
 
-FILES = ("accuracy.png", "sigma_rel.png", "table.md", "results.json")
+FILES = ("accuracy.png", "sigma_rel.png", "selection.png", "table.md", "results.json")
 BN_SETTING = next(s for s in SETTINGS if s.model == "cnn")
 POSTHOC_SETTING = next(s for s in SETTINGS if s.posthoc)
 RECALCULATED_ROWS = [m.name + RECALCULATED for m in METHODS if m.recalculate]
@@ -68,7 +69,7 @@ def quick_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_run_end_to_end(quick_runs):
     out, printed = quick_runs[0]
-    for name in ("accuracy.png", "sigma_rel.png"):
+    for name in ("accuracy.png", "sigma_rel.png", "selection.png"):
         png = (out / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
         assert str(out / name) in printed
@@ -102,7 +103,7 @@ def test_quick_run_end_to_end(quick_runs):
     sweep = record["posthoc"][POSTHOC_SETTING.name]
     assert list(record["posthoc"]) == [POSTHOC_SETTING.name]
     assert sweep["sigma_rels"] == list(SWEEP_SIGMA_RELS)
-    assert sweep["chosen_on_held_out"] in SWEEP_SIGMA_RELS
+    assert len(sweep["chosen_on_held_out"]) == 2 and set(sweep["chosen_on_held_out"]) <= set(SWEEP_SIGMA_RELS)
     for key in ("test", "held_out"):
         assert len(sweep[key]) == 2
         for values in sweep[key]:
@@ -142,8 +143,18 @@ def test_posthoc_sweep_is_deterministic_and_complete(data):
 
     first, again = run(), run()
     assert first is not None and first == again
-    assert first.sigma_rels == list(SWEEP_SIGMA_RELS) and first.snapshots == 4
+    # 4 snapshots of σrel 0.03 and 0.15 (steps 25..100) express only some widths: the others are left out, not scored
+    _, errors = solve_coefficients(
+        [t for t in (25, 50, 75, 100) for _ in range(2)], [0.03, 0.15] * 4, 100, SWEEP_SIGMA_RELS
+    )
+    expressible = [w for w, e in zip(SWEEP_SIGMA_RELS, errors, strict=True) if e <= MAX_FIT_ERROR]
+    assert 0 < len(expressible) < len(SWEEP_SIGMA_RELS) and first.snapshots == 4
+    assert first.sigma_rels == expressible and first.profile_errors == pytest.approx(
+        list(errors[errors <= MAX_FIT_ERROR])
+    )
+    assert first.selection is not None and set(first.selection.left_out) == set(SWEEP_SIGMA_RELS) - set(expressible)
     assert all(math.isfinite(v) for v in first.test + first.held_out)
+    assert first.chosen == first.sigma_rels[first.held_out.index(max(first.held_out))]  # the first among equals
 
 
 def test_evaluation_leaves_the_model_as_it_was(data):
@@ -233,7 +244,8 @@ def test_recalculation_verdict_reads_the_numbers(recalculated, word):
 def _swept(held_out, test, direct=(50.0, 50.0)):
     """A run with a sweep over SWEEP_SIGMA_RELS and the directly tracked widths' final accuracies."""
     rows = {LAST: [40.0], **{row: [value] for row, value in zip(DIRECT_SIGMA_RELS.values(), direct, strict=True)}}
-    sweep = Sweep(list(SWEEP_SIGMA_RELS), test, held_out, [0.01] * len(test), 40, [0.03, 0.15])
+    chosen = SWEEP_SIGMA_RELS[held_out.index(max(held_out))]  # as select chooses: the first among equals
+    sweep = Sweep(list(SWEEP_SIGMA_RELS), test, held_out, [0.01] * len(test), 40, [0.03, 0.15], chosen)
     return Curves([1], rows, sweep)
 
 
@@ -248,7 +260,7 @@ def test_the_width_is_chosen_on_the_held_out_split_not_the_test_set():
     assert report.finals(runs)[POSTHOC] == [50.0, 50.0]
     text = report.posthoc_summary("s", runs, test_size=1000)
     assert text is not None
-    assert f"σrel {SWEEP_SIGMA_RELS[1]:g} gives 50.0 ± 0.0% test accuracy" in text
+    assert f"(σrel {SWEEP_SIGMA_RELS[1]:g}, {SWEEP_SIGMA_RELS[1]:g}) give 50.0 ± 0.0% test accuracy" in text
     assert f"on the test set itself, σrel {SWEEP_SIGMA_RELS[-1]:g} (70.0%)" in text
 
 

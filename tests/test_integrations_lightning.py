@@ -417,6 +417,67 @@ def test_bad_input():
         AveragingCallback(metric_suffix="")
 
 
+def test_select_on_chooses_the_width_with_the_validation_loop(tmp_path):
+    """select_on: every width scored by the trainer's validation loop equals the loss of reconstruct's output for
+    it; the lowest wins, each width's score reaches the logger once, save_to holds the chosen average."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from polyak.io import open_safetensors
+    from polyak.posthoc import reconstruct
+
+    model, snapshots, path = Regression(), tmp_path / "phema", tmp_path / "chosen.safetensors"
+    callback = AveragingCallback(
+        lambda m: polyak.PostHocEMA(m, directory=snapshots, snapshot_every=5), select_on="val_loss", save_to=path
+    )
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    logger = pl.loggers.CSVLogger(tmp_path / "logs", name="", version="")
+    run = trainer(tmp_path, [callback, checkpoints], max_epochs=3, logger=logger, enable_checkpointing=True)
+    run.fit(model, loader(), loader(8, seed=1))
+
+    selection = callback.selection
+    assert selection.step == 12 and len(sorted(snapshots.iterdir())) == 3  # steps 5 and 10, and 12 at the end
+    assert len(selection.scores) >= 12 and selection.passes == 1
+    assert len(list((tmp_path / "ckpt").iterdir())) == 3  # the scoring passes wrote no checkpoint
+    x, y = loader(8, seed=1).dataset.tensors
+    for width, score in selection.scores.items():
+        out = tmp_path / f"ref-{width}.safetensors"
+        reconstruct(snapshots, [width], [out])
+        assert score == pytest.approx(loss_of(dict(open_safetensors(out)), x, y).item(), abs=1e-6), width
+    assert selection.chosen == min(selection.scores, key=selection.scores.__getitem__)
+    assert_equal(model.weights(), model.iterates[-1])  # the training weights are back
+    expected = loss_of(model.iterates[-1], x, y).item()
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for width in selection.scores:
+        name = f"val_loss_sigma_rel_{width:g}"
+        logged = [float(row[name]) for row in rows if row.get(name)]
+        assert logged == [pytest.approx(selection.scores[width], rel=1e-6)], name
+    last_val = [float(row["val_loss"]) for row in rows if row.get("val_loss")]
+    assert last_val[-1] == pytest.approx(expected, abs=1e-6)  # the training weights' metric is not overwritten
+    reconstruct(snapshots, [selection.chosen], [tmp_path / "expected.safetensors"])
+    saved = load_file(path)
+    for name, value in open_safetensors(tmp_path / "expected.safetensors").items():
+        assert torch.equal(saved[name], value), name
+
+
+def test_select_on_refuses_what_it_cannot_choose_from(tmp_path):
+    with pytest.raises(ValueError, match="update_bn"):
+        AveragingCallback(select_on="val_loss", update_bn=True)
+    with pytest.raises(ValueError, match="mode must be"):
+        AveragingCallback(select_on="val_loss", mode="lowest")
+    with pytest.raises(TypeError, match="PostHocEMA snapshots, but the averager is a EMA"):
+        trainer(tmp_path, [AveragingCallback(ema, select_on="val_loss")], max_epochs=1).fit(Regression(), loader())
+    model = Regression()
+    callback = AveragingCallback(
+        lambda m: polyak.PostHocEMA(m, directory=tmp_path / "phema", snapshot_every=2), select_on="val_acc"
+    )
+    with pytest.raises(RuntimeError, match=r"select_on='val_acc': the validation loop logged no such metric"):
+        trainer(tmp_path, [callback], max_epochs=1).fit(model, loader(), loader(8, seed=1))
+    assert_equal(model.weights(), model.iterates[-1])
+
+
 def test_missing_lightning_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lightning", None)
     monkeypatch.delitem(sys.modules, "polyak.integrations.lightning")

@@ -237,6 +237,40 @@ def test_best_checkpoint_by_the_averaged_metric(tmp_path, best_model):
     callback.averager.update(model)  # still usable
 
 
+def test_select_on_chooses_the_width_with_the_evaluation_loop(tmp_path):
+    """select_on: each width's eval_loss is the loss of reconstruct's output for it; the lowest wins, each width's
+    metric is logged once, averaged/ holds the chosen average and the model its training weights."""
+    from polyak.io import open_safetensors
+    from polyak.posthoc import reconstruct
+
+    snapshots = tmp_path / "phema"
+    callback = AveragingCallback(
+        lambda m: polyak.PostHocEMA(m, directory=snapshots, snapshot_every=3), select_on="eval_loss"
+    )
+    model, iterates = tiny_gpt2(), []
+    trainer = run(tmp_path, model, callback, iterates, max_steps=8, eval_strategy="no")
+    selection = callback.selection
+    assert selection.step == 8 and len(list(snapshots.iterdir())) == 3  # steps 3, 6, and 8 at the end
+    assert len(selection.scores) >= 12 and selection.passes == 1
+    for k, v in weights(model).items():
+        assert torch.equal(v, iterates[-1][k]), k
+
+    for width, score in selection.scores.items():
+        name = f"eval_sigma_rel_{width:g}_loss"
+        assert [log[name] for log in trainer.state.log_history if name in log] == [score], name
+    reconstruct(snapshots, [selection.chosen], [tmp_path / "expected.safetensors"])
+    exported = weights(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out" / AVERAGED_DIR))
+    for name, value in open_safetensors(tmp_path / "expected.safetensors").items():
+        assert torch.equal(exported[name], value), name
+
+    for width, score in selection.scores.items():  # last: this overwrites the model
+        out = tmp_path / f"ref-{width}.safetensors"
+        reconstruct(snapshots, [width], [out])
+        model.load_state_dict(dict(open_safetensors(out)))
+        assert score == pytest.approx(trainer.evaluate()["eval_loss"], abs=1e-6), width
+    assert selection.chosen == min(selection.scores, key=selection.scores.__getitem__)
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="best_model must be"):
         AveragingCallback(best_model="ema")
@@ -249,6 +283,23 @@ def test_bad_options():
         run_trainer_with([first, second])
     with pytest.raises(ValueError, match="only one can"):
         run_trainer_with([AveragingCallback(ema, evaluate_both=False), AveragingCallback(ema, metric_suffix="_b")])
+    with pytest.raises(ValueError, match="pick one"):
+        AveragingCallback(select_on="eval_loss", best_model="averaged")
+    with pytest.raises(ValueError, match="mode must be"):
+        AveragingCallback(select_on="eval_loss", mode="best")
+
+
+def test_select_on_refuses_what_it_cannot_choose_from(tmp_path):
+    with pytest.raises(TypeError, match="PostHocEMA snapshots, but the averager is a EMA"):
+        run(tmp_path, tiny_gpt2(), AveragingCallback(ema, select_on="loss"), [], max_steps=1, eval_strategy="no")
+    model, iterates = tiny_gpt2(), []
+    callback = AveragingCallback(
+        lambda m: polyak.PostHocEMA(m, directory=tmp_path / "phema", snapshot_every=1), select_on="eval_accuracy"
+    )
+    with pytest.raises(RuntimeError, match=r"select_on='eval_accuracy': the evaluation gave no such metric"):
+        run(tmp_path, model, callback, iterates, max_steps=2, eval_strategy="no")
+    for k, v in weights(model).items():
+        assert torch.equal(v, iterates[-1][k]), k
 
 
 def run_trainer_with(callbacks):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -97,6 +97,14 @@ class MultiEMA(FrontEnd):
     def items(self) -> Iterator[tuple[str, Average]]:
         """(name, :class:`Average`) pairs, in the order given."""
         return ((name, Average(self, name)) for name in self.rules)
+
+    def select(
+        self, model: nn.Module, evaluate: Callable[[nn.Module], float], *, mode: str = "min", **options: Any
+    ) -> Any:
+        """The average scoring best on ``evaluate(model)``: :func:`polyak.posthoc.select_average` over these."""
+        from .posthoc import select_average
+
+        return select_average(self.items(), model, evaluate, mode=mode, **options)  # type: ignore[arg-type]
 
     def _upgrade(self, state: Any) -> Any:
         """A format /1 state (one whole averager state per average) as one format /2 state."""

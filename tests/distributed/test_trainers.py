@@ -303,3 +303,65 @@ def test_lightning(tmp_path, strategy):
     for later, again in zip(iterates[2:], r0["iterates2"], strict=True):
         _equal(again, later)
     _equal(r0["average2"]["shadow"], average["shadow"])
+
+
+# ---------------------------------------------------------------------- choosing the width (select_on) under DDP
+
+
+class CountingRegression(Regression):
+    """Counts the validation samples this rank sees, over every validation pass."""
+
+    def __init__(self) -> None:
+        super().__init__(fsdp2=False)
+        self.validated = 0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.validated += len(batch[0])
+        super().validation_step(batch, batch_idx)
+
+
+def lightning_select_job(rank: int, world: int, out: Path) -> dict[str, Any]:
+    _environment(rank, world)
+    from polyak import PostHocEMA
+    from polyak.integrations.lightning import AveragingCallback
+
+    model = CountingRegression()
+    callback = AveragingCallback(
+        lambda m: PostHocEMA(m, directory=out / "phema", snapshot_every=3),
+        select_on="val_loss", save_to=out / "chosen.safetensors",
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[callback], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        default_root_dir=out,
+    )  # fmt: skip
+    trainer.fit(model, _loader(16, seed=0), _loader(8, seed=1))
+    selection = callback.selection
+    return dict(
+        scores=selection.scores, chosen=selection.chosen, step=selection.step, validated=model.validated,
+        final=_full(model), last=model.iterates[-1],
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_lightning_select_on_under_ddp(tmp_path):
+    """Each rank validates its half of every candidate; the ranks agree on every score and on the choice, which is
+    the lowest validation loss of reconstruct's outputs; rank 0 exports the chosen average."""
+    from safetensors.torch import load_file
+
+    from polyak.io import open_safetensors
+    from polyak.posthoc import reconstruct
+
+    r0, r1 = launch(lightning_select_job, tmp_path, timeout=300)
+    assert r0["step"] == 4 and r0["scores"] == r1["scores"] and r0["chosen"] == r1["chosen"]
+    assert len(r0["scores"]) >= 12
+    for r in (r0, r1):  # 2 validations in training (2 passes each), 1 per candidate: 4 of the 8 samples each
+        assert r["validated"] == 4 * (2 * 2 + len(r0["scores"]))
+        _equal(r["final"], r["last"])  # the training weights are back
+    for width, score in r0["scores"].items():
+        out = tmp_path / f"ref-{width}.safetensors"
+        reconstruct(tmp_path / "phema", [width], [out])
+        assert score == pytest.approx(_mse(dict(open_safetensors(out))), abs=1e-6), width
+    assert r0["chosen"] == min(r0["scores"], key=r0["scores"].__getitem__)
+    reconstruct(tmp_path / "phema", [r0["chosen"]], [tmp_path / "expected.safetensors"])
+    _equal(load_file(tmp_path / "chosen.safetensors"), dict(open_safetensors(tmp_path / "expected.safetensors")))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,7 @@ from ..io import atomic_write
 from ..storage.dtensor import is_dtensor
 from ..swa_utils import update_bn
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
+from .selection import check_mode, check_selectable, choose, exported, metric_name
 
 require("lightning", "lightning")
 import lightning.pytorch as pl  # noqa: E402
@@ -103,6 +104,14 @@ class AveragingCallback(pl.Callback):
       resumes exactly. A checkpoint never holds the averaged weights as the model's.
     * At the end of fit, optionally copies the average into the model (``copy_at_end``), recomputes its BatchNorm
       statistics on the training data (``update_bn``, implies ``copy_at_end``) and writes it (``save_to``).
+    * ``select_on="val_loss"`` (a PostHocEMA averager with a ``directory``): at the end of fit the EMA width is
+      chosen on the validation data (:func:`polyak.posthoc.select`): each candidate width is loaded into the
+      model and scored by one run of the trainer's validation loop (other callbacks and loggers are left out of
+      these runs), ``min`` or ``max`` by ``mode``. Each width's score is logged to the trainer's loggers as
+      ``<select_on>_sigma_rel_<width>`` (also in ``trainer.callback_metrics``), the result is kept as
+      ``callback.selection``, and ``copy_at_end`` / ``save_to`` take the chosen average. Under DDP every rank
+      validates its share of each candidate; log the metric with ``sync_dist=True`` so that it covers all
+      shares (the ranks take rank 0's value, so they agree on the choice).
 
     Args:
         averager: a function ``model -> averager`` (any polyak averager); default
@@ -119,6 +128,9 @@ class AveragingCallback(pl.Callback):
         require_saved_state: when a checkpoint without this callback's state is loaded, raise (default) instead
             of starting a new average from the loaded weights.
         name: distinguishes several averaging callbacks in one Trainer (their state keys in the checkpoint).
+        select_on: a metric logged in ``validation_step`` (e.g. ``"val_loss"``) to choose the EMA width on at the
+            end of fit; None (default) keeps the averager's own average. Not with ``update_bn``.
+        mode: ``"min"`` (default) or ``"max"``: whether the lowest or the highest ``select_on`` wins.
 
     The averager is built when the model is on its device (``on_fit_start`` / ``on_validation_start`` / ...)
     and is available afterwards as ``callback.averager``.
@@ -136,8 +148,17 @@ class AveragingCallback(pl.Callback):
         save_to: str | Path | None = None,
         require_saved_state: bool = True,
         name: str = "average",
+        select_on: str | None = None,
+        mode: Literal["min", "max"] = "min",
     ) -> None:
         super().__init__()
+        if select_on is not None and (not isinstance(select_on, str) or not select_on):
+            raise ValueError(f"select_on must name a logged validation metric such as 'val_loss', got {select_on!r}")
+        if select_on is not None and update_bn:
+            raise ValueError("select_on scores each width as it is; update_bn would change the chosen one: pick one")
+        self.select_on = select_on
+        self.mode = check_mode(mode)
+        self.selection: Any = None  # the polyak.posthoc.Selection made at the end of fit (select_on)
         self.factory = check_factory(averager)
         self.evaluate = bool(evaluate)
         self.evaluate_both = bool(evaluate_both)
@@ -185,7 +206,9 @@ class AveragingCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._final = False
-        self._ready(pl_module)
+        averager = self._ready(pl_module)
+        if self.select_on is not None:
+            check_selectable(averager)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Strategies that restore after setup (ModelParallelStrategy) load the state after on_fit_start.
@@ -355,6 +378,9 @@ class AveragingCallback(pl.Callback):
         averager = self._ready(pl_module)
         if averager.num_updates == 0:
             return
+        if self.select_on is not None:
+            self._select(trainer, pl_module)
+            return
         if self.copy_at_end:
             averager.copy_to(pl_module)
             self._final = True
@@ -365,3 +391,48 @@ class AveragingCallback(pl.Callback):
             state = averaged_full_state(None if self.copy_at_end else averager, pl_module)
             if trainer.is_global_zero:
                 save_weights(state, self.save_to)
+
+    # ------------------------------------------------------------------ choosing the width (select_on)
+
+    def _select(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Choose the width on the validation loop, log every width's score, then copy / save the chosen one."""
+        kept = dict(trainer.callback_metrics)  # the training weights' last validation, restored afterwards
+        selection = choose(
+            check_selectable(self.averager),
+            pl_module,
+            lambda model: self._validate(trainer),
+            self.mode,
+            writer=trainer.is_global_zero,
+            barrier=trainer.strategy.barrier,
+        )
+        trainer.callback_metrics.update(kept)
+        scores = {f"{self.select_on}_{metric_name(float(w))}": score for w, score in selection.scores.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(scores, step=trainer.global_step)
+        trainer.callback_metrics.update({name: torch.tensor(score) for name, score in scores.items()})
+        self.selection = selection
+        if self.copy_at_end:
+            pl_module.load_state_dict(selection.state_dict, strict=False)
+            self._final = True
+        if self.save_to is not None and trainer.is_global_zero:
+            save_weights(exported(pl_module, selection), self.save_to)
+
+    def _validate(self, trainer: pl.Trainer) -> float:
+        """One run of the trainer's validation loop on the model as it is; ``select_on``, the same on every rank."""
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        hooks: Any = trainer  # Trainer.callbacks is not in Lightning's type stubs
+        callbacks, loggers = hooks.callbacks, hooks.loggers
+        hooks.callbacks, hooks.loggers = [], []  # a scoring pass: no checkpoint, early stop or logged val_loss
+        try:
+            trainer.validating = True
+            loop.run()
+        finally:
+            trainer.training = True
+            hooks.callbacks, hooks.loggers = callbacks, loggers
+        value = trainer.callback_metrics.get(str(self.select_on))
+        if value is None:
+            raise RuntimeError(
+                f"select_on={self.select_on!r}: the validation loop logged no such metric (it logged "
+                f"{sorted(trainer.callback_metrics)}); log it in validation_step, e.g. self.log('val_loss', loss)"
+            )
+        return float(trainer.strategy.broadcast(float(value), src=0))

@@ -19,6 +19,7 @@ from ..io import folder_writer, load_torch
 from ..storage.dtensor import is_dtensor
 from ..storage.zero3 import is_partitioned
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
+from .selection import check_mode, check_selectable, choose, exported, metric_name
 
 require("transformers", "transformers")
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
@@ -143,6 +144,13 @@ class AveragingCallback(TrainerCallback):
       DeepSpeed ZeRO-3 each rank writes its own ``polyak_averager.rank<r>.pt`` (its partitions) instead.
     * ``load_best_model_at_end``: the Trainer loads the best checkpoint's training weights; with
       ``best_model="averaged"`` the callback then loads that checkpoint's ``averaged/`` copy instead.
+    * ``select_on="eval_loss"`` (a PostHocEMA averager with a ``directory``): at the end of training the EMA width
+      is chosen on the evaluation data (:func:`polyak.posthoc.select`): each candidate width is loaded into the
+      model and scored by one run of the Trainer's evaluation loop (no averaged pass, nothing logged during
+      it), ``min`` or ``max`` by ``mode``. Then every width's metric is logged once
+      (``eval_sigma_rel_<width>_loss``), the result is kept as ``callback.selection``, the chosen average is
+      written to ``output_dir/averaged/`` and, with ``copy_at_end``, into the model. Under DDP every rank
+      evaluates its share of each candidate (the Trainer gathers the losses), so the ranks agree on the choice.
 
     Args:
         averager: a function ``model -> averager`` (any polyak averager); default
@@ -157,6 +165,9 @@ class AveragingCallback(TrainerCallback):
             ``"training"`` (the Trainer's choice, default) or ``"averaged"``.
         require_saved_state: when resuming from a checkpoint without ``polyak_averager.pt``, raise (default)
             instead of starting a new average from the resumed weights.
+        select_on: an evaluation metric, named as ``metric_for_best_model`` names it (``"eval_loss"`` or
+            ``"loss"``), to choose the EMA width on at the end of training; None (default): no choice.
+        mode: ``"min"`` (default) or ``"max"``: whether the lowest or the highest ``select_on`` wins.
 
     On resume the state is read from ``TrainingArguments.resume_from_checkpoint`` when it names a directory, else
     from ``output_dir/checkpoint-<step>``.
@@ -173,7 +184,18 @@ class AveragingCallback(TrainerCallback):
         copy_at_end: bool = False,
         best_model: Literal["training", "averaged"] = "training",
         require_saved_state: bool = True,
+        select_on: str | None = None,
+        mode: Literal["min", "max"] = "min",
     ) -> None:
+        if select_on is not None and (not isinstance(select_on, str) or select_on in ("", "eval_")):
+            raise ValueError(f"select_on must name an evaluation metric such as 'eval_loss', got {select_on!r}")
+        if select_on is not None and best_model == "averaged":
+            raise ValueError(
+                "select_on chooses the average at the end; best_model='averaged' chooses another: pick one"
+            )
+        self.select_on = None if select_on is None else select_on.removeprefix("eval_")
+        self.mode = check_mode(mode)
+        self.selection: Any = None  # the polyak.posthoc.Selection made at the end of training (select_on)
         if best_model not in ("training", "averaged"):
             raise ValueError(f"best_model must be 'training' or 'averaged', got {best_model!r}")
         if best_model == "averaged" and (copy_at_end or not save_averaged):
@@ -236,6 +258,8 @@ class AveragingCallback(TrainerCallback):
         self._install(_calling_trainer(self))
         self._model = kwargs["model"]
         self.averager = build_averager(self.factory, self._model)  # each run starts its own average ...
+        if self.select_on is not None:
+            check_selectable(self.averager)
         self._seen_step = state.global_step
         if state.global_step > 0:  # ... unless it resumes one
             self._resume(args, state.global_step, _state_file(self._model))
@@ -297,5 +321,52 @@ class AveragingCallback(TrainerCallback):
         model: nn.Module = kwargs["model"]
         if self.best_model == "averaged" and args.load_best_model_at_end and state.best_model_checkpoint:
             load_weights(model, Path(state.best_model_checkpoint) / AVERAGED_DIR)
-        if self.copy_at_end and self.averager.num_updates > 0:
+        if self.select_on is not None and self.averager.num_updates > 0:
+            self._select(_calling_trainer(self), args, state, model)
+        elif self.copy_at_end and self.averager.num_updates > 0:
             self.averager.copy_to(model)
+
+    # ------------------------------------------------------------------ choosing the width (select_on)
+
+    def _select(self, trainer: Trainer, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+        """Choose the width with the evaluation loop, log every width's metric, write the chosen average."""
+        loop = trainer.evaluation_loop
+        plain = loop.loop if isinstance(loop, _Evaluations) else loop  # the Trainer's loop, without averaged passes
+        dataset = trainer.eval_dataset
+        if dataset is None or isinstance(dataset, dict):
+            raise ValueError(
+                f"select_on={'eval_' + str(self.select_on)!r} needs one eval_dataset to evaluate each width on, "
+                f"got {type(dataset).__name__}"
+            )
+        losses_only = True if trainer.compute_metrics is None else None  # as Trainer.evaluate asks
+        key = f"eval_{self.select_on}"
+
+        def evaluate(_: nn.Module) -> float:
+            dataloader = trainer.get_eval_dataloader()
+            metrics = plain(dataloader, description="Evaluation", prediction_loss_only=losses_only).metrics or {}
+            if key not in metrics:
+                raise RuntimeError(
+                    f"select_on={key!r}: the evaluation gave no such metric (it gave {sorted(metrics)}); name one of "
+                    "those, as metric_for_best_model does"
+                )
+            return _agreed(float(metrics[key]))
+
+        barrier = torch.distributed.barrier if torch.distributed.is_initialized() else lambda: None
+        selection = choose(
+            check_selectable(self.averager), model, evaluate, self.mode, state.is_world_process_zero, barrier
+        )
+        self.selection = selection
+        trainer.log({f"eval_{metric_name(float(w))}_{self.select_on}": score for w, score in selection.scores.items()})
+        if args.should_save:
+            save_pretrained(model, Path(str(args.output_dir)) / AVERAGED_DIR, exported(model, selection))
+        if self.copy_at_end:
+            model.load_state_dict(selection.state_dict, strict=False)
+
+
+def _agreed(score: float) -> float:
+    """Rank 0's ``score`` on every rank (the same number already when the Trainer gathered the losses)."""
+    if not torch.distributed.is_initialized():
+        return score
+    shared = [score]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return float(shared[0])

@@ -8,11 +8,13 @@ saved averages linearly so that their combined profile approximates any other ``
 squares in L2 (the paper's Algorithm 3), and writes the combined weights. Steps are optimizer steps since
 averaging began (``step - start_step``), the time the profiles are defined in.
 
-Modules: ``tracker`` (:class:`PostHocEMA`), ``snapshots`` (the files on disk), ``fit`` (the least-squares fit)
-and ``synthesis`` (:func:`reconstruct`: combining snapshots into a new width).
+Modules: ``tracker`` (:class:`PostHocEMA`), ``snapshots`` (the files on disk), ``fit`` (the least-squares fit),
+``synthesis`` (:func:`reconstruct`: combining snapshots into a new width) and ``selection`` (:func:`select`: the
+width chosen on validation data; ``plot`` draws the choice).
 """
 
 from .fit import MAX_FIT_ERROR, solve_coefficients
+from .selection import Selection, select, select_average
 from .snapshots import Snapshot, find_snapshots
 from .synthesis import Reconstruction, reconstruct
 from .tracker import PostHocEMA
@@ -21,8 +23,11 @@ __all__ = [
     "MAX_FIT_ERROR",
     "PostHocEMA",
     "Reconstruction",
+    "Selection",
     "Snapshot",
     "find_snapshots",
     "reconstruct",
+    "select",
+    "select_average",
     "solve_coefficients",
 ]

@@ -68,7 +68,7 @@ def find_snapshots(directory: str | Path) -> list[Snapshot]:
         except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as error:
             raise ValueError(f"{str(path)!r}: snapshot metadata is incomplete or malformed ({error})") from None
         keys = [f"{k}/{name}" for k in range(len(snapshot.sigma_rels)) for name in snapshot.names]
-        missing = [key for key in keys if key not in tensors]
+        missing = [key for key in keys if key not in tensors.specs]  # `in tensors` would read each tensor
         if missing:
             raise ValueError(f"{str(path)!r} lacks tensor {missing[0]!r} ({len(missing)} missing); it is not usable")
         snapshots.append(snapshot)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from ..rules import sigma_rel_to_gamma
 from .fit import MAX_FIT_ERROR, solve_coefficients
 from .snapshots import PATTERN, Snapshot, find_snapshots, version
 
-__all__ = ["Reconstruction", "reconstruct"]
+__all__ = ["Combinable", "Reconstruction", "Sink", "combine", "load_snapshots", "reconstruct"]
 
 _CHUNK = 1 << 20  # reconstruction combines tensors in flat pieces of this many elements
 
@@ -72,6 +73,76 @@ def reconstruct(
         raise ValueError(f"two outputs are the same file ({', '.join(map(str, outputs))}); give one per target")
     for output in outputs:  # a file in the snapshot folder would be read as a snapshot by a later run
         check_output(output, [("the snapshot folder", directory)])
+    found = load_snapshots(directory, step, dtype=dtype, force=force)
+    step = found.step
+    coefficients, errors = found.solve(targets)
+    worst = int(np.argmax(errors))
+    if not force and float(errors[worst]) > MAX_FIT_ERROR:
+        raise ValueError(
+            f"sigma_rel {targets[worst]:g} at step {step} is fitted with a relative profile error of "
+            f"{float(errors[worst]):.2g}, above {MAX_FIT_ERROR:g}: the snapshots' widths "
+            f"({_listed(found.widths)}) cannot express it; pick a width nearer theirs, or force it (--force)"
+        )
+    with ExitStack() as stack:
+        writers = []
+        for target, error, output, fmt in zip(targets, errors, outputs, formats, strict=True):
+            metadata = {
+                "format": "polyak.posthoc.reconstruction/1",
+                "sigma_rel": repr(target),
+                "gamma": repr(sigma_rel_to_gamma(target)),
+                "step": str(step),
+                "relative_error": repr(float(error)),
+                "snapshots": str(found.used),
+                "polyak_version": version(),
+            }
+            writers.append(stack.enter_context(open_writer(output, found.specs, format=fmt, metadata=metadata)))
+        combine(found, coefficients, writers, writers[0].names)  # every writer takes the tensors in that order
+    return Reconstruction(step, targets, found.snapshots, found.rows, coefficients, errors)
+
+
+class Sink(Protocol):
+    """Where :func:`combine` puts the tensors of one target: consecutive flat pieces, tensor after tensor."""
+
+    def write(self, data: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class Combinable:
+    """Snapshots checked to be of one model, and what combining them at ``step`` yields.
+
+    ``rows[row] = (snapshot, profile)`` over all ``snapshots``; ``used`` of them are at or before ``step``, the
+    latest being ``last`` (copied tensors come from it). ``specs``: the output tensors (averaged ones in the
+    requested dtype; a tied tensor under each of its names), ``sources[name]`` the snapshot tensor each is read from.
+    """
+
+    step: int
+    snapshots: list[Snapshot]
+    rows: list[tuple[int, int]]
+    used: int
+    last: Snapshot
+    specs: dict[str, TensorSpec]
+    sources: dict[str, str]
+
+    @property
+    def widths(self) -> list[float]:
+        """The distinct widths the used snapshots hold, ascending."""
+        return sorted({s for snap in self.snapshots[: self.used] for s in snap.sigma_rels})
+
+    def solve(self, targets: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~polyak.posthoc.solve_coefficients` for ``targets`` at ``step``: ``(coefficients, errors)``."""
+        steps = [self.snapshots[i].step for i, _ in self.rows]
+        return solve_coefficients(steps, [self.snapshots[i].sigma_rels[k] for i, k in self.rows], self.step, targets)
+
+
+def load_snapshots(
+    directory: str | Path, step: int | None = None, *, dtype: torch.dtype = torch.float32, force: bool = False
+) -> Combinable:
+    """The snapshots in ``directory`` ready to combine at ``step`` (default: the latest snapshot's).
+
+    Refused (``ValueError``): no snapshots; snapshots whose tensors differ in names, shapes or dtypes; and, unless
+    ``force``, a ``step`` that is not a snapshot's step.
+    """
+    directory = Path(directory)
     snapshots = find_snapshots(directory)
     if not snapshots:
         raise ValueError(f"no snapshots ({PATTERN}) in {str(directory)!r}; write them with PostHocEMA(directory=...)")
@@ -90,19 +161,9 @@ def reconstruct(
             "training since the one before it, so the result would not be that EMA: pick a snapshot's step, "
             "or force it (--force)"
         )
-    rows = [(i, k) for i, snap in enumerate(snapshots) for k in range(len(snap.sigma_rels))]
-    coefficients, errors = solve_coefficients(
-        [snapshots[i].step for i, _ in rows], [snapshots[i].sigma_rels[k] for i, k in rows], step, targets
-    )
-    worst = int(np.argmax(errors))
-    if not force and float(errors[worst]) > MAX_FIT_ERROR:
-        raise ValueError(
-            f"sigma_rel {targets[worst]:g} at step {step} is fitted with a relative profile error of "
-            f"{float(errors[worst]):.2g}, above {MAX_FIT_ERROR:g}: the snapshots' widths "
-            f"({_listed(sorted({s for snap in snapshots for s in snap.sigma_rels}))}) cannot express it; pick a "
-            "width nearer theirs, or force it (--force)"
-        )
     used = [i for i, snap in enumerate(snapshots) if snap.step <= step]
+    if not used:
+        raise ValueError(f"no snapshot at or before step {step}; the earliest is at step {steps[0]}")
     last = snapshots[used[-1]]
     for i in used:
         snap = snapshots[i]
@@ -127,49 +188,47 @@ def reconstruct(
         for out_name in (name, *tied.get(name, ())):
             specs[out_name] = TensorSpec(spec.shape, spec.dtype if name in last.copied else dtype)
             sources[out_name] = name
-    live = [(row, i, k) for row, (i, k) in enumerate(rows) if np.any(coefficients[row] != 0)]
-    with ExitStack() as stack:
-        writers = []
-        for target, error, output, fmt in zip(targets, errors, outputs, formats, strict=True):
-            metadata = {
-                "format": "polyak.posthoc.reconstruction/1",
-                "sigma_rel": repr(target),
-                "gamma": repr(sigma_rel_to_gamma(target)),
-                "step": str(step),
-                "relative_error": repr(float(error)),
-                "snapshots": str(len(used)),
-                "polyak_version": version(),
-            }
-            writers.append(stack.enter_context(open_writer(output, specs, format=fmt, metadata=metadata)))
-        # Buffers allocated once and reused, so memory does not depend on how the allocator recycles them.
-        sums = torch.empty(len(targets), _CHUNK, dtype=torch.float64)
-        buffers: dict[torch.dtype, torch.Tensor] = {}
+    rows = [(i, k) for i, snap in enumerate(snapshots) for k in range(len(snap.sigma_rels))]
+    return Combinable(step, snapshots, rows, len(used), last, specs, sources)
 
-        def buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
-            if dtype not in buffers:
-                buffers[dtype] = torch.empty(_CHUNK, dtype=dtype)
-            return buffers[dtype][:n]
 
-        for out_name in writers[0].names:  # every writer takes the tensors in the same order
-            out_dtype, name, numel = specs[out_name].dtype, sources[out_name], specs[out_name].numel
-            for start in range(0, numel, _CHUNK):
-                stop = min(numel, start + _CHUNK)
-                if name in last.copied:
-                    value = last.tensors.read(f"0/{name}", start, stop, buffer(out_dtype, stop - start))
-                    for writer in writers:
-                        writer.write(value)
-                    continue
-                totals = sums[:, : stop - start].zero_()
-                for row, i, k in live:
-                    tensors, key = snapshots[i].tensors, f"{k}/{name}"
-                    value = tensors.read(key, start, stop, buffer(tensors.specs[key].dtype, stop - start))
-                    value = buffer(torch.float64, stop - start).copy_(value)  # no hidden temporary in add_
-                    for r, total in enumerate(totals):
-                        if coefficients[row, r] != 0:
-                            total.add_(value, alpha=float(coefficients[row, r]))
-                for writer, total in zip(writers, totals, strict=True):
-                    writer.write(buffer(out_dtype, stop - start).copy_(total))
-    return Reconstruction(step, targets, snapshots, rows, coefficients, errors)
+def combine(found: Combinable, coefficients: np.ndarray, sinks: Sequence[Sink], names: Sequence[str]) -> None:
+    """Write ``sum_row coefficients[row, target] * snapshot tensor`` of every tensor in ``names`` to ``sinks[target]``.
+
+    The one place where snapshots are combined. Each snapshot is read once, in flat pieces of 1Mi elements,
+    whatever the number of targets; the pieces are accumulated in float64 (one buffer per target) and handed to
+    each sink in the output dtype, tensor after tensor in the order ``names``. Copied tensors come from ``last``.
+    """
+    snapshots, last, specs = found.snapshots, found.last, found.specs
+    live = [(row, i, k) for row, (i, k) in enumerate(found.rows) if np.any(coefficients[row] != 0)]
+    # Buffers allocated once and reused, so memory does not depend on how the allocator recycles them.
+    sums = torch.empty(len(sinks), _CHUNK, dtype=torch.float64)
+    buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
+        if dtype not in buffers:
+            buffers[dtype] = torch.empty(_CHUNK, dtype=dtype)
+        return buffers[dtype][:n]
+
+    for out_name in names:
+        out_dtype, name, numel = specs[out_name].dtype, found.sources[out_name], specs[out_name].numel
+        for start in range(0, numel, _CHUNK):
+            stop = min(numel, start + _CHUNK)
+            if name in last.copied:
+                value = last.tensors.read(f"0/{name}", start, stop, buffer(out_dtype, stop - start))
+                for sink in sinks:
+                    sink.write(value)
+                continue
+            totals = sums[:, : stop - start].zero_()
+            for row, i, k in live:
+                tensors, key = snapshots[i].tensors, f"{k}/{name}"
+                value = tensors.read(key, start, stop, buffer(tensors.specs[key].dtype, stop - start))
+                value = buffer(torch.float64, stop - start).copy_(value)  # no hidden temporary in add_
+                for r, total in enumerate(totals):
+                    if coefficients[row, r] != 0:
+                        total.add_(value, alpha=float(coefficients[row, r]))
+            for sink, total in zip(sinks, totals, strict=True):
+                sink.write(buffer(out_dtype, stop - start).copy_(total))
 
 
 def _listed(numbers: Sequence[float]) -> str:

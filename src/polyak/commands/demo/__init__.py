@@ -21,7 +21,13 @@ DEFAULTS = {"seeds": 5, "steps": 4000}
 QUICK = {"seeds": 2, "steps": 600}
 MIN_STEPS = 100
 EXTRA = "pip install 'polyak[demo]'"
-FILES = (("plot", "accuracy.png"), ("σrel", "sigma_rel.png"), ("table", "table.md"), ("data", "results.json"))
+FILES = (
+    ("plot", "accuracy.png"),
+    ("σrel", "sigma_rel.png"),
+    ("pick", "selection.png"),
+    ("table", "table.md"),
+    ("data", "results.json"),
+)
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -48,9 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "not help) and with 30% noisy labels; a small CNN with BatchNorm, where EMA and SWA are also evaluated "
         "after recomputing their BatchNorm statistics with update_bn. In the constant-rate MLP runs PostHocEMA "
         "keeps snapshots, and after training EMAs of 8 widths (σrel 0.02 to 0.25) are reconstructed from them, "
-        "compared with the directly tracked ones, and one is chosen on a held-out split of the training data. "
-        "Prints a table (mean ± std over seeds) and its reading; writes them, a plot of test accuracy over "
-        "training, a plot of accuracy against σrel and a JSON record of every evaluation to --out. About "
+        "compared with the directly tracked ones, and one is chosen on a held-out split of the training data by "
+        "polyak.posthoc.select. Prints a table (mean ± std over seeds) and its reading; writes them, a plot of "
+        "test accuracy over training, a plot of accuracy against σrel, the selection plot and a JSON record of "
+        "every evaluation to --out. About "
         "one minute of CPU time on one thread (--quick: ~10 s), longer on a busy machine. Deterministic for given "
         "options."
     )

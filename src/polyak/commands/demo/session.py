@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import plots, report
+from . import plots, report, selection
 from .data import HELD_OUT, Dataset, mnist1d
 from .recipe import BATCH_SIZE, CHANNELS, LEARNING_RATE, POSTHOC, RECALCULATED, SETTINGS, WIDTH
 from .train import BN_BATCH, train
@@ -71,6 +71,7 @@ def _write(results: report.Results, data: Dataset, seeds: int, steps: int, out: 
     caption = f"{notes} Bands: ± std over seeds. Each y-axis starts 15 points below its lowest final accuracy."
     plots.curves(results, f"{data.source}\n{recipe}", caption, out / "accuracy.png")
     plots.sigma(results, f"{data.source}\n{recipe}", out / "sigma_rel.png")
+    selection.plot((run.sweep for runs in results.values() for run in runs), out)
     over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     header = f"Test accuracy (%) at the end of training, {over}.\n{data.source}.\n{recipe}.\n{notes}"
     paragraphs = report.summaries(results, len(data.y_test))

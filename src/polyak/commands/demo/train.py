@@ -1,9 +1,8 @@
 """One training run per (setting, seed): every average tracked alongside by polyak, evaluated on the test set
-during training; BatchNorm statistics recomputed for some; post-hoc EMA widths reconstructed at the end."""
+during training; BatchNorm statistics recomputed for some; the post-hoc EMA width chosen at the end."""
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,8 +13,6 @@ from torch import Tensor, nn
 
 import polyak
 from polyak.bn import norm_layers
-from polyak.io import open_safetensors
-from polyak.posthoc import reconstruct
 
 from .data import Dataset, with_label_noise
 from .recipe import (
@@ -26,24 +23,12 @@ from .recipe import (
     MODELS,
     RECALCULATED,
     SNAPSHOT_SIGMA_RELS,
-    SWEEP_SIGMA_RELS,
     Setting,
     Tracker,
 )
+from .selection import Sweep, sweep
 
 BN_BATCH = 500  # training sequences per batch when update_bn recomputes the BatchNorm statistics
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """Post-hoc EMA after training: accuracy (%) of the average reconstructed for each relative width."""
-
-    sigma_rels: list[float]
-    test: list[float]
-    held_out: list[float]  # on the training sequences held out from training
-    profile_errors: list[float]  # relative L2 error of each reconstructed weight profile (0 = exact)
-    snapshots: int  # how many snapshots the reconstruction combined
-    saved_sigma_rels: list[float]  # the widths each snapshot holds
 
 
 @dataclass(frozen=True)
@@ -117,7 +102,7 @@ def train(
                 done = step
         if posthoc is None:
             return curves
-        return Curves(curves.steps, curves.accuracy, _sweep(model, snapshots, Path(scratch) / "sweep", data))
+        return Curves(curves.steps, curves.accuracy, sweep(model, snapshots, data, accuracy))
 
 
 def _evaluate(
@@ -143,20 +128,3 @@ def _evaluate(
                 polyak.update_bn(data.x.split(BN_BATCH), model)
                 into[name + RECALCULATED].append(accuracy(model, data.x_test, data.y_test))
     model.train()
-
-
-def _sweep(model: nn.Module, snapshots: Path, folder: Path, data: Dataset) -> Sweep:
-    """Reconstruct the EMA of every width in SWEEP_SIGMA_RELS at the last snapshot and evaluate each one on
-    the held-out and the test sequences."""
-    folder.mkdir()
-    outputs = [folder / f"sigma-rel-{i}.safetensors" for i in range(len(SWEEP_SIGMA_RELS))]
-    # force: the whole sweep is wanted, also widths the snapshots fit loosely; the fit errors are reported with it
-    result = reconstruct(snapshots, SWEEP_SIGMA_RELS, outputs, force=True)
-    probe = copy.deepcopy(model).eval()
-    test, held_out = [], []
-    for output in outputs:
-        probe.load_state_dict(dict(open_safetensors(output)))
-        test.append(accuracy(probe, data.x_test, data.y_test))
-        held_out.append(accuracy(probe, data.x_held_out, data.y_held_out))
-    errors = [float(e) for e in result.errors]
-    return Sweep(list(SWEEP_SIGMA_RELS), test, held_out, errors, len(result.snapshots), list(SNAPSHOT_SIGMA_RELS))
