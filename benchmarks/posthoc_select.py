@@ -1,6 +1,6 @@
 """Choosing the EMA width: ``polyak.posthoc.select`` against the hand-written loop, on the GPT-2-like bench model.
 
-Builds :class:`~polyak.commands.bench_models.GPT2Shape` (smaller than GPT-2 small by default, so that the run takes
+Builds :class:`~polyak.commands.bench.models.GPT2Shape` (smaller than GPT-2 small by default, so that the run takes
 about a minute on a 2-core CPU), lets a :class:`~polyak.PostHocEMA` follow a random walk of its weights with
 snapshots, then times, ``--rounds`` times in turn, for the same ``--widths`` candidate widths:
 
@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from polyak.commands.bench_models import GPT2Shape
 from torch import nn
 
 import polyak
+from polyak.commands.bench.models import GPT2Shape
 from polyak.io import open_safetensors
 from polyak.posthoc import reconstruct, select
 

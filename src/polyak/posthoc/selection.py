@@ -26,7 +26,7 @@ from ..checks import check_int, check_number
 from ..io import TensorSpec, output_format, save_state_dict
 from ..module_tensors import unwrap
 from ..rules import PowerFunction
-from ..shadow import exporting_average
+from ..swap import exporting_average
 from .fit import MAX_FIT_ERROR
 from .snapshots import PATTERN, version
 from .synthesis import Combinable, combine, load_snapshots
