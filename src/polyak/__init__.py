@@ -3,7 +3,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from . import distributed, durations, rules, swa_utils
+from . import distributed, durations, migrate, rules, swa_utils
 from .bema import BEMA
 from .bn import update_bn
 from .checkpoints import average_checkpoints, export_weights
@@ -33,6 +33,7 @@ __all__ = [
     "flatten_parameters",
     "is_swapped_state_dict",
     "load_state",
+    "migrate",
     "rules",
     "save_pretrained",
     "save_state_dict",
