@@ -77,7 +77,7 @@ def test_damaged_partial_and_mismatched_states_are_refused_in_one_line_changing_
             polyak.migrate.load(averager, state, **kwargs)
         assert "\n" not in str(error.value)
         _assert_unchanged(averager, before)
-    with pytest.raises(TypeError, match="polyak.EMA or polyak.SWA"):
+    with pytest.raises(TypeError, match=r"polyak\.EMA or polyak\.SWA"):
         polyak.migrate.load(polyak.MultiEMA(model, decays=(0.9, 0.99)), good)
 
 
@@ -151,10 +151,10 @@ def test_uncompensated_cadence_reproduces_sb3_target_update_nearer_float64() -> 
         ours.update()
         if calls % every == 0:  # DQN._on_step: self._n_calls % target_update_interval == 0
             utils.polyak_update(model.parameters(), sb3_target.parameters(), tau)
-            for r, p in zip(reference, model.parameters()):
+            for r, p in zip(reference, model.parameters(), strict=True):
                 r.mul_(1 - tau).add_(p.detach().double(), alpha=tau)
     assert ours.target is not None
-    for r, theirs, mine in zip(reference, sb3_target.parameters(), ours.target.parameters()):
+    for r, theirs, mine in zip(reference, sb3_target.parameters(), ours.target.parameters(), strict=True):
         # float32 blends: each update rounds once or twice (~6e-8 relative); 100 updates of values ~1
         assert (mine.double() - r).abs().max() <= 2e-6
         assert (theirs.double() - r).abs().max() <= 2e-6
@@ -212,5 +212,5 @@ def test_diffusers_default_warmup_continues_as_rational_warmup() -> None:
         train_step()
         peer.step(model.parameters())
         averager.update()
-    for (name, _), shadow in zip(model.named_parameters(), peer.shadow_params):
+    for (name, _), shadow in zip(model.named_parameters(), peer.shadow_params, strict=True):
         torch.testing.assert_close(averager.shadow.tensors()[name], shadow, rtol=0, atol=1e-12)

@@ -29,5 +29,6 @@ agent.learn(total_timesteps=400, callback=UpdateTarget())
 
 # SB3 blends with foreach mul_ + add_ in float32, polyak with lerp: each rounds on its own (~6e-8 relative per
 # update), so they agree to ~1e-6, and polyak lies nearer the float64 recurrence (tests/test_migrate_cadence.py)
-for (name, value), ours in zip(agent.q_net_target.state_dict().items(), target.target.state_dict().values()):
+theirs = agent.q_net_target.state_dict()
+for (name, value), ours in zip(theirs.items(), target.target.state_dict().values(), strict=True):
     torch.testing.assert_close(ours, value, rtol=0, atol=1e-6, msg=name)

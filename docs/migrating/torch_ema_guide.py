@@ -21,7 +21,7 @@ def train_step() -> None:
 
 
 def assert_same(averager: polyak.EMA, peer: ExponentialMovingAverage) -> None:
-    for (name, _), shadow in zip(model.named_parameters(), peer.shadow_params):
+    for (name, _), shadow in zip(model.named_parameters(), peer.shadow_params, strict=True):
         torch.testing.assert_close(averager.shadow.tensors()[name], shadow, rtol=0, atol=1e-12)
 
 

@@ -165,7 +165,7 @@ class RationalWarmup(Rule):
 
 @dataclass(frozen=True)
 class PowerWarmup(Rule):
-    """Decay ramped up as ``1 - (1 + n / inv_gamma) ** -power``, clamped to ``[min_decay, d]``, ``n = j - 1 + offset``.
+    """Decay ramped up as ``1 - (1 + n / inv_gamma) ** -power`` in ``[min_decay, d]``, ``n = j - 1 + offset``.
 
     The warm-up of timm's ``ModelEmaV3(use_warmup=True)``, diffusers' ``use_ema_warmup`` and ema-pytorch (K.
     Crowson). ``power=2/3`` reaches 0.999 after ~31.6k steps; ``power=3/4`` after ~10k. ``offset`` (steps, may be
@@ -188,7 +188,7 @@ class PowerWarmup(Rule):
             raise ValueError(
                 f"min_decay: expected at most decay={self.decay}, got {self.min_decay}; lower min_decay or raise decay"
             )
-        check_int("offset", self.offset, low=-(2**62), hint="steps between the warm-up's clock and the start of averaging, e.g. 0")
+        check_int("offset", self.offset, low=-(2**62), hint="steps from the start of averaging to the warm-up clock")
 
     def decay_at(self, j: int) -> float:
         n = max(0, j - 1 + self.offset)

@@ -31,10 +31,7 @@ def options(peer: Any) -> dict[str, Any]:
     Raises ``ValueError`` when the state does not say the settings, or no polyak rule reproduces them.
     """
     source = detect(peer)
-    if isinstance(peer, dict) or source == "lightning":
-        found = _read_settings_only(peer, source)
-    else:
-        found = read(peer, source)
+    found = _read_settings_only(peer, source) if isinstance(peer, dict) or source == "lightning" else read(peer, source)
     if found.options is None:
         raise ValueError(f"cannot give polyak settings for this {source} peer: {found.why_no_options}")
     return dict(found.options)
@@ -169,13 +166,13 @@ def _by_order(peer: Peer, inner: nn.Module) -> dict[str, Tensor]:
             f"the {peer.source} state holds {len(tensors)} tensors but the model has {len(named)} parameters "
             "(paired in model.parameters() order): was the peer built on another model, or on some of its parameters?"
         )
-    for index, ((name, param), value) in enumerate(zip(named, tensors)):
+    for index, ((name, param), value) in enumerate(zip(named, tensors, strict=True)):
         if value.shape != param.shape:
             raise ValueError(
                 f"the {peer.source} state's tensor {index} has shape {tuple(value.shape)}, but parameter {index} "
                 f"{name!r} has shape {tuple(param.shape)}: was the peer built on another model?"
             )
-    return {name: value for (name, _), value in zip(named, tensors)}
+    return {name: value for (name, _), value in zip(named, tensors, strict=True)}
 
 
 def _converted(name: str, value: Any, slot: Tensor, source: str) -> Tensor:

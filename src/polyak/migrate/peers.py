@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..rules import ConstantDecay, EqualWeights, PowerWarmup, RationalWarmup
@@ -104,7 +103,7 @@ def _ema_pytorch(state: dict[str, Any], obj: Any) -> Peer:
 def _tensor_list(state: dict[str, Any], what: str) -> list[Tensor]:
     tensors = state.get("shadow_params")
     if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, Tensor) for t in tensors):
-        raise ValueError(f"{what}'s 'shadow_params' is not a list of tensors; the state is damaged: load an intact copy")
+        raise ValueError(f"{what}'s 'shadow_params' is not a list of tensors; the state is damaged: load an intact one")
     return list(tensors)
 
 
@@ -350,4 +349,6 @@ def read(state: Any, source: str, settings: Any = None) -> Peer:
     try:
         return reader(state, settings)
     except KeyError as error:
-        raise ValueError(f"the {source} state lacks {error.args[0]!r}; it is partial or damaged: load an intact copy")
+        raise ValueError(
+            f"the {source} state lacks {error.args[0]!r}; it is partial or damaged: load an intact copy"
+        ) from None
