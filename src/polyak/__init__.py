@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what __getattr__ gives, for type checkers and the API reference
-    from . import distributed, durations, rules, swa_utils, watch
+    from . import distributed, durations, migrate, rules, swa_utils, watch
     from .bema import BEMA
     from .bn import update_bn
     from .checkpoints import average_checkpoints, export_weights
@@ -45,6 +45,7 @@ _SOURCES = {
     "flatten_parameters": "flat",
     "is_swapped_state_dict": "swap",
     "load_state": "ema",
+    "migrate": "migrate",
     "rules": "rules",
     "save_pretrained": "pretrained",
     "save_state_dict": "io",
@@ -73,6 +74,7 @@ __all__ = [
     "flatten_parameters",
     "is_swapped_state_dict",
     "load_state",
+    "migrate",
     "rules",
     "save_pretrained",
     "save_state_dict",

@@ -166,16 +166,19 @@ class RationalWarmup(Rule):
 
 @dataclass(frozen=True)
 class PowerWarmup(Rule):
-    """Decay ramped up as ``1 - (1 + n / inv_gamma) ** -power``, clamped to ``[min_decay, d]``, ``n = j - 1``.
+    """Decay ramped up as ``1 - (1 + n / inv_gamma) ** -power`` in ``[min_decay, d]``, ``n = j - 1 + offset``.
 
-    The warm-up of timm's ``ModelEmaV3(use_warmup=True)`` and diffusers' ``use_ema_warmup`` (K. Crowson).
-    ``power=2/3`` reaches 0.999 after ~31.6k steps; ``power=3/4`` after ~10k.
+    The warm-up of timm's ``ModelEmaV3(use_warmup=True)``, diffusers' ``use_ema_warmup`` and ema-pytorch (K.
+    Crowson). ``power=2/3`` reaches 0.999 after ~31.6k steps; ``power=3/4`` after ~10k. ``offset`` (steps, may be
+    negative; ``n`` is floored at 0) moves the warm-up's clock against the start of averaging: ema-pytorch counts
+    it from ``update_after_step``, which can lie off the ``update_every`` grid (see :mod:`polyak.migrate`).
     """
 
     decay: float
     inv_gamma: float = 1.0
     power: float = 2.0 / 3.0
     min_decay: float = 0.0
+    offset: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decay", _check_decay(self.decay))
@@ -186,11 +189,18 @@ class PowerWarmup(Rule):
             raise ValueError(
                 f"min_decay: expected at most decay={self.decay}, got {self.min_decay}; lower min_decay or raise decay"
             )
+        check_int("offset", self.offset, low=-(2**62), hint="steps from the start of averaging to the warm-up clock")
 
     def decay_at(self, j: int) -> float:
-        n = j - 1
+        n = max(0, j - 1 + self.offset)
         value = 1.0 - (1.0 + n / self.inv_gamma) ** (-self.power)
         return min(max(value, self.min_decay), self.decay)
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()
+        if not self.offset:  # states saved before offset existed compare equal
+            del config["offset"]
+        return config
 
 
 @dataclass(frozen=True)
