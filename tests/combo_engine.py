@@ -211,8 +211,9 @@ class Schedule:
     iterates: ``"skip"`` keeps the average (counted), ``"raise"`` refuses the call (nothing counts).
 
     ``live``: the average exists from construction and is taken again from the model at ``t = 0`` (a target
-    network's start; BEMA's anchor). ``lazy``: nothing is stored before the first update, which copies; a skipped
-    first update leaves nothing stored, so the next applied one copies.
+    network's start; BEMA's). ``anchors`` are taken then too, and never updated (BEMA's ``theta_0``). ``lazy``:
+    nothing is stored before the first update, which copies; a skipped first update leaves nothing stored, so the
+    next applied one copies.
     """
 
     def __init__(
@@ -225,16 +226,16 @@ class Schedule:
         live: bool = False,
         lazy: bool = False,
         nonfinite: str = "propagate",
+        anchors: tuple[Average, ...] = (),
     ) -> None:
-        self.averages, self.weights = averages, weights
+        self.averages, self.weights, self.anchors = averages, weights, anchors
         self.start, self.every, self.live, self.lazy, self.nonfinite = start, every, live, lazy, nonfinite
         self.calls = self.updates = self.last = self.skipped = self.start_skips = 0
         self.averaged = [n for n, mode in averages[0].modes.items() if mode == "average"]
 
     def construct(self, theta0: dict[str, Tensor]) -> None:
         if not self.lazy:
-            for average in self.averages:
-                average.write(theta0, 1.0)
+            self.begin(theta0)
 
     def step_time(self) -> int:
         return self.calls + 1 - self.start
@@ -262,14 +263,11 @@ class Schedule:
         return "update"
 
     def begin(self, theta: dict[str, Tensor]) -> None:
-        for average in self.averages:
+        for average in (*self.averages, *self.anchors):
             average.write(theta, 1.0)
 
 
 # ---------------------------------------------------------------------- pairwise cases
-
-
-Rule = tuple[frozenset[str], dict[str, tuple[Any, ...]], str]  # (front ends, option values that all match, reason)
 
 
 def matches(rule_when: dict[str, tuple[Any, ...]], case: dict[str, Any]) -> bool:

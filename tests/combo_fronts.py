@@ -247,15 +247,13 @@ class BEMA(Front):
     def build(self, model: nn.Module, case: dict[str, Any], extra: nn.Module | None) -> Any:
         return polyak.BEMA(model, **self.options(case))
 
-    def averages(self, case: dict[str, Any]) -> int:
-        return 2  # the EMA and the anchor theta_0
-
     def schedule_of(self, case: dict[str, Any], averages: list[Average]) -> Schedule:
-        return _BemaSchedule(averages, self.weights(case), start=case["start"], every=case["every"], live=True,
-                             lazy=case["lazy"], nonfinite=case["nonfinite"])  # fmt: skip
+        anchor = Average(averages[0].modes, averages[0].storage)  # theta_0
+        return Schedule(averages, self.weights(case), start=case["start"], every=case["every"], live=True,
+                        lazy=case["lazy"], nonfinite=case["nonfinite"], anchors=(anchor,))  # fmt: skip
 
     def output(self, schedule: Schedule, which: int, name: str, now: Tensor, stochastic: bool) -> tuple:
-        ema, anchor = schedule.averages
+        ema, anchor = schedule.averages[0], schedule.anchors[0]
         value, tol = ema.expected(name, stochastic)
         if name not in (*PARAMS, "frozen") or ema.modes.get(name) != "average":
             return value, tol  # buffers and copies: the EMA's value
@@ -265,27 +263,6 @@ class BEMA(Front):
         value = value + alpha * ((now if stochastic else rounded(now, dtype)) - base)
         scale = torch.maximum(ema.scale[name], now.abs().nan_to_num(0.0, 0.0, 0.0))
         return value, tol + 3 * spacing(dtype, scale)  # the anchor's rounding, three ops in the storage dtype
-
-
-class _BemaSchedule(Schedule):
-    def __init__(self, averages: list[Average], weights: list, **kw: Any) -> None:
-        super().__init__(averages[:1], weights, **kw)
-        self.anchor = averages[1]
-        self.averages = averages  # [ema, anchor]; only the EMA is updated
-
-    def construct(self, theta0: dict[str, Tensor]) -> None:
-        self.begin(theta0)
-
-    def call(self, theta: dict[str, Tensor]) -> str:
-        averages, self.averages = self.averages, self.averages[:1]
-        try:
-            return super().call(theta)
-        finally:
-            self.averages = averages
-
-    def begin(self, theta: dict[str, Tensor]) -> None:
-        for average in (self.averages[0], self.anchor):
-            average.write(theta, 1.0)
 
 
 class PostHoc(Front):
