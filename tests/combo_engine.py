@@ -212,8 +212,8 @@ class Schedule:
 
     ``live``: the average exists from construction and is taken again from the model at ``t = 0`` (a target
     network's start; BEMA's). ``anchors`` are taken then too, and never updated (BEMA's ``theta_0``). ``lazy``:
-    nothing is stored before the first update, which copies; a skipped first update leaves nothing stored, so the
-    next applied one copies.
+    nothing is stored before the first update, which copies (the anchors too); a skipped first update leaves
+    nothing stored, so the next applied one copies.
     """
 
     def __init__(
@@ -256,6 +256,9 @@ class Schedule:
                 self.begin(theta)
             self.calls += 1
             return "start"
+        if not skip and self.averages[0].exact is None:  # nothing stored yet (lazy): the anchors start here too
+            for anchor in self.anchors:
+                anchor.write(theta, 1.0)
         for average, weight in zip(self.averages, self.weights, strict=True):
             average.keep(theta) if skip else average.write(theta, weight(t, t - self.last))
         self.skipped += skip

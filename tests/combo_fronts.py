@@ -190,8 +190,8 @@ class Switch(Front):
 
 class Target(Front):
     """``EMA(model, tau=..., target="copy")``: a live module that starts as the model and blends from the first
-    update on (weight ``1 - (1 - tau)**delta``); by issue 22 a low-precision model's target keeps a float32 (or
-    the asked) master, shown in the target's own dtype."""
+    update on (weight ``1 - (1 - tau)**delta``). The module keeps the model's dtype; the average is kept in the
+    storage dtype (a float32 master for a bf16 model, or ``dtype=``), shown in the module's own dtype."""
 
     name = "target_copy"
     live = True
@@ -200,11 +200,8 @@ class Target(Front):
     def weights(self, case: dict[str, Any]) -> list[Callable[[int, int], float]]:
         return [lambda t, d: 1.0 - (1.0 - self.tau) ** d]
 
-    def target_dtype(self, case: dict[str, Any]) -> torch.dtype:
-        return DTYPES[case["dtype"]] or DTYPES[case["model_dtype"]]
-
     def storage(self, case: dict[str, Any], mode: str) -> torch.dtype:
-        return self.target_dtype(case) if mode == "copy" else super().storage(case, mode)
+        return DTYPES[case["model_dtype"]] if mode == "copy" else super().storage(case, mode)
 
     def build(self, model: nn.Module, case: dict[str, Any], extra: nn.Module | None) -> Any:
         return polyak.EMA(model, tau=self.tau, target=extra if extra is not None else "copy", **self.options(case))

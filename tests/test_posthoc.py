@@ -377,5 +377,5 @@ def test_averaged_model_and_widths_as_given():
         for name, value in copy.state_dict().items():
             if name in expected:
                 assert torch.equal(value, expected[name].to(value.dtype)), name
-    with pytest.raises(ValueError, match=r"index must be in 0\.\.1"):
+    with pytest.raises(ValueError, match=r"profile must be in 0\.\.1"):
         tracker.averaged_model(2)

@@ -136,9 +136,15 @@ class FrontEnd:
         planned = self._weights(self.step + 1 - self._start())
         if planned is not None:
             weights, counts = planned
-            if self._shadow is None:
+            fresh = self._shadow is None
+            if fresh:
                 self._shadow = self._new_shadow(module, copy=False)
-            applied = self._shadow.update(module, weights)
+            try:
+                applied = self._shadow.update(module, weights)  # type: ignore[union-attr]  # allocated above
+            except BaseException:
+                if fresh:  # a refused first update (nonfinite="raise") leaves a lazy averager as it was
+                    self._shadow = None
+                raise
             if counts:
                 t = self.step + 1 - self._start()
                 if applied is not None:

@@ -29,8 +29,10 @@ __all__ = ["CHUNK", "Fold", "Mix", "all_finite", "batches", "copy_all", "merge_r
 # float32 average, 1 thread): 64 Ki elements 3.5x the floor, 256 Ki 1.75x, 1 Mi 1.16-1.20x, 4 Mi 1.26x; K=3
 # averages of 32 Mi float32 elements: 1 Mi chunks 24.4 ms against 31.8 ms for three passes.
 CHUNK = 1 << 20
-# Seed of the fixed pattern of low bits that stochastic rounding XORs with a fresh draw per chunk and update.
+# Stochastic rounding: each element's random bits are a hash of its own fixed random key plus one fresh draw per
+# chunk and update (the seed of the keys, and the odd multipliers of a multiply-xorshift hash).
 _PATTERN_SEED = 0x5EED
+_MIX = (0x2C1B3C6D, 0x297A2D39)
 
 Weight = float | Tensor
 
@@ -180,7 +182,7 @@ class Fold:
 
     Staged (see the module docstring), scratch is one chunk in the staging dtype (the averages', float32 when
     rounding stochastically), plus one chunk to guard K > 1 averages, plus, for stochastic rounding, a float32
-    chunk, a pattern of random low bits and their draw (16 MiB in all). For an average offloaded to host memory,
+    chunk, each value's random key and two chunks to hash it (20 MiB in all). For an average offloaded to host memory,
     two pinned chunks alternate: chunk b+1 is copied from the GPU while the CPU folds chunk b.
     """
 
@@ -227,10 +229,11 @@ class Fold:
         self.batches = [self._batch(number, batch, sizes) for number, batch in enumerate(batches(sizes, capacity))]
         if generator is not None:
             pattern_generator = torch.Generator().manual_seed(_PATTERN_SEED)
-            pattern = torch.randint(0, 1 << 16, (capacity,), dtype=torch.int32, generator=pattern_generator)
+            pattern = torch.randint(-(2**31), 2**31 - 1, (capacity,), dtype=torch.int32, generator=pattern_generator)
             self.pattern = pattern.to(first.device)
             self.wide = torch.empty(capacity, device=first.device)
             self.bits = torch.empty(capacity, dtype=torch.int32, device=first.device)
+            self.mixing = torch.empty(capacity, dtype=torch.int32, device=first.device)
             self.draws = torch.empty(len(self.averages), len(self.batches), dtype=torch.int32, device=first.device)
 
     def _batch(self, number: int, batch: list[tuple[int, int, int]], sizes: list[int]) -> _Batch:
@@ -272,7 +275,7 @@ class Fold:
                 _lerp(*self.pairs, weights[0])
             return
         if self.generator is not None:
-            self.draws.random_(0, 1 << 16, generator=self.generator)
+            self.draws.random_(-(2**31), 2**31 - 1, generator=self.generator)
         for number in range(len(self.batches)):
             self._stage(number)
             if not self.overlap:
@@ -337,8 +340,19 @@ class Fold:
             staged = self.spare[:n] if self.spare is not None else staged
             torch.where(keep, batch.staged, wide, out=staged)
         wide.lerp_(staged, weight)
-        bits = torch.bitwise_xor(self.pattern[:n], draw, out=self.bits[:n])
-        round_stochastically_(target, wide, bits)
+        round_stochastically_(target, wide, self._bits(n, draw))
+
+    def _bits(self, n: int, draw: Tensor) -> Tensor:
+        """Uniform integers in [0, 2**16), one per value: a multiply-xorshift hash of each value's key plus this
+        chunk's draw. The hash mixes, so values of one chunk round (nearly) independently of each other, which a
+        mean over many values needs; a plain XOR of one draw would move them together."""
+        bits, mixing = self.bits[:n], self.mixing[:n]
+        torch.add(self.pattern[:n], draw, out=bits)  # int32 arithmetic wraps around
+        bits.mul_(_MIX[0])
+        torch.bitwise_right_shift(bits, 15, out=mixing)
+        bits.bitwise_xor_(mixing).mul_(_MIX[1])
+        torch.bitwise_right_shift(bits, 16, out=bits)
+        return bits.bitwise_and_(0xFFFF)
 
 
 @dataclass(frozen=True)
@@ -359,7 +373,7 @@ def mix_into(models: list[Tensor], averages: Sequence[list[Tensor]], mix: Mix) -
     """Write ``mix`` of ``models`` and their K ``averages`` into ``models``, in place.
 
     A plain copy of one average is one ``_foreach_copy_`` (cast to the model's dtype); any other mix is computed in
-    the averages' precision (one temporary of their size) and cast back.
+    the averages' precision, at least float32 (one temporary of their size), and cast back.
     """
     if not models:
         return
@@ -368,11 +382,12 @@ def mix_into(models: list[Tensor], averages: Sequence[list[Tensor]], mix: Mix) -
         torch._foreach_copy_(models, averages[used[0][0]])
         return
     first = averages[0]
+    wide = [torch.promote_types(a.dtype, torch.float32) for a in first]
     if mix.model != 0.0:
-        result = [m.to(device=a.device, dtype=a.dtype, copy=True) for m, a in zip(models, first, strict=True)]
+        result = [m.to(a.device, w, copy=True) for m, a, w in zip(models, first, wide, strict=True)]
         torch._foreach_mul_(result, mix.model)
-    else:
-        result = [torch.zeros_like(a) for a in first]
+    else:  # no share of the model: whatever it holds (NaN included) does not enter
+        result = [torch.zeros_like(a, dtype=w) for a, w in zip(first, wide, strict=True)]
     for k, c in used:
-        torch._foreach_add_(result, averages[k], alpha=c)
+        torch._foreach_add_(result, [a.to(w) for a, w in zip(averages[k], wide, strict=True)], alpha=c)
     torch._foreach_copy_(models, result)

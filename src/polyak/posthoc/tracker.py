@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +188,24 @@ class PostHocEMA(FrontEnd):
             )
         self._checked.add(resolved)
 
+    @contextmanager
+    def swapped(self, model: nn.Module | None = None, profile: int = 0) -> Iterator[nn.Module]:
+        """Within the block the model holds profile number ``profile``; its own weights come back on exit."""
+        with super().swapped(model, profile) as swapped_model:
+            yield swapped_model
+
+    def copy_to(self, model: nn.Module | None = None, profile: int = 0) -> None:
+        """Write profile number ``profile`` into the model, permanently."""
+        super().copy_to(model, profile)
+
+    def averaged_model(self, profile: int = 0, *, dtype: torch.dtype | None = None) -> nn.Module:
+        """A new module holding profile number ``profile`` (eval mode, no grad; see :meth:`FrontEnd.averaged_model`)."""
+        return super().averaged_model(profile, dtype=dtype)
+
     def _mix(self, index: int) -> tuple[Mix, Mix | None]:
         """Profile number ``index`` as it is."""
         if not 0 <= index < self.count:
-            raise ValueError(f"index must be in 0..{self.count - 1} (sigma_rels {self.sigma_rels}), got {index!r}")
+            raise ValueError(f"profile must be in 0..{self.count - 1} (sigma_rels {self.sigma_rels}), got {index!r}")
         return Mix.copy(index, self.count), None
 
     def _config(self) -> dict[str, Any]:
