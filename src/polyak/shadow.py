@@ -18,28 +18,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .allocation import allocate, fits, in_target
 from .kernels import Mix, all_finite, copy_all, mix_into
 from .module_tensors import Found, copy_module, walk
 from .options import NONFINITE, NonFinite, Options, Policy
 from .plan import Plan, Slot, build, group
 from .storage import engine_of, release
 from .storage.zero3 import is_partitioned
+from .streams import Streams
 from .swap import OPEN, refuse_swapped, swap_marked
 from .watch import Watcher
 
 __all__ = ["Shadow"]
 
 Weights = float | Tensor | Sequence[float | Tensor]
-
-
-def _laid_out_like(piece: Tensor, tensor: Tensor) -> Tensor:
-    """The flat ``piece`` viewed with ``tensor``'s shape and, when dense (e.g. channels_last), its strides too:
-    an average laid out like its model is read and written in the same memory order, not strided."""
-    if tensor.is_contiguous():
-        return piece.view(tensor.shape)
-    # empty_like keeps the strides of a dense tensor exactly and makes its own for any other
-    dense = torch.empty_like(tensor, device="meta").stride() == tensor.stride()
-    return piece.as_strided(tensor.shape, tensor.stride()) if dense else piece.view(tensor.shape)
 
 
 class Shadow:
@@ -85,7 +77,7 @@ class Shadow:
         chosen = [(f, mode) for f in found if (mode := self.options.mode(f)) != "skip"]
         self.target = target
         adopted = target is not None and self._fits(chosen, target)
-        self._slots = self._adopt(chosen, target) if adopted else self._allocate(chosen)  # type: ignore[arg-type]
+        self._slots = in_target(chosen, target) if adopted else allocate(chosen, self.options, self.count)  # type: ignore[arg-type]
         self.mirror = None if adopted else target  # a live target kept apart: written after every update
         self._target_watcher: Watcher | None = None  # an adopted target's conversions (``.to()``) are followed
         if adopted and self.options.watch:
@@ -98,10 +90,8 @@ class Shadow:
         self._plan: Plan | None = None
         self._mirror_plan: Plan | None = None
         self.rechecks = 0  # times the model was examined again after an event (0 while only other models change)
-        self._generators: dict[str, torch.Generator] = {}
-        if self.options.rounding == "stochastic":
-            for device in {str(s.stored[0].device) for s in self._slots if s.mode == "average"}:
-                self._generators[device] = torch.Generator(device).manual_seed(torch.initial_seed())
+        averaged = {str(s.stored[0].device) for s in self._slots if s.mode == "average"}
+        self.streams = Streams(averaged if self.options.rounding == "stochastic" else ())
         self.started = adopted  # an average holds values once it copied the model (or adopted a target's)
         if copy:
             self.update(module, (1.0,) * count)
@@ -109,30 +99,7 @@ class Shadow:
     # ------------------------------------------------------------------ selection and storage
 
     def _fits(self, chosen: Sequence[tuple[Found, Policy]], target: nn.Module) -> bool:
-        """True when ``target``'s own tensors can hold the averages (one average, storage dtype and device)."""
-        if self._adopting:
-            return True
-        theirs = {f.name: f.tensor for f in walk(target)[0]}
-        options = self.options
-        return (
-            self.count == 1
-            and options.rounding == "nearest"
-            and all(
-                f.name in theirs
-                and theirs[f.name].dtype == options.storage_dtype(f.tensor, mode)
-                and (options.device is None or theirs[f.name].device == options.device)
-                for f, mode in chosen
-            )
-        )
-
-    def _adopt(self, chosen: Sequence[tuple[Found, Policy]], target: nn.Module) -> list[Slot]:
-        theirs = {f.name: f.tensor for f in walk(target)[0]}
-        slots = []
-        for f, mode in chosen:
-            tensor = theirs[f.name]
-            stored = engine_of(tensor).local(tensor.detach())
-            slots.append(Slot(f.name, mode, engine_of(f.tensor).name, [stored], [tensor.detach()], f.tensor.dtype))
-        return slots
+        return self._adopting or fits(chosen, target, self.options, self.count)
 
     def _rebind(self) -> None:
         """The adopted target was converted or its tensors replaced (``.to()``, ``.half()``): store the average in
@@ -146,10 +113,10 @@ class Shadow:
             raise ValueError(f"the live target lost its tensor {lost!r}; build a new averager for the changed target")
         chosen = [(theirs[slot.name], slot.mode) for slot in self._slots]
         if self._fits(chosen, target):
-            self._slots = self._adopt(chosen, target)
+            self._slots = in_target(chosen, target)
             self._target_watcher.watch(*_contents(target))  # type: ignore[union-attr]  # watched: adopted
         else:
-            self._slots = self._allocate(chosen)
+            self._slots = allocate(chosen, self.options, self.count)
             copy_all(
                 [s.stored[0] for s in self._slots], [engine_of(f.tensor).local(f.tensor.detach()) for f, _ in chosen]
             )
@@ -157,31 +124,10 @@ class Shadow:
         self._by_name = {slot.name: slot for slot in self._slots}
         self._plan = self._mirror_plan = None
 
-    def _allocate(self, chosen: Sequence[tuple[Found, Policy]]) -> list[Slot]:
-        """K flat buffers per (device, dtype, mode, model dtype and device); slots are views, in storage order."""
-        groups: dict[tuple[Any, ...], list[tuple[Found, Policy]]] = {}
-        for f, mode in chosen:
-            device = self.options.device if self.options.device is not None else f.tensor.device
-            dtype = self.options.storage_dtype(f.tensor, mode)
-            groups.setdefault((str(device), dtype, mode, f.tensor.dtype, str(f.tensor.device)), []).append((f, mode))
-        slots: list[Slot] = []
-        for (device, dtype, mode, model_dtype, _), members in groups.items():
-            engines = [engine_of(f.tensor) for f, _ in members]
-            shards = [engine.local(f.tensor) for engine, (f, _) in zip(engines, members, strict=True)]
-            flats = [torch.empty(sum(t.numel() for t in shards), dtype=dtype, device=device) for _ in range(self.count)]
-            offset = 0
-            for engine, (f, _), shard in zip(engines, members, shards, strict=True):
-                n = shard.numel()
-                stored = [_laid_out_like(flat[offset : offset + n], shard) for flat in flats]
-                values = [engine.present(view, f.tensor) for view in stored]
-                slots.append(Slot(f.name, mode, engine.name, stored, values, model_dtype))
-                offset += n
-        return slots
-
     # ------------------------------------------------------------------ pairing with a module
 
     def _kernels(self, plan: Plan, slots: Sequence[Slot]) -> None:
-        group(plan, slots, self._generators)
+        group(plan, slots, self.streams)
 
     def _plan_for(self, module: nn.Module) -> Plan:
         """The cached pairing with ``module``; re-checked after an event (see :mod:`polyak.plan`)."""
@@ -445,28 +391,11 @@ class Shadow:
 
     def rounding_state(self) -> dict[str, Tensor]:
         """The state of each random stream of stochastic rounding, by device (empty when rounding to nearest)."""
-        return {device: generator.get_state() for device, generator in self._generators.items()}
+        return self.streams.state()
 
     def load_rounding_state(self, state: Any) -> None:
         """Restore :meth:`rounding_state`, after checking it (nothing changes on error)."""
-        if not isinstance(state, dict) or set(state) != set(self._generators):
-            found = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"saved rounding state is for devices {found}, this average rounds stochastically on "
-                f"{sorted(self._generators)}; build it with the same dtype, rounding and device"
-            )
-        for device, value in state.items():
-            if not (isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
-                raise ValueError(f"saved rounding state for {device!r} is not a generator state (a 1-d uint8 tensor)")
-        before = self.rounding_state()
-        try:
-            for device, value in state.items():
-                self._generators[device].set_state(value)
-        except RuntimeError as error:
-            for device, value in before.items():
-                self._generators[device].set_state(value)
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"saved rounding state is damaged ({reason}); nothing was loaded") from None
+        self.streams.load(state)
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (``copy.deepcopy`` of an averager) leaves the cached pairings and the watchers behind: its
