@@ -88,6 +88,7 @@ BAD = {
     ],
     "flag": ["no", 1, 0],
 }
+SIGNED = {"offset"}  # PowerWarmup's clock offset: steps, before or after the start of averaging
 OUT_OF_RANGE: dict[str, list[Any]] = {
     "decay": [1.0, 1.5, 1e300],
     "min_decay": [1.0],
@@ -111,6 +112,8 @@ def cases() -> list[Any]:
             if what is None:
                 continue
             values = [[v] for v in BAD["number"]] + [[]] if what == "numbers" else BAD[what]
+            if name in SIGNED:  # a count that may be negative: all bad values but the negative ones
+                values = [v for v in values if not (isinstance(v, (int, np.integer)) and v < 0)]
             values = values + OUT_OF_RANGE.get(name, [])
             if not optional(parameter.annotation):
                 values = [*values, None]

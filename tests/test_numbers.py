@@ -143,6 +143,7 @@ CASES: list[Case] = [
     ("PowerWarmup.inv_gamma", rule(lambda v: rules.PowerWarmup(0.99, inv_gamma=v)), 2.0),
     ("PowerWarmup.power", rule(lambda v: rules.PowerWarmup(0.99, power=v)), 0.75),
     ("PowerWarmup.min_decay", rule(lambda v: rules.PowerWarmup(0.99, min_decay=v)), 0.5),
+    ("PowerWarmup.offset", rule(lambda v: rules.PowerWarmup(0.99, offset=v)), -3),
     ("PowerFunction.gamma", rule(lambda v: rules.PowerFunction(v)), 7.0),
     ("PowerFunction.sigma_rel", rule(lambda v: rules.PowerFunction(sigma_rel=v)), 0.125),
     ("CosineMomentum.start", rule(lambda v: rules.CosineMomentum(start=v, total_steps=4)), 0.5),

@@ -1,7 +1,7 @@
 """Where the K averages' tensors live: flat buffers of their own, or a live target module's own tensors.
 
 :func:`allocate` gives each selected model tensor K views into flat buffers, one set per (device, dtype, mode,
-model dtype and device), laid out like the model's tensor; :func:`adopt` makes a target module's tensors the
+model dtype and device), laid out like the model's tensor; :func:`in_target` makes a target module's tensors the
 storage of one average, where :func:`fits` says they can hold it.
 """
 

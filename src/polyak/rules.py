@@ -189,7 +189,8 @@ class PowerWarmup(Rule):
             raise ValueError(
                 f"min_decay: expected at most decay={self.decay}, got {self.min_decay}; lower min_decay or raise decay"
             )
-        check_int("offset", self.offset, low=-(2**62), hint="steps from the start of averaging to the warm-up clock")
+        hint = "steps from the start of averaging to the warm-up clock"
+        object.__setattr__(self, "offset", check_int("offset", self.offset, low=-(2**62), hint=hint))
 
     def decay_at(self, j: int) -> float:
         n = max(0, j - 1 + self.offset)
