@@ -6,8 +6,9 @@ Needs ``mnist1d`` (``pip install polyak[demo]``; the data is generated locally, 
 Semi-supervised learning after Tarvainen & Valpola 2017: the student learns from ``--labels`` labelled sequences
 (cross-entropy) and from all 4,000 training sequences through a consistency loss towards the teacher's
 predictions on a differently perturbed copy. The teacher is ``polyak.EMA(student, rule=CosineMomentum(...),
-target="copy")``: its momentum rises from 0.99 to 0.999 on a cosine (BYOL/DINO's schedule). Prints the test
-accuracy of the student and of the teacher for each seed, and their mean over seeds.
+target="copy", buffers="skip")``: its momentum rises from 0.99 to 0.999 on a cosine (BYOL/DINO's schedule), and
+its BatchNorm statistics are those of its own forward passes, as in the paper (only weights are averaged).
+Prints the test accuracy of the student and of the teacher for each seed, and their mean over seeds.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def run(
     student = make_model()
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
     schedule = CosineMomentum(start=0.99, end=0.999, total_steps=steps)
-    teacher = polyak.EMA(student, rule=schedule, target="copy")
+    # Mean Teacher averages the weights only: the teacher's BatchNorm statistics are those of its own forward passes
+    teacher = polyak.EMA(student, rule=schedule, target="copy", buffers="skip")
     for step in range(steps):
         ramp = math.exp(-5.0 * (1.0 - min(1.0, step / (0.3 * steps))) ** 2)  # the paper's sigmoid ramp-up
         i = torch.randint(len(x_lab), (batch,), generator=generator)

@@ -124,13 +124,41 @@ def _targets() -> dict[str, Any]:
     }
 
 
+def _peers() -> dict[str, Any]:
+    objects = _plain()
+    model = objects["model"]
+    functions = torch.optim.swa_utils
+    peer = functions.AveragedModel(model, multi_avg_fn=functions.get_ema_multi_avg_fn(0.99))  # torch's, as a peer
+    for _ in range(3):
+        peer.update_parameters(model)
+    return objects | {"peer": peer, "peer_state": peer.state_dict()}
+
+
+def _selection() -> dict[str, Any]:
+    objects = _plain()
+    data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(2)]
+    loss_fn = nn.functional.cross_entropy
+
+    def train(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.train()
+        for step in range(2000):  # two snapshots at snapshot_every=1000
+            x, y = data[step % 2]
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+
+    return objects | {"train": train, "loss_fn": loss_fn, "val_loader": data}
+
+
 # README section -> the objects its Python blocks leave to the reader (made in the test's empty folder)
 STAND_INS: dict[str, Callable[[], dict[str, Any]]] = {
     "Quick start": _plain,
     "Coming from `torch.optim.swa_utils`": _plain,
     "Trainer integrations": _trainers,
     "Checkpoint files: average and export": _files,
-    "Hugging Face model and PEFT adapter folders": _folders,
+    "Hugging Face model, diffusers model and PEFT adapter folders": _folders,
+    "Coming from another library": _peers,
+    "No decay to tune": _selection,
     "Distributed training (DDP, FSDP2, DTensor, DeepSpeed ZeRO)": _distributed,
     "Target networks and teachers": _targets,
 }
