@@ -79,6 +79,7 @@ class FrontEnd:
     ) -> None:
         """Set up the counters and the storage of ``count`` averages (allocated now, or at the first update)."""
         self.model, self.options, self.count, self._target = model, options, count, target
+        self._begin = int(getattr(self, self.SPEC.start))  # optimizer steps before averaging begins
         self.step = self.num_updates = self.last_update_step = 0
         self._skipped: int | Tensor = 0
         self._shadow: Shadow | None = None if options.lazy else self._new_shadow(model, copy=True)
@@ -97,7 +98,7 @@ class FrontEnd:
         return self._shadow
 
     def _start(self) -> int:
-        return int(getattr(self, self.SPEC.start))
+        return self._begin
 
     # ------------------------------------------------------------------ what a subclass says
 
@@ -131,9 +132,11 @@ class FrontEnd:
     @eager_when_compiled  # inside a compiled step: one graph break, no recompile per step
     def update(self, model: nn.Module | None = None) -> None:
         """Count one optimizer step; when due, fold the model into the averages (one read of it)."""
-        self._check_not_swapped("update")
-        module = self._model(model)
-        planned = self._weights(self.step + 1 - self._start())
+        if self._swapped:
+            self._check_not_swapped("update")
+        module = self.model if model is None else model
+        t = self.step + 1 - self._begin
+        planned = self._weights(t)
         if planned is not None:
             weights, counts = planned
             fresh = self._shadow is None
@@ -146,7 +149,6 @@ class FrontEnd:
                     self._shadow = None
                 raise
             if counts:
-                t = self.step + 1 - self._start()
                 if applied is not None:
                     self._skipped = self._skipped + ~applied
                 self.last_update_step = t

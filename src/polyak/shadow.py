@@ -160,12 +160,12 @@ class Shadow:
 
     # ------------------------------------------------------------------ the update
 
-    @torch.no_grad()
     def update(self, module: nn.Module, weights: Weights, *, nonfinite: NonFinite | None = None) -> Tensor | None:
         """``average_k <- average_k + weights[k] * (model - average_k)`` for averaged tensors; copy the copied ones.
 
         ``weights``: one per average, each a Python float in [0, 1] (1.0 copies, 0.0 leaves that average as it
         is) or a 0-d tensor on the average's device (no host sync either way); a single number for one average.
+        Every tensor the kernels touch is detached: no autograd graph, inside or outside ``torch.no_grad()``.
         ``nonfinite`` (default: the options') says what happens when an averaged model tensor holds inf or NaN:
 
         - ``"propagate"``: nothing is checked; the non-finite values enter the averages.
@@ -181,9 +181,17 @@ class Shadow:
         if plan is None or OPEN[0] or not plan.current(module):  # first call, an event, a swap open
             plan = self._plan_for(module)
         mode = self.options.nonfinite if nonfinite is None else nonfinite
+        if type(weights) is not tuple or len(weights) != self.count:  # a front end's tuple is taken as it is
+            weights = self._weights(weights)
+        if mode == "propagate" and self.started:  # the common case, in as few steps as possible
+            for fold in plan.kernels(False):
+                fold.run(weights)
+            plan.copy()
+            if self.mirror is not None:
+                self.write(self.mirror, Mix.copy(0, 1), plan=self._mirror())
+            return None
         if mode not in NONFINITE:
             raise ValueError(f"nonfinite: expected one of {', '.join(map(repr, NONFINITE))}, got {nonfinite!r}")
-        weights = self._weights(weights)
         keep = None if mode == "propagate" else plan.finite()
         if mode == "raise":
             if keep is not None and not bool(keep):
