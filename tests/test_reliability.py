@@ -1,0 +1,173 @@
+"""Never touch what the user did not hand over, never mix runs or ranks (issue 23, items 3-5; issue 25, item 7).
+
+- A live target (or the average) never shares memory with the online model: refused at construction, and at the
+  next update after a change that makes them share (both sides are watched), naming the tensor.
+- A PostHocEMA run has an identity: a second run refuses a folder holding another run's snapshots, a resumed run
+  continues there, and reconstruction refuses a folder holding two runs.
+- ``averaged_model()`` is an eval-mode, frozen copy in the model's dtype (or ``dtype=``), for every front end.
+
+References are float64 arithmetic written here, never polyak's own output.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import polyak
+
+DECAY = 0.5
+
+
+def net(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(dtype)
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output layer (as language models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def one_line(error: pytest.ExceptionInfo[BaseException]) -> str:
+    message = str(error.value)
+    assert "\n" not in message, message
+    return message
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def train(model: nn.Module, amount: float = 1.0) -> None:
+    """A stand-in for an optimizer step: every floating tensor moves, in place."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.add_(amount)
+
+
+# ---------------------------------------------------------------------- item 3: aliasing refused at construction
+
+
+def _shares_module(online: nn.Module) -> tuple[nn.Module, str]:
+    target = copy.deepcopy(online)
+    target[0] = online[0]  # an encoder reused by reference
+    return target, "'0.weight'"
+
+
+def _shares_parameter(online: nn.Module) -> tuple[nn.Module, str]:
+    target = copy.deepcopy(online)
+    target[2].weight = online[2].weight
+    return target, "'2.weight'"
+
+
+def _shares_buffer(online: nn.Module) -> tuple[nn.Module, str]:
+    target = copy.deepcopy(online)
+    target[1].running_var = online[1].running_var
+    return target, "'1.running_var'"
+
+
+def _shares_integer_buffer(online: nn.Module) -> tuple[nn.Module, str]:
+    target = copy.deepcopy(online)
+    target[1].num_batches_tracked = online[1].num_batches_tracked
+    return target, "'1.num_batches_tracked'"
+
+
+def _shares_a_slice(online: nn.Module) -> tuple[nn.Module, str]:
+    target = copy.deepcopy(online)
+    target[0].bias = nn.Parameter(online[0].weight.detach()[2])  # a row of another tensor, at an offset
+    return target, "'0.bias' shares its memory with the online model's '0.weight'"
+
+
+def _shares_as_strided(online: nn.Module) -> tuple[nn.Module, str]:
+    target = copy.deepcopy(online)
+    target[2].bias = nn.Parameter(online[0].weight.detach().as_strided((2,), (5,), 5))  # a diagonal's tail
+    return target, "'2.bias' shares its memory with the online model's '0.weight'"
+
+
+@pytest.mark.parametrize(
+    "share",
+    [
+        _shares_module,
+        _shares_parameter,
+        _shares_buffer,
+        _shares_integer_buffer,
+        _shares_a_slice,
+        _shares_as_strided,
+    ],
+)
+def test_a_target_sharing_memory_with_the_model_is_refused(share):
+    online = net()
+    target, named = share(online)
+    before = state(online)
+    with pytest.raises(ValueError, match="shares its memory with the online model") as error:
+        polyak.EMA(online, decay=DECAY, target=target)
+    assert named in one_line(error)
+    assert "copy.deepcopy(model)" in str(error.value)
+    assert unchanged(online, before)
+
+
+def test_a_target_tied_to_the_models_tied_weight_is_refused():
+    online = Tied()
+    target = copy.deepcopy(online)
+    target.embed.weight = online.embed.weight  # the target's own tie, made to the online model's tensor
+    target.head.weight = online.embed.weight
+    with pytest.raises(ValueError, match="shares its memory with the online model") as error:
+        polyak.EMA(online, decay=DECAY, target=target)
+    assert "'embed.weight' shares its memory with the online model's 'embed.weight'" in one_line(error)
+    polyak.EMA(online, decay=DECAY, target=copy.deepcopy(online))  # tied within itself, apart from the model
+
+
+# ---------------------------------------------------------------------- item 3: the average never aliases the model
+
+
+def _averagers(model: nn.Module) -> list[polyak.EMA | polyak.SWA | polyak.MultiEMA | polyak.BEMA]:
+    return [
+        polyak.EMA(model, decay=DECAY),
+        polyak.EMA(model, decay=DECAY, target="copy"),
+        polyak.EMA(model, decay=DECAY, target=copy.deepcopy(model)),
+        polyak.EMA(model, decay=DECAY, dtype=torch.float64),
+        polyak.SWA(model),
+        polyak.MultiEMA(model, {"fast": 0.5, "slow": 0.9}),
+        polyak.BEMA(model),
+        polyak.PostHocEMA(model),
+    ]
+
+
+def _holdings(averager) -> list[torch.Tensor]:
+    """Every tensor the averager keeps: each average, and a live target's tensors."""
+    held = [t for k in range(averager.count) for t in averager.shadow.tensors(k).values()]
+    target = getattr(averager, "target", None)
+    return held + ([*target.parameters(), *target.buffers()] if isinstance(target, nn.Module) else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_averages_never_hold_the_models_memory(dtype):
+    """After updates, writing anything into every tensor an averager keeps leaves the model as it was."""
+    model = net(dtype=dtype)
+    averagers = _averagers(model)
+    for _ in range(3):
+        train(model)
+        before = state(model)
+        for averager in averagers:
+            averager.update()
+        assert unchanged(model, before)  # the updates did not write into the model
+    for averager in averagers:
+        with torch.no_grad():
+            for t in _holdings(averager):
+                t.fill_(7) if t.is_floating_point() else t.fill_(-7)
+        assert unchanged(model, before), type(averager).__name__
