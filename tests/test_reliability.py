@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -99,6 +100,14 @@ def _shares_as_strided(online: nn.Module) -> tuple[nn.Module, str]:
     return target, "'2.bias' shares its memory with the online model's '0.weight'"
 
 
+def _shares_numpy_memory(online: nn.Module) -> tuple[nn.Module, str]:
+    memory = np.zeros(40, dtype=np.float32)  # one allocation, wrapped twice: two storages, the same bytes
+    online[0].weight = nn.Parameter(torch.from_numpy(memory[:16]).view(4, 4))
+    target = copy.deepcopy(online)
+    target[0].weight = nn.Parameter(torch.from_numpy(memory[12:28]).view(4, 4))  # overlaps in 4 elements
+    return target, "'0.weight'"
+
+
 @pytest.mark.parametrize(
     "share",
     [
@@ -108,6 +117,7 @@ def _shares_as_strided(online: nn.Module) -> tuple[nn.Module, str]:
         _shares_integer_buffer,
         _shares_a_slice,
         _shares_as_strided,
+        _shares_numpy_memory,
     ],
 )
 def test_a_target_sharing_memory_with_the_model_is_refused(share):
@@ -130,6 +140,33 @@ def test_a_target_tied_to_the_models_tied_weight_is_refused():
         polyak.EMA(online, decay=DECAY, target=target)
     assert "'embed.weight' shares its memory with the online model's 'embed.weight'" in one_line(error)
     polyak.EMA(online, decay=DECAY, target=copy.deepcopy(online))  # tied within itself, apart from the model
+
+
+def test_a_separate_target_is_accepted_even_in_the_same_allocation():
+    """Tensors apart in one allocation (a flat arena holding both networks) share no element: accepted, and the
+    target holds the float64 EMA while the model keeps its own values."""
+    online = net()
+    arena = torch.zeros(2 * sum(p.numel() for p in online.parameters()))
+    halves = iter(arena.chunk(2))
+    for module in (online, copy.deepcopy(online)):
+        flat, offset = next(halves), 0
+        for layer in (module[0], module[1], module[2]):
+            for key, p in list(layer._parameters.items()):
+                view = flat[offset : offset + p.numel()].view_as(p).copy_(p.detach())
+                setattr(layer, key, nn.Parameter(view))
+                offset += p.numel()
+        if module is not online:
+            target = module
+    ema = polyak.EMA(online, decay=DECAY, target=target)
+    reference = {k: v.double() for k, v in online.state_dict().items() if v.is_floating_point()}
+    for _ in range(3):
+        train(online, 0.25)
+        ema.update()
+        for k in reference:
+            reference[k] = DECAY * reference[k] + (1 - DECAY) * online.state_dict()[k].double()
+    for k, expected in reference.items():
+        torch.testing.assert_close(target.state_dict()[k].double(), expected, rtol=1e-6, atol=1e-6, msg=k)
+        assert not torch.equal(online.state_dict()[k].double(), expected), k  # the model kept its own values
 
 
 # ---------------------------------------------------------------------- item 3: the average never aliases the model
