@@ -208,3 +208,124 @@ def test_the_averages_never_hold_the_models_memory(dtype):
             for t in _holdings(averager):
                 t.fill_(7) if t.is_floating_point() else t.fill_(-7)
         assert unchanged(model, before), type(averager).__name__
+
+
+# ---------------------------------------------------------------------- item 3: sharing made after construction
+
+
+def _target_data_assigned(online: nn.Module, ema: polyak.EMA) -> str:
+    ema.target[0].weight.data = online[0].weight.data
+    return "'0.weight' shares its memory with the live target's '0.weight'"
+
+
+def _target_parameter_moved_in(online: nn.Module, ema: polyak.EMA) -> str:
+    ema.target[2].bias = online[2].bias
+    return "'2.bias' shares its memory with the live target's '2.bias'"
+
+
+def _target_module_moved_in(online: nn.Module, ema: polyak.EMA) -> str:
+    ema.target[1] = online[1]  # the BatchNorm, buffers included
+    return "'1.weight' shares its memory with the live target's '1.weight'"
+
+
+def _target_buffer_moved_in(online: nn.Module, ema: polyak.EMA) -> str:
+    ema.target[1].running_mean = online[1].running_mean
+    return "'1.running_mean' shares its memory with the live target's '1.running_mean'"
+
+
+def _model_tied_to_the_target(online: nn.Module, ema: polyak.EMA) -> str:
+    online[0].weight = ema.target[0].weight
+    return "'0.weight' shares its memory with the live target's '0.weight'"
+
+
+def _model_loads_the_target_by_assignment(online: nn.Module, ema: polyak.EMA) -> str:
+    online.load_state_dict(ema.target.state_dict(), assign=True)
+    return "'0.weight' shares its memory with the live target's '0.weight'"
+
+
+def _model_given_a_view_of_the_target(online: nn.Module, ema: polyak.EMA) -> str:
+    online[0].bias.data = ema.target[0].weight.detach()[3]
+    return "'0.bias' shares its memory with the live target's '0.weight'"
+
+
+AFTER_CONSTRUCTION = [
+    _target_data_assigned,
+    _target_parameter_moved_in,
+    _target_module_moved_in,
+    _target_buffer_moved_in,
+    _model_tied_to_the_target,
+    _model_loads_the_target_by_assignment,
+    _model_given_a_view_of_the_target,
+]
+
+
+@pytest.mark.parametrize("change", AFTER_CONSTRUCTION)
+@pytest.mark.parametrize("kept", ["in the target", "apart"])
+def test_a_target_made_to_share_memory_later_is_refused_at_the_next_update(change, kept):
+    """Adopted (a float32 target holds the average) or kept apart (a bf16 target written from a float32 master):
+    the next update refuses, naming the tensor, with the model and the average as they were."""
+    online = net(dtype=torch.float32 if kept == "in the target" else torch.bfloat16)
+    ema = polyak.EMA(online, decay=DECAY, target="copy")
+    train(online)
+    ema.update()
+    named = change(online, ema)
+    train(online)
+    before, target, master = state(online), state(ema.target), {k: v.clone() for k, v in ema.shadow.tensors().items()}
+    for _ in range(2):  # refused again: the refusal left nothing half-paired
+        with pytest.raises(ValueError, match="an update would stop averaging or overwrite the model") as error:
+            ema.update()
+        assert named in one_line(error)
+        assert unchanged(online, before) and unchanged(ema.target, target)
+        if kept == "apart":  # the float32 master too
+            assert all(torch.equal(v, master[k]) for k, v in ema.shadow.tensors().items())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda online, ema: online.load_state_dict(ema.state_dict()["shadow"], assign=True),
+        lambda online, ema: setattr(online[2].weight, "data", ema.shadow.tensors()["2.weight"]),
+    ],
+    ids=["load_state_dict-assign", "data"],
+)
+def test_a_model_made_to_hold_the_averages_storage_is_refused(change):
+    """``model.load_state_dict(ema.state_dict()["shadow"], assign=True)`` would make the average the model."""
+    online = net()
+    ema = polyak.EMA(online, decay=DECAY)
+    ema.update()
+    change(online, ema)
+    with pytest.raises(ValueError, match=r"model tensor '\d\.weight' shares its memory with the average's") as error:
+        ema.update()
+    one_line(error)
+    with pytest.raises(ValueError, match="shares its memory"):
+        ema.state_dict()  # the state is checked against the model too
+
+
+def test_a_target_kept_apart_follows_a_replaced_tensor():
+    """A bf16 target (kept apart from its float32 master) whose parameter is replaced by a separate one gets the
+    average in the new tensor, not in the one it dropped."""
+    online = net(dtype=torch.bfloat16)
+    ema = polyak.EMA(online, decay=DECAY, target="copy")
+    reference = {k: v.double() for k, v in online.state_dict().items() if v.is_floating_point()}
+    dropped = ema.target[2].weight
+    ema.target[2].weight = nn.Parameter(torch.zeros_like(dropped), requires_grad=False)
+    for _ in range(2):
+        train(online, 0.5)
+        ema.update()
+        for k in reference:
+            reference[k] = DECAY * reference[k] + (1 - DECAY) * online.state_dict()[k].double()
+    assert ema.target[2].weight is not dropped
+    torch.testing.assert_close(ema.target[2].weight.double(), reference["2.weight"], rtol=1e-2, atol=1e-2)
+
+
+def test_what_no_event_announces_is_seen_by_check_when_unwatched():
+    """A storage-level change (``set_``) or a write into a module's private dicts raises no event (see
+    :mod:`polyak.watch`); with ``watch=False`` the user's ``check()`` looks again and refuses the sharing."""
+    online = net()
+    ema = polyak.EMA(online, decay=DECAY, target="copy", watch=False)
+    ema.update()
+    with torch.no_grad():
+        online[0].weight.set_(ema.target[0].weight.detach())
+    with pytest.raises(ValueError, match="shares its memory") as error:
+        ema.check()
+    assert "'0.weight' shares its memory with the live target's '0.weight'" in one_line(error)
