@@ -366,7 +366,7 @@ def loaded(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
-def test_a_second_run_is_refused_at_its_first_snapshot(tmp_path):
+def test_a_second_run_is_refused_at_its_first_snapshot_and_can_go_elsewhere(tmp_path):
     folder = tmp_path / "snaps"
     first = tracker(net(), folder)
     run_steps(first, 4, moves=1)
@@ -381,6 +381,12 @@ def test_a_second_run_is_refused_at_its_first_snapshot(tmp_path):
     assert first.run_id in message and second.run_id in message
     assert "load its state (load_state_dict)" in message and "pick another directory" in message
     assert files(folder) == before  # nothing overwritten, nothing added
+    # The update itself went through and was counted; the snapshot can be written elsewhere, and the run goes on.
+    assert (second.step, second.num_updates) == (2, 2)
+    second.directory = tmp_path / "elsewhere"
+    second.snapshot()
+    run_steps(second, 2, moves)
+    assert list(files(tmp_path / "elsewhere")) == list(before)
 
 
 def test_a_resumed_run_continues_in_its_folder_and_reconstructs_bit_for_bit(tmp_path):

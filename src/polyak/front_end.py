@@ -151,7 +151,11 @@ class FrontEnd:
                     self._skipped = self._skipped + ~applied
                 self.last_update_step = t
                 self.num_updates += 1
-                self._after_update(module, t)
+                try:
+                    self._after_update(module, t)
+                finally:  # a snapshot refused or failed (a folder of another run, a full disk): the update counts
+                    self.step += 1
+                return
         self.step += 1  # counted once the update went through (a refused one, nonfinite="raise", is no step)
 
     @property
