@@ -499,7 +499,7 @@ def test_a_state_from_before_run_ids_continues_its_unnamed_folder(tmp_path):
                 old.snapshot()
 
 
-@pytest.mark.parametrize("run", [5, b"abc", ["abc"]], ids=["int", "bytes", "list"])
+@pytest.mark.parametrize("run", [5, b"abc", ["abc"], ""], ids=["int", "bytes", "list", "empty"])
 def test_a_damaged_run_entry_in_a_state_is_refused_and_nothing_changes(tmp_path, run):
     source = tracker(net(), tmp_path / "a")
     run_steps(source, 3, moves=1)

@@ -222,8 +222,8 @@ class PostHocEMA(FrontEnd):
 
     def _check_extra(self, state: dict[str, Any]) -> Callable[[], None]:
         run = state.get("run")  # None: a state saved before runs had an identity (its snapshots have none)
-        if run is not None and not isinstance(run, str):
-            raise ValueError(f"saved PostHocEMA has run={run!r}, expected a str. The state is damaged")
+        if run is not None and not (isinstance(run, str) and run):  # "" would read back from snapshots as None
+            raise ValueError(f"saved PostHocEMA has run={run!r}, expected a non-empty str. The state is damaged")
 
         def apply() -> None:
             self.run_id = run
