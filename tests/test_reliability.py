@@ -600,8 +600,8 @@ FRONTS = {
 @pytest.mark.parametrize("front", list(FRONTS))
 @pytest.mark.parametrize(
     ("model_dtype", "dtype"),
-    [(torch.float32, None), (torch.bfloat16, None)],
-    ids=["fp32", "bf16"],
+    [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.float64), (torch.bfloat16, torch.float64)],
+    ids=["fp32", "bf16", "fp32-as-fp64", "bf16-as-fp64"],
 )
 def test_averaged_model_is_an_eval_frozen_copy_in_the_models_dtype(front, model_dtype, dtype):
     model = Mixed()
