@@ -1,0 +1,31 @@
+"""A sharded state on 2 CPU ranks (gloo) knows which part of the whole it holds (issue 23 item 5).
+
+ZeRO-3: a state records ``{"engine", "rank", "world"}`` under ``"shard"``; loaded on another rank or world size it
+is refused in one line on that rank, with nothing changed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .harness import launch
+
+
+def test_zero3_state_of_another_rank_or_world_is_refused(tmp_path):
+    pytest.importorskip("deepspeed")
+    from .identity_workers import zero3_job
+
+    r0, r1 = launch(zero3_job, tmp_path)
+    assert r0["shard"] == {"engine": "ZeRO-3", "rank": 0, "world": 2}
+    assert r1["shard"] == {"engine": "ZeRO-3", "rank": 1, "world": 2}
+    assert r0["shapes"] == r1["shapes"]  # rank 0's state fits rank 1 in every shape ...
+    assert r0["rank0_state"] == "loaded" and r0["unchanged"]  # (rank 0 reloads what it holds)
+    refused = r1["rank0_state"]  # ... and is refused there, naming both parts, with nothing loaded
+    assert "\n" not in refused and r1["unchanged"]
+    assert "holds the part {'engine': 'ZeRO-3', 'rank': 0, 'world': 2}" in refused
+    assert "this rank holds {'engine': 'ZeRO-3', 'rank': 1, 'world': 2}" in refused
+    assert "load the state this rank saved" in refused
+    for r in (r0, r1):
+        assert r["own_state"] == "loaded" and r["own_state_exact"]  # the right rank's state loads, bit for bit
+        assert "'world': 4" in r["other_world"] and "\n" not in r["other_world"] and r["other_world_unchanged"]
+        assert "holds the part" in r["into_unsharded"]
