@@ -27,5 +27,6 @@ def test_zero3_state_of_another_rank_or_world_is_refused(tmp_path):
     assert "load the state this rank saved" in refused
     for r in (r0, r1):
         assert r["own_state"] == "loaded" and r["own_state_exact"]  # the right rank's state loads, bit for bit
+        assert r["own_lazy_state"] == "loaded"  # ... also into a lazy averager, which pairs before checking
         assert "'world': 4" in r["other_world"] and "\n" not in r["other_world"] and r["other_world_unchanged"]
-        assert "holds the part" in r["into_unsharded"]
+        assert "holds the part" in r["into_unsharded"] and "not sharded" in r["into_unsharded"]
