@@ -398,6 +398,7 @@ class Shadow:
                     f"saved tensor {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}; this average "
                     f"holds shape {tuple(slot.values[0].shape)} and dtype {slot.stored[0].dtype}"
                 )
+            engine_of(slot.values[0]).check_saved(name, value, slot.values[0])
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor], index: int = 0) -> None:

@@ -86,3 +86,43 @@ def zero3_job(rank: int, world: int, out: Path) -> dict[str, Any]:
     unsharded = polyak.EMA(even_net(), decay=DECAY)
     result["into_unsharded"] = attempt(lambda: unsharded.load_state_dict(own))
     return result
+
+
+def dtensor_job(rank: int, world: int, out: Path) -> dict[str, Any]:
+    """An FSDP2 average saved by DCP on 2 ranks loads resharded on 1 rank (each rank alone on a mesh of its own);
+    that 1-rank state, handed straight to the 2-rank averager, is refused with nothing changed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded(mesh: Any) -> nn.Module:
+        model = even_net()
+        fully_shard(model, mesh=mesh)
+        return model
+
+    pair = init_device_mesh("cpu", (world, 1), mesh_dim_names=("pair", "alone"))
+    model = sharded(pair["pair"])
+    ema = polyak.EMA(model, decay=DECAY)
+    iterates = []  # the parameters after each move, gathered by torch: the reference averages these
+    for step in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5).add_(step + 1)  # local shards, in place: every rank moves its own part
+        iterates.append({k: v.full_tensor() for k, v in model.named_parameters()})
+        ema.update()
+    dcp.save({"ema": ema.state_dict()}, checkpoint_id=out / "dcp")
+
+    alone = polyak.EMA(sharded(pair["alone"]), decay=DECAY)
+    state = {"ema": alone.state_dict()}
+    dcp.load(state, checkpoint_id=out / "dcp", process_group=pair["alone"].get_group())
+    alone.load_state_dict(state["ema"])
+    result: dict[str, Any] = {"iterates": iterates, "alone": _held(alone)[0], "alone_step": alone.step}
+    result["alone_placements"] = {
+        k: (v.device_mesh.size(), str(v.placements)) for k, v in alone.shadow.tensors().items()
+    }
+
+    other = polyak.EMA(sharded(pair["pair"]), decay=DECAY)
+    before = _held(other)
+    result["other_mesh"] = attempt(lambda: other.load_state_dict(alone.state_dict()))
+    result["other_mesh_unchanged"] = _same(_held(other), before)
+    return result
