@@ -35,7 +35,8 @@ class PostHocEMA(FrontEnd):
 
     Each run has an identity (``run_id``, written in its snapshots and its state): a new run refuses a folder
     that holds another run's snapshots (it would overwrite some and mix with the rest), and a run resumed from
-    its state continues there.
+    its state continues there. Processes that write into one folder (DDP ranks) are one run: give them rank 0's
+    ``run_id`` (the trainer callbacks do), or write snapshots on one rank only.
 
     Args:
         model: the model being trained.
