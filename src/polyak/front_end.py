@@ -153,7 +153,11 @@ class FrontEnd:
                     self._skipped = self._skipped + ~applied
                 self.last_update_step = t
                 self.num_updates += 1
-                self._after_update(module, t)
+                try:
+                    self._after_update(module, t)
+                finally:  # a snapshot refused or failed (a folder of another run, a full disk): the update counts
+                    self.step += 1
+                return
         self.step += 1  # counted once the update went through (a refused one, nonfinite="raise", is no step)
 
     @property
@@ -293,9 +297,10 @@ class FrontEnd:
             shadow = None if self.options.lazy else self._shadow
         else:
             shadow = self._shadow if self._shadow is not None else self._new_shadow(self.model, copy=False)
+            shadow.check(self.model)  # paired with the model (new lazy storage is not yet): its part is known
+            _check_shard(state.get("shard"), shadow.identity(), what)  # first: another rank's shapes may differ
             for saved in averages:
                 shadow.check_state_dict(saved)
-            _check_shard(state.get("shard"), shadow.identity(), what)
         streams = shadow.rounding_state() if shadow is not None and shadow.options.rounding != "nearest" else None
         if shadow is not None and streams is not None:
             shadow.load_rounding_state(state.get("rounding_state"))  # checked there: all or nothing
@@ -314,8 +319,9 @@ def _check_shard(saved: Any, mine: dict[str, Any] | None, what: str) -> None:
     """Refuse a partitioned state saved by another rank or world size: it would load another rank's elements.
     (A state without the entry is a full one, or older than it: its tensors' shapes are checked.)"""
     if saved is not None and saved != mine:
+        held = f"this rank holds {mine!r}" if mine is not None else f"this {what}'s model is not sharded"
         raise ValueError(
-            f"saved {what} holds the part {saved!r} of a sharded model, but this rank holds {mine!r}; load the "
+            f"saved {what} holds the part {saved!r} of a sharded model, but {held}; load the "
             "state this rank saved (one file per rank, same world size), or export the full average with "
             "polyak.distributed.full_state_dict and build the averager from an unsharded model"
         )

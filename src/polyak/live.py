@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .module_tensors import copy_module, unwrap, walk
+from .module_tensors import copy_module, shared_memory, unwrap, walk
 
 __all__ = ["Target", "check_same_structure", "make_target"]
 
@@ -53,20 +53,16 @@ def check_same_structure(model: nn.Module, target: nn.Module) -> None:
 
 
 def _refuse_aliasing(model: nn.Module, target: nn.Module) -> None:
-    """Raise ``ValueError`` naming the tensor when ``target`` shares storage with ``model`` (a module reused by
-    reference, tied weights): every update would write the average into the online model's own tensor."""
-    storages: dict[int, str] = {}
-    for f in walk(model)[0]:
-        if f.tensor.numel():
-            storages.setdefault(f.tensor.untyped_storage().data_ptr(), f.name)
-    for f in walk(target)[0]:
-        shared = storages.get(f.tensor.untyped_storage().data_ptr()) if f.tensor.numel() else None
-        if shared is not None:
-            raise ValueError(
-                f"target tensor {f.name!r} shares its memory with the online model's {shared!r} (a module or weight "
-                "reused by reference); the average would overwrite the model. Pass a separate module, e.g. "
-                'copy.deepcopy(model), or target="copy"'
-            )
+    """Raise ``ValueError`` naming the tensor when ``target`` shares memory with ``model`` (a module reused by
+    reference, tied weights, a view or slice): every update would write the average into the online model's own
+    tensor."""
+    shared = shared_memory(((f.name, f.tensor) for f in walk(target)[0]), ((f.name, f.tensor) for f in walk(model)[0]))
+    if shared is not None:
+        raise ValueError(
+            f"target tensor {shared[0]!r} shares its memory with the online model's {shared[1]!r} (a module or "
+            "weight reused by reference); the average would overwrite the model. Pass a separate module, e.g. "
+            'copy.deepcopy(model), or target="copy"'
+        )
 
 
 def make_target(model: nn.Module, target: Any) -> nn.Module:

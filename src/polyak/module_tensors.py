@@ -7,15 +7,19 @@ wrapped model pairs with the bare one and the other way round.
 
 from __future__ import annotations
 
+import bisect
 import copy
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
+from .storage import engine_of
 from .storage.zero3 import is_engine, is_partitioned
 
-__all__ = ["Found", "canonical_name", "copy_module", "unwrap", "walk"]
+__all__ = ["Found", "canonical_name", "copy_module", "shared_memory", "unwrap", "walk"]
 
 # Attribute names that wrappers insert into qualified names (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
@@ -111,3 +115,46 @@ def copy_module(module: nn.Module) -> nn.Module:
             "Use polyak.EMA / polyak.SWA, which keep only the averaged tensors and need no copy of the model "
             "(evaluate with `with ema.swapped(model): ...` or export with `ema.copy_to(model)`)."
         ) from error
+
+
+def _extent(tensor: Tensor) -> tuple[str, int, int] | None:
+    """The device and the byte addresses ``[start, stop)`` that ``tensor``'s elements (this rank's, if sharded) may
+    occupy; None for a tensor without elements or readable memory (meta, fake)."""
+    try:
+        local = engine_of(tensor).local(tensor)
+        if local.numel() == 0 or local.device.type == "meta":
+            return None
+        span = 1 + sum((size - 1) * stride for size, stride in zip(local.shape, local.stride(), strict=True))
+        return str(local.device), local.data_ptr(), local.data_ptr() + span * local.element_size()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def shared_memory(ours: Iterable[tuple[str, Tensor]], theirs: Iterable[tuple[str, Tensor]]) -> tuple[str, str] | None:
+    """The names of the first tensor of ``ours`` (name, tensor pairs) whose memory overlaps one of ``theirs``, and
+    of that one; None when all are apart.
+
+    Compared by address ranges on each device, so a tensor reused, tied, viewed, sliced or ``as_strided``, and
+    memory wrapped twice (``torch.from_numpy``, ``frombuffer``, DLPack) are all found; views that interleave
+    without touching (``a[::2]``, ``a[1::2]``) count as overlapping.
+    """
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    for name, tensor in theirs:
+        extent = _extent(tensor)
+        if extent is not None:
+            spans.setdefault(extent[0], []).append((extent[1], extent[2], name))
+    starts: dict[str, list[int]] = {}
+    reach: dict[str, list[tuple[int, str]]] = {}  # per device, over spans sorted by start: the furthest end so far
+    for device, found in spans.items():
+        found.sort()
+        starts[device] = [start for start, _, _ in found]
+        reach[device] = list(itertools.accumulate(((stop, name) for _, stop, name in found), max))
+    for name, tensor in ours:
+        extent = _extent(tensor)
+        if extent is None or extent[0] not in spans:
+            continue
+        device, start, stop = extent
+        before = bisect.bisect_left(starts[device], stop)  # spans that begin before this one ends ...
+        if before and reach[device][before - 1][0] > start:  # ... the furthest of them ends after it begins
+            return name, reach[device][before - 1][1]
+    return None

@@ -144,8 +144,9 @@ def _kind(dtype: torch.dtype) -> str:
     return "bool" if dtype == torch.bool else "integer"
 
 
-def _check_pair(slot: Slot, f: Found, mode: Policy, options: Options) -> None:
-    """Raise ``ValueError`` naming the tensor when the model's tensor ``f`` no longer fits ``slot``."""
+def _check_pair(slot: Slot, f: Found, mode: Policy, options: Options, follow: bool) -> None:
+    """Raise ``ValueError`` naming the tensor when the model's tensor ``f`` no longer fits ``slot`` (``follow``:
+    the model read from; else a module only written into, which may hold a copied tensor in any dtype)."""
     tensor, name = f.tensor, slot.name
     engine = engine_of(tensor)
     if engine.name != slot.engine:
@@ -170,6 +171,7 @@ def _check_pair(slot: Slot, f: Found, mode: Policy, options: Options) -> None:
             f"holds it; undo the change or {_REBUILD}"
         )
     stored = slot.stored[0].dtype
+    recast = follow and slot.paired_dtype not in (None, tensor.dtype)  # the model re-cast since first paired
     if mode == "average":
         if _kind(tensor.dtype) != _kind(stored):
             raise ValueError(
@@ -182,9 +184,7 @@ def _check_pair(slot: Slot, f: Found, mode: Policy, options: Options) -> None:
                 f"hold its average ({options.storage_dtype(tensor, 'average')}); build the averager with "
                 f"frozen='average', or {_REBUILD}"
             )
-    elif slot.paired_dtype not in (None, tensor.dtype) and (  # re-cast since first paired (a chosen cast is not)
-        _kind(tensor.dtype) != _kind(stored) or torch.promote_types(tensor.dtype, stored) != stored
-    ):
+    elif recast and (_kind(tensor.dtype) != _kind(stored) or torch.promote_types(tensor.dtype, stored) != stored):
         raise ValueError(
             f"model tensor {name!r} is copied in {stored} but the model now holds it as {tensor.dtype}, which "
             f"that copy cannot hold exactly; {_REBUILD}"
@@ -251,7 +251,7 @@ def build(
             raise ValueError(f"model tensor {f.name!r} is not in the average: it {change}; {_REBUILD}")
     pairs = [(slot, f, options.mode(f) if follow else slot.mode) for slot in slots for f in (by_name[slot.name],)]
     for slot, f, mode in pairs:
-        _check_pair(slot, f, mode, options)
+        _check_pair(slot, f, mode, options, follow)
     for slot, f, mode in pairs if follow else ():  # followed: frozen <-> trainable
         slot.mode = mode
         if slot.paired_dtype is None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .allocation import allocate, fits, in_target
 from .kernels import Mix, all_finite, copy_all, mix_into
-from .module_tensors import Found, copy_module, walk
+from .module_tensors import Found, copy_module, shared_memory, walk
 from .options import NONFINITE, NonFinite, Options, Policy
 from .plan import Plan, Slot, build, group
 from .storage import engine_of, release
@@ -79,9 +79,9 @@ class Shadow:
         adopted = target is not None and self._fits(chosen, target)
         self._slots = in_target(chosen, target) if adopted else allocate(chosen, self.options, self.count)  # type: ignore[arg-type]
         self.mirror = None if adopted else target  # a live target kept apart: written after every update
-        self._target_watcher: Watcher | None = None  # an adopted target's conversions (``.to()``) are followed
-        if adopted and self.options.watch:
-            self._target_watcher = Watcher()
+        # A live target's changes are followed: an adopted one is bound again (``.to()``), a mirror paired again.
+        self._target_watcher = Watcher() if target is not None and self.options.watch else None
+        if adopted and self._target_watcher is not None:
             self._target_watcher.watch(*_contents(target))  # type: ignore[arg-type]  # adopted: a target
         self._by_name = {slot.name: slot for slot in self._slots}
         # other names of tied tensors (e.g. lm_head.weight for embed.weight), so exports load with strict=True
@@ -120,7 +120,7 @@ class Shadow:
             copy_all(
                 [s.stored[0] for s in self._slots], [engine_of(f.tensor).local(f.tensor.detach()) for f, _ in chosen]
             )
-            self.mirror, self._target_watcher = target, None
+            self.mirror = target  # its watcher now serves the mirror's plan
         self._by_name = {slot.name: slot for slot in self._slots}
         self._plan = self._mirror_plan = None
 
@@ -154,9 +154,25 @@ class Shadow:
                     return plan
         elif plan is not None:
             self.rechecks += 1
-        plan, self.aliases = build(module, self._slots, self.aliases, self.options, self._kernels, self._watcher)
-        self._plan = plan
+        plan, aliases = build(module, self._slots, self.aliases, self.options, self._kernels, self._watcher)
+        self._plan = None  # refused below: paired again at the next call
+        self._keep_apart(module)
+        self._plan, self.aliases = plan, aliases
         return plan
+
+    def _keep_apart(self, module: nn.Module) -> None:
+        """Raise ``ValueError`` naming the tensors when the model shares memory with the averages or the live
+        target (a tensor moved, tied or loaded with ``assign=True`` between them): an update would then stop
+        averaging, or write the average over the model."""
+        ours = [(f"the average's {slot.name!r}", t) for slot in self._slots for t in slot.stored]
+        ours += [(f"the live target's {f.name!r}", f.tensor) for f in walk(self.target)[0]] if self.target else []
+        shared = shared_memory(((f.name, f.tensor) for f in walk(module)[0]), ours)
+        if shared is not None:
+            raise ValueError(
+                f"model tensor {shared[0]!r} shares its memory with {shared[1]} (moved, tied or loaded with "
+                "assign=True between them); an update would stop averaging or overwrite the model. Give each its "
+                "own tensors (copy.deepcopy, .clone()), or build a new averager"
+            )
 
     # ------------------------------------------------------------------ the update
 
@@ -175,11 +191,12 @@ class Shadow:
           finite update instead: it syncs once per update until then.
         - ``"raise"``: ``RuntimeError`` naming the first non-finite tensor, before anything changes (syncs).
         """
-        if self._target_watcher is not None and self._target_watcher.dirty:
+        if self.mirror is None and self._target_watcher is not None and self._target_watcher.dirty:
             self._rebind()
         plan = self._plan
         if plan is None or OPEN[0] or not plan.current(module):  # first call, an event, a swap open
             plan = self._plan_for(module)
+        mirror = self._mirror() if self.mirror is not None else None  # paired before anything changes
         mode = self.options.nonfinite if nonfinite is None else nonfinite
         if type(weights) is not tuple or len(weights) != self.count:  # a front end's tuple is taken as it is
             weights = self._weights(weights)
@@ -202,8 +219,8 @@ class Shadow:
         for fold in plan.kernels(keep is not None):
             fold.run(weights, keep)
         plan.copy()
-        if self.mirror is not None:
-            self.write(self.mirror, Mix.copy(0, 1), plan=self._mirror())
+        if mirror is not None:
+            self.write(self.mirror, Mix.copy(0, 1), plan=mirror)  # type: ignore[arg-type]  # a mirror is set
         if not self.started:
             self.started = keep is None or bool(keep)  # a guarded average syncs here until it holds a finite copy
         return keep
@@ -246,9 +263,14 @@ class Shadow:
     # ------------------------------------------------------------------ into a module
 
     def _mirror(self) -> Plan:
+        """The pairing with the live target kept apart, made again after it changed (and checked against the
+        model's tensors then)."""
         plan = self._mirror_plan
         if plan is None or not plan.current(self.mirror):  # type: ignore[arg-type]  # a mirror is set
-            plan, _ = build(self.mirror, self._slots, self.aliases, self.options, _no_kernels, None, follow=False)  # type: ignore[arg-type]
+            watcher, self._mirror_plan = self._target_watcher, None  # refused below: paired again at the next call
+            plan, _ = build(self.mirror, self._slots, self.aliases, self.options, _no_kernels, watcher, follow=False)  # type: ignore[arg-type]
+            if self._plan is not None:
+                self._keep_apart(self._plan.root)
             self._mirror_plan = plan
         return plan
 
@@ -384,6 +406,7 @@ class Shadow:
                     f"saved tensor {name!r} has shape {tuple(value.shape)} and dtype {value.dtype}; this average "
                     f"holds shape {tuple(slot.values[0].shape)} and dtype {slot.stored[0].dtype}"
                 )
+            engine_of(slot.values[0]).check_saved(name, value, slot.values[0])
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor], index: int = 0) -> None:
@@ -414,9 +437,10 @@ class Shadow:
         self.__dict__.update(state)
         if self.options.watch:
             self._watcher = Watcher()
-            if self.target is not None and self.mirror is None:  # adopted: follow the target's conversions
+            if self.target is not None:
                 self._target_watcher = Watcher()
-                self._target_watcher.watch(*_contents(self.target))
+                if self.mirror is None:  # adopted: follow the target's conversions
+                    self._target_watcher.watch(*_contents(self.target))
 
     def close(self) -> None:
         """Stop watching the model for changes (also done when the shadow is garbage-collected)."""

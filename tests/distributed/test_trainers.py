@@ -339,7 +339,7 @@ def lightning_select_job(rank: int, world: int, out: Path) -> dict[str, Any]:
     selection = callback.selection
     return dict(
         scores=selection.scores, chosen=selection.chosen, step=selection.step, validated=model.validated,
-        final=_full(model), last=model.iterates[-1],
+        final=_full(model), last=model.iterates[-1], run=callback.averager.run_id,
     )  # fmt: skip
 
 
@@ -353,6 +353,7 @@ def test_lightning_select_on_under_ddp(tmp_path):
     from polyak.posthoc import reconstruct
 
     r0, r1 = launch(lightning_select_job, tmp_path, timeout=300)
+    assert r0["run"] == r1["run"]  # both ranks write the periodic snapshots into one folder: one run, rank 0's
     assert r0["step"] == 4 and r0["scores"] == r1["scores"] and r0["chosen"] == r1["chosen"]
     assert len(r0["scores"]) >= 12
     for r in (r0, r1):  # 2 validations in training (2 passes each), 1 per candidate: 4 of the 8 samples each

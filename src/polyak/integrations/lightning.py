@@ -18,7 +18,7 @@ from ..io import atomic_write
 from ..storage.dtensor import is_dtensor
 from ..swa_utils import update_bn
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
-from .selection import check_mode, check_selectable, choose, exported, metric_name
+from .selection import check_mode, check_selectable, choose, exported, metric_name, share_run
 
 require("lightning", "lightning")
 import lightning.pytorch as pl  # noqa: E402
@@ -212,7 +212,7 @@ class AveragingCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Strategies that restore after setup (ModelParallelStrategy) load the state after on_fit_start.
-        self._ready(pl_module)
+        share_run(self._ready(pl_module))
         self._seen_step = trainer.global_step  # after a restore: the steps already in the average
 
     def on_train_batch_end(

@@ -9,12 +9,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..distributed import is_dtensor
 from ..posthoc import PostHocEMA, Selection, find_snapshots, select
 
-__all__ = ["check_mode", "check_selectable", "choose", "exported", "metric_name"]
+__all__ = ["check_mode", "check_selectable", "choose", "exported", "metric_name", "share_run"]
+
+
+def share_run(averager: Any) -> None:
+    """A PostHocEMA writing snapshots takes rank 0's run id on every process: all of a trainer's processes write
+    the periodic snapshots into one folder, as one run. A collective (broadcast): call it on every process."""
+    if isinstance(averager, PostHocEMA) and averager.directory is not None and torch.distributed.is_initialized():
+        shared = [averager.run_id]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        averager.run_id = shared[0]
 
 
 def check_mode(mode: Any) -> str:

@@ -19,7 +19,7 @@ from ..io import folder_writer, load_torch
 from ..storage.dtensor import is_dtensor
 from ..storage.zero3 import is_partitioned
 from . import AveragerFactory, averaged_full_state, build_averager, check_factory, check_suffix, require
-from .selection import check_mode, check_selectable, choose, exported, metric_name
+from .selection import check_mode, check_selectable, choose, exported, metric_name, share_run
 
 require("transformers", "transformers")
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
@@ -263,6 +263,7 @@ class AveragingCallback(TrainerCallback):
         self._seen_step = state.global_step
         if state.global_step > 0:  # ... unless it resumes one
             self._resume(args, state.global_step, _state_file(self._model))
+        share_run(self.averager)  # every process writes the periodic snapshots
 
     def _resume(self, args: TrainingArguments, step: int, state_file: str) -> None:
         places = [Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"]

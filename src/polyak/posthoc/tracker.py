@@ -35,7 +35,8 @@ class PostHocEMA(FrontEnd):
 
     Each run has an identity (``run_id``, written in its snapshots and its state): a new run refuses a folder
     that holds another run's snapshots (it would overwrite some and mix with the rest), and a run resumed from
-    its state continues there.
+    its state continues there. Processes that write into one folder (DDP ranks) are one run: give them rank 0's
+    ``run_id`` (the trainer callbacks do), or write snapshots on one rank only.
 
     Args:
         model: the model being trained.
@@ -222,8 +223,8 @@ class PostHocEMA(FrontEnd):
 
     def _check_extra(self, state: dict[str, Any]) -> Callable[[], None]:
         run = state.get("run")  # None: a state saved before runs had an identity (its snapshots have none)
-        if run is not None and not isinstance(run, str):
-            raise ValueError(f"saved PostHocEMA has run={run!r}, expected a str. The state is damaged")
+        if run is not None and not (isinstance(run, str) and run):  # "" would read back from snapshots as None
+            raise ValueError(f"saved PostHocEMA has run={run!r}, expected a non-empty str. The state is damaged")
 
         def apply() -> None:
             self.run_id = run

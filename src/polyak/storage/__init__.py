@@ -6,6 +6,7 @@ nothing above this package branches on the engine:
 - ``local``: the plain tensor holding this rank's data (aliasing it), which the kernels read and write;
 - ``stored_shape`` / ``present``: the shape the average keeps, and what users see of it (a DTensor for FSDP2);
 - ``check_pair``: whether a stored tensor still fits the model's (same sharding and layout);
+- ``check_saved``: whether a saved tensor can load into a stored one (a DTensor of the same layout);
 - ``agree``: a 0-d flag and-ed over the ranks that share the tensors (one skip decision for all ranks);
 - ``gather`` / ``scatter``: the full tensor for export, this rank's part of a full tensor on load;
 - ``identity``: which part of the whole this rank holds, saved with a sharded state and checked on load;
@@ -61,6 +62,10 @@ class Engine:
     def check_pair(self, name: str, stored: Tensor, tensor: Tensor) -> None:
         """Raise ``ValueError`` naming the tensor when ``stored`` (as presented) is laid out unlike ``tensor``;
         the plan has checked already that both have this engine and the same stored shape."""
+
+    def check_saved(self, name: str, saved: Tensor, held: Tensor) -> None:
+        """Raise ``ValueError`` naming the tensor when a ``saved`` tensor of ``held``'s shape and dtype is laid
+        out so that it cannot load into ``held`` (an average as presented)."""
 
     def agree(self, flag: Tensor, tensors: list[Tensor]) -> Tensor:
         """``flag`` and-ed over every rank that holds a share of ``tensors`` (no collective for plain tensors)."""

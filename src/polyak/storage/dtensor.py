@@ -73,6 +73,15 @@ class DTensorEngine(Engine):
                 f"{layout.format(tensor)}; shard the model as when the average was made"
             )
 
+    def check_saved(self, name: str, saved: Tensor, held: Tensor) -> None:
+        if is_dtensor(saved) and (saved.device_mesh, saved.placements) != (held.device_mesh, held.placements):  # type: ignore[attr-defined]
+            layout = "{0.placements} on {0.device_mesh}"
+            raise ValueError(
+                f"saved tensor {name!r} is laid out as {layout.format(saved)}, this average as {layout.format(held)}; "
+                "load a sharded state through torch.distributed.checkpoint (dcp.load into averager.state_dict(), "
+                "which reshards), or give full tensors (polyak.distributed.full_state_dict)"
+            )
+
     def agree(self, flag: Tensor, tensors: list[Tensor]) -> Tensor:
         meshes = {id(t.device_mesh): t.device_mesh for t in tensors}  # type: ignore[attr-defined]
         agreed = flag.to(torch.int32)
