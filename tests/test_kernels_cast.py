@@ -1,12 +1,14 @@
-"""The staged cast of a model of another dtype: channels_last tensors are staged whole, not copied per piece."""
+"""The chunked folds: a cast model is staged (channels_last tensors whole, not copied per piece); K averages of the
+model's own dtype read each chunk in place."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from models import SmallCNN
 from torch import nn
 
-from polyak import EMA
+from polyak import EMA, MultiEMA, flatten_parameters
 from polyak.commands.bench import Census
 
 
@@ -66,3 +68,36 @@ def test_average_of_a_channels_last_model_is_laid_out_like_it():
     restored = SmallCNN()
     restored.load_state_dict(ema.shadow.state_dict())  # loads into a model of the default layout
     torch.testing.assert_close(restored.features[3].weight.double(), weight.double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "flat"])
+def test_multi_ema_reading_the_model_in_place_matches_float64(monkeypatch, layout):
+    """K float32 averages of a float32 model read each chunk in place (no staging): channels_last tensors, tensors
+    split across chunks, and a flat model whose chunks span tensors, against a float64 loop."""
+    monkeypatch.setattr("polyak.kernels.CHUNK", 100)  # smaller than the convolution weights (216, 1152)
+    torch.manual_seed(3)
+    model = SmallCNN()
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        assert not model.features[3].weight.is_contiguous()
+    else:
+        flatten_parameters(model)
+    decays = (0.5, 0.9, 0.99)
+    multi = MultiEMA(model, decays=decays)
+    multi.update()
+    state = {k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    reference = [dict(state) for _ in decays]
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        with Census() as census:
+            multi.update()
+        assert census.allocated == 0 and census.syncs == 0
+        live = {k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()}
+        for decay, average in zip(decays, reference, strict=True):
+            average.update({k: v + (1 - decay) * (live[k] - v) for k, v in average.items()})
+    for index, average in enumerate(reference):
+        tensors = multi.shadow.tensors(index)
+        for name, value in average.items():
+            torch.testing.assert_close(tensors[name].double(), value, rtol=1e-6, atol=1e-6, msg=f"{index} {name}")

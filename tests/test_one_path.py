@@ -1,7 +1,8 @@
 """The one path's structural guarantees, counted at the ATen dispatcher and in the watcher, never timed.
 
-- K averages read the model once: every element of every model tensor is an input to exactly one operation per
-  update of a ``MultiEMA`` (K=3), in float32 and bfloat16.
+- K averages read the model once: a ``MultiEMA`` (K=3) folds each chunk of the model (at most ``CHUNK``
+  elements, a cache's worth) into all K averages before it reads the next chunk, so each model element comes from
+  memory once per update, in float32 (the averages read the chunk in place) and bfloat16 (the chunk is cast once).
 - Changes to other modules cost an averager nothing: torch's ``AveragedModel`` beside it, a module whose
   ``.data`` is assigned every step, a layer added elsewhere: zero re-checks of the averager's own model; a change
   to its own model is still noticed.
@@ -20,33 +21,64 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import polyak
+import polyak.kernels
 
 
 class ModelReads(TorchDispatchMode):
-    """Counts, per model tensor, the elements that operations read from its storage (written outputs aside)."""
+    """Records, operation by operation, which elements of the model's (contiguous) tensors it reads: written
+    outputs and views aside, as ranges in one numbering of all the model's elements."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.storages = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
-        self.read: Counter[str] = Counter()
+        self.starts: dict[int, tuple[str, int]] = {}
+        self.total = 0
+        for name, p in model.named_parameters():
+            self.starts[p.untyped_storage().data_ptr()] = (name, self.total)
+            self.total += p.numel()
+        self.read: Counter[str] = Counter()  # elements read, per model tensor
+        self.ops: list[list[tuple[int, int]]] = []  # per operation that reads the model: its ranges
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        inputs = list(args)
         schema = func._schema
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+            return func(*args, **(kwargs or {}))  # a view reads no data
         written = {i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write}
-        for index, value in enumerate(inputs):
+        ranges = []
+        for index, value in enumerate(args):
             if index in written:
                 continue
             for tensor in tree_leaves(value):
                 if isinstance(tensor, Tensor) and tensor.numel():
-                    name = self.storages.get(tensor.untyped_storage().data_ptr())
-                    if name is not None:
-                        self.read[name] += tensor.numel()
+                    found = self.starts.get(tensor.untyped_storage().data_ptr())
+                    if found is not None:
+                        self.read[found[0]] += tensor.numel()
+                        low = found[1] + tensor.storage_offset()
+                        ranges.append((low, low + tensor.numel()))
+        if ranges:
+            self.ops.append(ranges)
         return func(*args, **(kwargs or {}))
+
+    def widest_window(self) -> int:
+        """The most distinct model elements read from the first read of any one element to its last: a chunk's
+        size when each chunk is folded into every average before the next, the whole model for separate passes."""
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for number, ranges in enumerate(self.ops):
+            for low, high in ranges:
+                for element in range(low, high):
+                    first.setdefault(element, number)
+                    last[element] = number
+        widest = 0
+        for span in {(first[e], last[e]) for e in first}:
+            seen = {e for ranges in self.ops[span[0] : span[1] + 1] for low, high in ranges for e in range(low, high)}
+            widest = max(widest, len(seen))
+        return widest
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_multi_ema_of_three_reads_each_model_tensor_once(dtype: torch.dtype) -> None:
+def test_multi_ema_of_three_reads_each_model_chunk_once(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk = 1000  # several chunks in this small model (CHUNK itself is 1 Mi elements)
+    monkeypatch.setattr(polyak.kernels, "CHUNK", chunk)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8)).to(dtype)
     multi = polyak.MultiEMA(model, decays=(0.9, 0.99, 0.999))
@@ -57,8 +89,10 @@ def test_multi_ema_of_three_reads_each_model_tensor_once(dtype: torch.dtype) -> 
             p.add_(1.0)
     with ModelReads(model) as reads:
         multi.update()
-    assert dict(reads.read) == {name: p.numel() for name, p in model.named_parameters()}
-    separate = [polyak.EMA(model, decay=d) for d in (0.9, 0.99, 0.999)]  # the count can fail: three EMAs read 3x
+    reads_per_element = 3 if dtype == torch.float32 else 1  # in place by each average / cast once into float32
+    assert dict(reads.read) == {name: reads_per_element * p.numel() for name, p in model.named_parameters()}
+    assert reads.widest_window() <= chunk
+    separate = [polyak.EMA(model, decay=d) for d in (0.9, 0.99, 0.999)]  # the window can fail: three full passes
     for ema in separate:
         ema.update()
         ema.update()
@@ -66,6 +100,7 @@ def test_multi_ema_of_three_reads_each_model_tensor_once(dtype: torch.dtype) -> 
         for ema in separate:
             ema.update()
     assert dict(reads.read) == {name: 3 * p.numel() for name, p in model.named_parameters()}
+    assert reads.widest_window() == reads.total
 
 
 def test_foreign_events_cost_no_recheck_and_own_changes_are_noticed() -> None:

@@ -5,9 +5,10 @@ dtype) and the K averages that follow them, and on each update reads every model
 
 - one average of the model's own dtype and device, rounded to nearest, unguarded: one ``_foreach_lerp_``
   (one ``lerp_`` over a flat range where both sides tile one storage, see :func:`polyak.flatten_parameters`);
-- anything else (K averages, a cast, an offloaded average, stochastic rounding, a non-finite guard): the model is
-  staged in chunks of at most ``CHUNK`` elements through a reused buffer, and each chunk is folded into all K
-  averages while it is in cache. Memory beyond the averages does not grow with K.
+- K averages of the model's own dtype and device, to nearest, unguarded: the model is read in chunks of at most
+  ``CHUNK`` elements, and each chunk is folded into all K averages while it is in cache;
+- anything else (a cast, an offloaded average, stochastic rounding, a non-finite guard): each chunk is first
+  staged through a reused buffer, then folded into all K averages. Memory beyond the averages does not grow with K.
 
 A weight of exactly 1.0 copies (exact, and safe on garbage); 0.0 leaves that average untouched (BEMA's anchor).
 :func:`mix_into` writes a combination of the model and its averages into the model (copy, blend, extrapolation).
@@ -161,13 +162,14 @@ def _offloaded(average: Tensor, model: Tensor) -> bool:
 
 @dataclass
 class _Batch:
-    """One staged chunk: each average's range (one flat tensor, or pieces), the staged range and its per-tensor
-    views, the model pieces ``(index, start, stop, whole)``, and the model range when they tile one storage."""
+    """One chunk: each average's range (one flat tensor, or pieces), the range the averages read and its
+    per-tensor views (the staged range; unstaged, the model's own range when it tiles one storage, else empty, and
+    the model's pieces), the model's pieces, and the model's range when they tile one storage."""
 
     targets: list[Tensor | list[Tensor]]
     staged: Tensor
     views: list[Tensor]
-    pieces: list[tuple[int, int, int, bool]]
+    reads: list[Tensor]
     source: Tensor | None
 
 
@@ -204,6 +206,7 @@ class Fold:
         if self.direct:
             self.pairs = merge_runs(self.averages[0], self.models)
             return
+        self.staging = not (same and generator is None and not guard)  # else the averages read the model itself
         self.overlap = _offloaded(first, model)
         cuda = model.device.type == "cuda"  # a CPU stand-in for the GPU (tests) has no events to wait on
         self.events = [torch.cuda.Event() for _ in range(2)] if self.overlap and cuda else []
@@ -222,7 +225,7 @@ class Fold:
         staging = torch.float32 if generator is not None else first.dtype
         pinned = self.overlap and cuda
         self.scratches = [
-            torch.empty(capacity, dtype=staging, device=first.device, pin_memory=pinned)
+            torch.empty(capacity if self.staging else 0, dtype=staging, device=first.device, pin_memory=pinned)
             for _ in range(2 if self.overlap else 1)
         ]
         self.spare = torch.empty(capacity, dtype=staging, device=first.device) if guard and len(averages) > 1 else None
@@ -245,9 +248,13 @@ class Fold:
         for i, a, b in batch:
             whole = (a, b) == (0, sizes[i])
             view = scratch[offset : offset + b - a]
-            views.append(view.as_strided(template[i].shape, template[i].stride()) if whole else view)
+            views.append(view.as_strided(template[i].shape, template[i].stride()) if whole and self.staging else view)
             pieces.append((i, a, b, whole))
             offset += b - a
+        reads = [self.models[i] if whole else self.models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]
+        source = None
+        if len(batch) > 1 and _tiled(self.models, batch, sizes):
+            source = _flat(self.models[batch[0][0]], offset, batch[0][1])
         targets: list[Tensor | list[Tensor]] = []
         for average in self.averages:
             flat = average[0]._base
@@ -255,17 +262,16 @@ class Fold:
             contiguous = contiguous and all(
                 x.storage_offset() + x.numel() == y.storage_offset() for x, y in pairwise(average)
             )
-            if contiguous and flat is not None:
+            if contiguous and flat is not None and (self.staging or source is not None):
                 start = average[batch[0][0]].storage_offset() + batch[0][1]
                 targets.append(flat.view(-1)[start : start + offset])
-            else:  # adopted tensors (a live target's own) are not views of one buffer: tensor by tensor
+            else:  # adopted tensors (a live target's own), or unstaged pieces of the model: tensor by tensor
                 targets.append([average[i] if whole else average[i].view(-1)[a:b] for i, a, b, whole in pieces])
         if self.generator is not None and any(not isinstance(t, Tensor) for t in targets):
             raise ValueError("stochastic rounding needs the average's own flat storage, not adopted tensors")
-        source = None
-        if len(batch) > 1 and _tiled(self.models, batch, sizes):
-            source = _flat(self.models[batch[0][0]], offset, batch[0][1])
-        return _Batch(targets, scratch[:offset], views, pieces, source)
+        if self.staging:
+            return _Batch(targets, scratch[:offset], views, reads, source)
+        return _Batch(targets, source if source is not None else scratch, reads, reads, source)
 
     def run(self, weights: Sequence[Weight], keep: Tensor | None = None) -> None:
         """Fold the model into every average by its weight; with ``keep`` (a 0-d bool tensor), a False flag
@@ -277,7 +283,8 @@ class Fold:
         if self.generator is not None:
             self.draws.random_(-(2**31), 2**31 - 1, generator=self.generator)
         for number in range(len(self.batches)):
-            self._stage(number)
+            if self.staging:
+                self._stage(number)
             if not self.overlap:
                 self._fold(number, weights, keep)
                 continue
@@ -294,9 +301,7 @@ class Fold:
         if batch.source is not None:
             batch.staged.copy_(batch.source, non_blocking=self.overlap)
         else:
-            models = self.models
-            sources = [models[i] if whole else models[i].reshape(-1)[a:b] for i, a, b, whole in batch.pieces]
-            torch._foreach_copy_(batch.views, sources, non_blocking=self.overlap)
+            torch._foreach_copy_(batch.views, batch.reads, non_blocking=self.overlap)
 
     def _fold(self, number: int, weights: Sequence[Weight], keep: Tensor | None) -> None:
         """Fold the staged batch ``number`` into each average (or copy, for a weight of 1.0)."""
@@ -315,7 +320,8 @@ class Fold:
                 staged, views = self._guarded(batch, target, keep)
             if not isinstance(target, Tensor):
                 _lerp(target, views, weight)
-            elif copy:
+                continue
+            if copy:
                 target.copy_(staged)
             else:
                 target.lerp_(staged, weight)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["GPT2Shape", "ManyTensors", "NatureDQNShape", "ResNet50Shape", "SACTwinCritic"]
+__all__ = ["GPT2Shape", "ManyTensors", "NatureDQNShape", "ResNet50Shape", "SACTwinCritic", "WideTensors"]
 
 
 class _Bottleneck(nn.Module):
@@ -75,6 +75,14 @@ class ManyTensors(nn.Module):
     def __init__(self, count: int = 2000, side: int = 50) -> None:
         super().__init__()
         self.weights = nn.ParameterList(nn.Parameter(torch.randn(side, side)) for _ in range(count))
+
+
+class WideTensors(nn.Module):
+    """``count`` parameter tensors of ``numel`` elements: a model where the memory traffic dominates."""
+
+    def __init__(self, count: int = 40, numel: int = 1 << 20) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(numel)) for _ in range(count))
 
 
 class SACTwinCritic(nn.Module):

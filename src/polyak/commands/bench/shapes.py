@@ -46,6 +46,7 @@ SHAPES = {
         "GPT-2 layout, 2 layers of width 64 (--quick)",
     ),
     "many": Shape("ManyTensors", "2,000 small tensors", {"count": 200, "side": 16}, "200 small tensors (--quick)"),
+    "wide": Shape("WideTensors", "40 tensors of 1 Mi", {"count": 40, "numel": 1 << 14}, "40 of 16 Ki (--quick)"),
     "sac": Shape("SACTwinCritic", "SAC twin critic (2 x 3-layer MLP, width 256)", rl=True),
     "dqn": Shape("NatureDQNShape", "Nature DQN CNN", rl=True),
 }

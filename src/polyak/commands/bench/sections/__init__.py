@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from ..goals import Goal
 from ..harness import Contender
-from . import cadence, floors, mixed_precision, peers, polyak_ema
+from . import cadence, floors, mixed_precision, one_path, peers, polyak_ema
 
 __all__ = ["SECTIONS", "contenders", "goals"]
 
-SECTIONS = (floors, polyak_ema, mixed_precision, cadence, peers)
+SECTIONS = (floors, polyak_ema, mixed_precision, cadence, one_path, peers)
 
 
 def contenders() -> tuple[list[Contender], list[str]]:
