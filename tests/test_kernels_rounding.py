@@ -176,11 +176,11 @@ def test_damaged_or_mismatched_state_is_refused_without_change():
     ema, model = run(6, steps=5)
     state = ema.state_dict()
     saved = {k: v.clone() for k, v in ema.shadow.tensors().items()}
-    stream = ema.shadow.rounding_state()
+    stream = ema.shadow.streams.state()
     for damaged in ({"cpu": torch.zeros(3, dtype=torch.uint8)}, {"cuda:0": stream["cpu"]}, None, {"cpu": "x"}):
         with pytest.raises(ValueError, match="rounding state"):
             ema.load_state_dict(state | {"rounding_state": damaged})
-        assert torch.equal(ema.shadow.rounding_state()["cpu"], stream["cpu"])
+        assert torch.equal(ema.shadow.streams.state()["cpu"], stream["cpu"])
     nearest = EMA(model, decay=0.99, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="policy"):
         nearest.load_state_dict(state)

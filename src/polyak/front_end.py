@@ -250,7 +250,7 @@ class FrontEnd:
         state |= self.SPEC.layout.pack(self._averages())
         if shadow is not None:
             if shadow.options.rounding != "nearest":
-                state["rounding_state"] = shadow.rounding_state()
+                state["rounding_state"] = shadow.streams.state()
             if not shadow.started:
                 state["started"] = False
             shard = shadow.identity()
@@ -301,9 +301,9 @@ class FrontEnd:
             _check_shard(state.get("shard"), shadow.identity(), what)  # first: another rank's shapes may differ
             for saved in averages:
                 shadow.check_state_dict(saved)
-        streams = shadow.rounding_state() if shadow is not None and shadow.options.rounding != "nearest" else None
+        streams = shadow.streams.state() if shadow is not None and shadow.options.rounding != "nearest" else None
         if shadow is not None and streams is not None:
-            shadow.load_rounding_state(state.get("rounding_state"))  # checked there: all or nothing
+            shadow.streams.load(state.get("rounding_state"))  # checked there: all or nothing
         if shadow is not None and averages[0] is not None:
             for k, saved in enumerate(averages):
                 shadow.load_state_dict(saved, k)  # type: ignore[arg-type]  # checked above

@@ -256,10 +256,6 @@ class Shadow:
             function(stored, converted)
         plan.copy()
 
-    def copy_from(self, module: nn.Module) -> None:
-        """Set every average to the model's values (the update with weight 1.0)."""
-        self.update(module, (1.0,) * self.count)
-
     # ------------------------------------------------------------------ into a module
 
     def _mirror(self) -> Plan:
@@ -364,10 +360,6 @@ class Shadow:
         """``"average"`` or ``"copy"`` for each stored tensor."""
         return {slot.name: slot.mode for slot in self._slots}
 
-    def policy(self) -> dict[str, Any]:
-        """The selection and precision options, as saved in a state dict."""
-        return self.options.saved()
-
     def identity(self) -> dict[str, Any] | None:
         """Which part of the whole this rank's stored tensors are, where the tensors do not say it themselves
         (ZeRO-3 partitions: rank and world size); None for an unsharded model or DTensors."""
@@ -419,14 +411,6 @@ class Shadow:
                 tensor = plan.live[self._slots.index(slot)] if plan is not None else held
                 value = engine_of(held).scatter(value, held, tensor)
             held.copy_(value)
-
-    def rounding_state(self) -> dict[str, Tensor]:
-        """The state of each random stream of stochastic rounding, by device (empty when rounding to nearest)."""
-        return self.streams.state()
-
-    def load_rounding_state(self, state: Any) -> None:
-        """Restore :meth:`rounding_state`, after checking it (nothing changes on error)."""
-        self.streams.load(state)
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (``copy.deepcopy`` of an averager) leaves the cached pairings and the watchers behind: its
