@@ -24,14 +24,14 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "Fold", "Mix", "all_finite", "batches", "copy_all", "merge_runs", "mix_into"]
+__all__ = ["CHUNK", "Fold", "Mix", "RandomBits", "all_finite", "batches", "copy_all", "merge_runs", "mix_into"]
 
 # Model elements staged per chunk (4 MiB in float32). Measured on a 2 MiB-L2, 32 MiB-L3 CPU (bf16 ResNet-50 into a
 # float32 average, 1 thread): 64 Ki elements 3.5x the floor, 256 Ki 1.75x, 1 Mi 1.16-1.20x, 4 Mi 1.26x; K=3
 # averages of 32 Mi float32 elements: 1 Mi chunks 24.4 ms against 31.8 ms for three passes.
 CHUNK = 1 << 20
-# Stochastic rounding: each element's random bits are a hash of its own fixed random key plus one fresh draw per
-# chunk and update (the seed of the keys, and the odd multipliers of a multiply-xorshift hash).
+# Stochastic rounding (see RandomBits): the seed of the fixed random table or keys, and the odd multipliers of the
+# multiply-xorshift hash.
 _PATTERN_SEED = 0x5EED
 _MIX = (0x2C1B3C6D, 0x297A2D39)
 
@@ -184,7 +184,8 @@ class Fold:
 
     Staged (see the module docstring), scratch is one chunk in the staging dtype (the averages', float32 when
     rounding stochastically), plus one chunk to guard K > 1 averages, plus, for stochastic rounding, a float32
-    chunk, each value's random key and two chunks to hash it (20 MiB in all). For an average offloaded to host memory,
+    chunk and :class:`RandomBits` (two chunks of int32 in host memory, three on a GPU; 16-20 MiB in all). For an
+    average offloaded to host memory,
     two pinned chunks alternate: chunk b+1 is copied from the GPU while the CPU folds chunk b.
     """
 
@@ -231,13 +232,8 @@ class Fold:
         self.spare = torch.empty(capacity, dtype=staging, device=first.device) if guard and len(averages) > 1 else None
         self.batches = [self._batch(number, batch, sizes) for number, batch in enumerate(batches(sizes, capacity))]
         if generator is not None:
-            pattern_generator = torch.Generator().manual_seed(_PATTERN_SEED)
-            pattern = torch.randint(-(2**31), 2**31 - 1, (capacity,), dtype=torch.int32, generator=pattern_generator)
-            self.pattern = pattern.to(first.device)
             self.wide = torch.empty(capacity, device=first.device)
-            self.bits = torch.empty(capacity, dtype=torch.int32, device=first.device)
-            self.mixing = torch.empty(capacity, dtype=torch.int32, device=first.device)
-            self.draws = torch.empty(len(self.averages), len(self.batches), dtype=torch.int32, device=first.device)
+            self.bits = RandomBits(capacity, (len(self.averages), len(self.batches)), first.device)
 
     def _batch(self, number: int, batch: list[tuple[int, int, int]], sizes: list[int]) -> _Batch:
         scratch = self.scratches[number % len(self.scratches)]
@@ -281,7 +277,7 @@ class Fold:
                 _lerp(*self.pairs, weights[0])
             return
         if self.generator is not None:
-            self.draws.random_(-(2**31), 2**31 - 1, generator=self.generator)
+            self.bits.draw(self.generator)
         for number in range(len(self.batches)):
             if self.staging:
                 self._stage(number)
@@ -313,7 +309,7 @@ class Fold:
                 continue
             copy = not isinstance(weight, Tensor) and weight == 1.0  # exact, and blind to what the average held
             if self.generator is not None and not copy:
-                self._round(batch, self.draws[k, number], target, weight, keep)  # type: ignore[arg-type]  # flat
+                self._round(batch, self.bits(batch.staged.numel(), k, number), target, weight, keep)  # type: ignore[arg-type]  # flat
                 continue
             staged, views = batch.staged, batch.views
             if keep is not None:  # the average's own values where the flag is False: the lerp then keeps them
@@ -337,8 +333,8 @@ class Fold:
             torch.where(keep, staged, piece, out=view)
         return out, views
 
-    def _round(self, batch: _Batch, draw: Tensor, target: Tensor, weight: Weight, keep: Tensor | None) -> None:
-        """Fold in float32 and write back into the bfloat16 average with stochastic rounding."""
+    def _round(self, batch: _Batch, bits: Tensor, target: Tensor, weight: Weight, keep: Tensor | None) -> None:
+        """Fold in float32 and write back into the bfloat16 average with stochastic rounding by ``bits``."""
         n = batch.staged.numel()
         wide, staged = self.wide[:n], batch.staged
         wide.copy_(target)
@@ -346,14 +342,49 @@ class Fold:
             staged = self.spare[:n] if self.spare is not None else staged
             torch.where(keep, batch.staged, wide, out=staged)
         wide.lerp_(staged, weight)
-        round_stochastically_(target, wide, self._bits(n, draw))
+        round_stochastically_(target, wide, bits)
 
-    def _bits(self, n: int, draw: Tensor) -> Tensor:
-        """Uniform integers in [0, 2**16), one per value: a multiply-xorshift hash of each value's key plus this
-        chunk's draw. The hash mixes, so values of one chunk round (nearly) independently of each other, which a
-        mean over many values needs; a plain XOR of one draw would move them together."""
+
+class RandomBits:
+    """Uniform integers in [0, 2**16) for stochastic rounding, one per value of a chunk of at most ``capacity``
+    values, from one draw per chunk and average (``shape``: averages x chunks) of the stream.
+
+    In host memory, where a draw is read without a sync: a window into a fixed table whose every ``period``
+    consecutive entries hold each 16-bit value equally often, at an offset drawn uniformly in [0, period). Each
+    value's bits are then exactly uniform, the values of a chunk read distinct entries, so they round nearly
+    independently, and no pass over the chunk is spent making them. On a GPU (``hashed``), where reading a draw
+    would sync: a multiply-xorshift hash of each value's fixed random key plus the draw, six passes.
+    """
+
+    def __init__(self, capacity: int, shape: tuple[int, int], device: torch.device, *, hashed: bool | None = None):
+        self.hashed = device.type != "cpu" if hashed is None else hashed
+        keys = torch.Generator().manual_seed(_PATTERN_SEED)
+        self.draws = torch.empty(shape, dtype=torch.int32, device=device)
+        if not self.hashed:
+            self.period = 1 << max(16, (capacity - 1).bit_length())
+            balanced = torch.randperm(self.period, generator=keys).remainder_(1 << 16).to(torch.int32)
+            self.table = balanced.repeat(2)[: capacity + self.period]
+            self.offsets: list[list[int]] = []
+            return
+        pattern = torch.randint(-(2**31), 2**31 - 1, (capacity,), dtype=torch.int32, generator=keys)
+        self.pattern = pattern.to(device)
+        self.bits = torch.empty(capacity, dtype=torch.int32, device=device)
+        self.mixing = torch.empty(capacity, dtype=torch.int32, device=device)
+
+    def draw(self, generator: torch.Generator) -> None:
+        """This update's draws, one per chunk and average."""
+        if not self.hashed:
+            self.offsets = self.draws.random_(0, self.period, generator=generator).tolist()
+        else:
+            self.draws.random_(-(2**31), 2**31 - 1, generator=generator)
+
+    def __call__(self, n: int, average: int, chunk: int) -> Tensor:
+        """The bits of ``n`` values of chunk ``chunk`` of average ``average``, for this update."""
+        if not self.hashed:
+            offset = self.offsets[average][chunk]
+            return self.table[offset : offset + n]
         bits, mixing = self.bits[:n], self.mixing[:n]
-        torch.add(self.pattern[:n], draw, out=bits)  # int32 arithmetic wraps around
+        torch.add(self.pattern[:n], self.draws[average, chunk], out=bits)  # int32 arithmetic wraps around
         bits.mul_(_MIX[0])
         torch.bitwise_right_shift(bits, 15, out=mixing)
         bits.bitwise_xor_(mixing).mul_(_MIX[1])
