@@ -70,3 +70,16 @@ def test_every_goal_judges_rows_that_are_timed_and_the_floor_is_timed_first():
     assert names[0] == FLOOR and len(set(names)) == len(names)
     for goal in sections.goals():
         assert goal.subject in names and goal.reference in names, goal
+
+
+def test_bench_select_prints_the_selection_against_the_hand_written_loop(capsys, monkeypatch):
+    """``polyak bench --select``: the loop and select choose the same width (measure raises otherwise), and the
+    ratio is printed with its goal; tiny sizes, timings not checked."""
+    from polyak.commands.bench import selection
+
+    measure = selection.measure
+    monkeypatch.setattr("polyak.commands.bench.harness._SAMPLE_S", 0.001)
+    monkeypatch.setattr(selection, "measure", lambda **kw: measure(**kw, layers=1, width=64, vocab=256, context=16))
+    assert main(["bench", "--quick", "--shapes", "sac", "--repeats", "1", "--select"]) == 0
+    out = capsys.readouterr().out
+    assert "select / loop = " in out and "goal <= 0.6x" in out and "12 widths" in out

@@ -21,6 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", default="cpu", help="where the models live, e.g. cuda (default cpu)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="also time choosing the EMA width (posthoc.select) against the hand-written loop (about a minute)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     import gc
+    import json
     import platform
 
     import torch
@@ -61,4 +67,10 @@ def run(args: argparse.Namespace) -> int:
         header += " (--quick: small stand-ins for the large shapes, where per-call overhead dominates, and few rounds)"
     lines = goal_lines(reports, sections.goals())
     print((as_json if args.json else markdown)(reports, header, skipped, lines))
+    if args.select:
+        from .selection import measure as measure_selection
+        from .selection import report as selection_report
+
+        figures = measure_selection(threads=args.threads, rounds=1 if args.quick else 3)
+        print(json.dumps(figures) if args.json else "\n" + selection_report(figures))
     return 0
