@@ -184,9 +184,8 @@ class Fold:
 
     Staged (see the module docstring), scratch is one chunk in the staging dtype (the averages', float32 when
     rounding stochastically), plus one chunk to guard K > 1 averages, plus, for stochastic rounding, a float32
-    chunk and :class:`RandomBits` (two chunks of int32 in host memory, three on a GPU; 16-20 MiB in all). For an
-    average offloaded to host memory,
-    two pinned chunks alternate: chunk b+1 is copied from the GPU while the CPU folds chunk b.
+    chunk and :class:`RandomBits` (two to three chunks of int32; 16-20 MiB in all). For an average offloaded to
+    host memory, two pinned chunks alternate: chunk b+1 is copied from the GPU while the CPU folds chunk b.
     """
 
     def __init__(
