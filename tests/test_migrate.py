@@ -189,8 +189,15 @@ def test_uncompensated_cadence_reproduces_lightning_every_n_steps() -> None:
     assert options == {"decay": 0.9, "update_every": 3, "start_step": 4, "compensate": False}
     ours = AveragingCallback(lambda m: polyak.EMA(m, **options), evaluate=False)
     module = Net()
-    pl.Trainer(max_steps=40, callbacks=[peer, ours], logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").fit(module, data)
+    pl.Trainer(
+        max_steps=40,
+        callbacks=[peer, ours],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).fit(module, data)
     for name, value in module.state_dict().items():  # Lightning copies its average into the model at the end
         torch.testing.assert_close(ours.averager.shadow.state_dict()[name], value, rtol=0, atol=1e-12)
 
