@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import polyak
+import polyak.storage.zero3  # the tests patch it; the storage registry imports it only on first use
 
 partition_parameters = pytest.importorskip("deepspeed.runtime.zero.partition_parameters")
 Status = partition_parameters.ZeroParamStatus

@@ -36,7 +36,10 @@ _UNITS = {
     "tokens": "tokens",
 }
 _SCALE = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)\s*([kKMBGT]?)\s*([A-Za-z]+)\s*$")
+# The unit is matched by name (any case), so that a multiplier letter that starts a unit name backtracks: "1 Batch"
+# and "2 Tokens" are 1 step and 2 tokens, "1B tokens" a billion tokens.
+_UNIT_NAMES = "|".join(sorted(_UNITS, key=len, reverse=True))
+_PATTERN = re.compile(rf"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)\s*([kKMBGT]?)\s*((?i:{_UNIT_NAMES}))\s*$")
 _RATE = {"epochs": "steps_per_epoch", "samples": "batch_size", "tokens": "tokens_per_step"}
 _RATE_MEANING = {
     "steps_per_epoch": "optimizer steps per epoch",

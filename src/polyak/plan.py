@@ -70,6 +70,7 @@ class Plan:
     objects: list[Any] = field(default_factory=list)
     dicts: list[dict[str, Any]] = field(default_factory=list)
     sets: list[set[str]] = field(default_factory=list)
+    persistence: list[frozenset[str]] = field(default_factory=list)  # the sets' contents: which names are left out
     count: int = 0
     tensors: list[Tensor] = field(default_factory=list)  # every tensor among them, paired or not ...
     signatures: list[tuple[Any, ...]] = field(default_factory=list)  # ... dtype, shape, strides, device, grad flag
@@ -94,6 +95,8 @@ class Plan:
         if not all(map(operator.is_, now, self.objects)):
             return False
         if sum(map(len, self.dicts)) + sum(map(len, self.sets)) != self.count:
+            return False
+        if list(map(frozenset, self.sets)) != self.persistence:  # persistence moved from one buffer to another
             return False
         if list(map(_signature, self.tensors)) != self.signatures:
             return False
@@ -312,6 +315,7 @@ def _snapshot(plan: Plan, modules: list[nn.Module]) -> None:
         plan.keys += list(d)
         plan.objects += list(d.values())
     plan.count = len(plan.keys) + sum(map(len, plan.sets))
+    plan.persistence = list(map(frozenset, plan.sets))
     plan.tensors = [t for t in plan.objects if isinstance(t, Tensor)]
     plan.signatures = list(map(_signature, plan.tensors))
     plan.pointers = _pointers(plan.tensors)
