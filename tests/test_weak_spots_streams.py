@@ -76,7 +76,7 @@ def test_a_lazy_resume_continues_the_rounding_stream(saved_at):
     resumed = stochastic(resumed_model, lazy=True, start_step=2)
     assert resumed._shadow is None
     resumed.load_state_dict(saved)
-    assert torch.equal(resumed.shadow.rounding_state()["cpu"], saved["rounding_state"]["cpu"])
+    assert torch.equal(resumed.shadow.streams.state()["cpu"], saved["rounding_state"]["cpu"])
     for state in run[saved_at:]:
         resumed_model.load_state_dict(state)
         resumed.update()
