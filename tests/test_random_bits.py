@@ -28,21 +28,26 @@ def test_a_chunk_reads_distinct_entries_and_the_period_covers_the_chunk():
 
 
 @pytest.mark.parametrize("hashed", [False, True])
-def test_values_of_one_chunk_round_independently(hashed):
-    """Over 3000 updates, whether two values of a chunk round up is uncorrelated (a shared draw XOR-ed into fixed
-    keys, as polyak once did, makes every pair's correlation +-1), and each rounds up half the time."""
-    n, updates = 4096, 3000
-    bits = RandomBits(n, (1, 1), torch.device("cpu"), hashed=hashed)
+def test_values_round_independently(hashed):
+    """Over 3000 updates, whether two values round up is uncorrelated, within a chunk and across two chunks and two
+    averages (a shared draw XOR-ed into fixed keys, as polyak once did, makes every pair's correlation +-1), and
+    each value rounds up half the time."""
+    n, updates = 1024, 3000
+    bits = RandomBits(n, (2, 2), torch.device("cpu"), hashed=hashed)
     generator = torch.Generator().manual_seed(0)
-    up = torch.empty(updates, n)
+    up = torch.empty(updates, 4 * n)
     for update in range(updates):
         bits.draw(generator)
-        up[update] = (bits(n, 0, 0) >= HALF).float()
+        for part, (average, chunk) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            up[update, part * n : (part + 1) * n] = (bits(n, average, chunk) >= HALF).float()
     rate = up.mean(0)
     assert float((rate - 0.5).abs().max()) < 5 * 0.5 / updates**0.5  # each value: 1/2, within 5 sigma
-    pairs = torch.randint(0, n, (200, 2), generator=torch.Generator().manual_seed(1))
+    picked = torch.randint(0, n, (100, 2), generator=torch.Generator().manual_seed(1)).tolist()
+    within = [(i, j) for i, j in picked]
+    across_chunks = [(i, i + n) for i, _ in picked]  # the same place in the next chunk
+    across_averages = [(i, i + 2 * n) for i, _ in picked]  # the same place in the other average
     centred = up - rate
-    for i, j in pairs.tolist():
+    for i, j in within + across_chunks + across_averages:
         if i != j:
             correlation = (centred[:, i] * centred[:, j]).mean() / (centred[:, i].std() * centred[:, j].std())
             assert abs(float(correlation)) < 5 / updates**0.5, (i, j)
