@@ -18,7 +18,15 @@ TESTS = {
     "swa_utils.py": ["tests/test_missing_cases.py", "tests/test_swa_utils.py"],
     "posthoc/tracker.py": ["tests/test_missing_cases.py", "tests/test_posthoc.py"],
     "io/safetensors.py": ["tests/test_missing_cases.py", "tests/test_io.py"],
-    "front_end.py": ["tests/test_arguments.py", "tests/test_resume.py"],
+    "front_end.py": [
+        "tests/test_ema.py",
+        "tests/test_missing_cases.py",
+        "tests/test_nonfinite.py",
+        "tests/test_arguments.py",
+        "tests/test_resume.py",
+        "tests/test_swap.py",
+    ],
+    "state.py": ["tests/test_resume.py", "tests/test_arguments.py", "tests/test_state_compat.py"],
 }
 
 # (name, module, snippet, replacement): plausible slips, each a one-line change.
@@ -43,7 +51,12 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         "min(max(value, self.min_decay), self.decay)",
         "min(value, self.decay)",
     ),
-    ("rules: power warm-up n = j", "rules.py", "n = j - 1\n        value", "n = j\n        value"),
+    (
+        "rules: power warm-up n = j",
+        "rules.py",
+        "n = max(0, j - 1 + self.offset)",
+        "n = max(0, j + self.offset)",
+    ),
     (
         "rules: power function exponent gamma",
         "rules.py",
@@ -86,26 +99,26 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         "kernels: staged lerp by 1 - w",
         "kernels.py",
-        "target.copy_(staged) if copy else target.lerp_(staged, weight)",
-        "target.copy_(staged) if copy else target.lerp_(staged, 1 - weight)",
+        "target.lerp_(staged, weight)",
+        "target.lerp_(staged, 1 - weight)",
     ),
     (
         "kernels: staged pieces lerp by 1 - w",
         "kernels.py",
-        "        foreach_lerp(target, views, weight)",
-        "        foreach_lerp(target, views, 1 - weight)",
+        "_lerp(target, views, weight)",
+        "_lerp(target, views, 1 - weight)",
     ),
     (
         "kernels: keep flag inverted",
         "kernels.py",
-        "torch.where(keep, staged, target, out=staged)",
-        "torch.where(keep, target, staged, out=staged)",
+        "torch.where(keep, batch.staged, target, out=out)",
+        "torch.where(keep, target, batch.staged, out=out)",
     ),
     (
         "kernels: overlap folds the batch in flight",
         "kernels.py",
-        "self._fold(number - 1, weight, keep)",
-        "self._fold(number, weight, keep)",
+        "self._fold(number - 1, weights, keep)",
+        "self._fold(number, weights, keep)",
     ),
     (
         "kernels: merge ignores the model layout",
@@ -116,8 +129,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         "kernels: copy when the weight is large",
         "kernels.py",
-        "copy = isinstance(weight, float) and weight == 1.0",
-        "copy = isinstance(weight, float) and weight >= 0.5",
+        "copy = not isinstance(weight, Tensor) and weight == 1.0",
+        "copy = not isinstance(weight, Tensor) and weight >= 0.5",
     ),
     (
         "shadow: raise checks copied tensors",
@@ -128,34 +141,30 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         "shadow: skip leaves copies stale",
         "shadow.py",
-        "                    staged.run(weight, keep)\n"
-        "                if plan.copies[0]:\n"
-        "                    torch._foreach_copy_(*plan.copies)\n",
-        "                    staged.run(weight, keep)\n",
+        "            fold.run(weights, keep)\n        plan.copy()\n",
+        "            fold.run(weights, keep)\n",
     ),
     (
-        "shadow: weight 1 lerps",
-        "shadow.py",
-        "        if isinstance(weight, float) and weight == 1.0:\n"
-        "            self._copy_all(plan)\n"
-        "            return None\n",
+        # The shadow's own copy path for a weight of 1.0 is gone: the kernels copy (exact, blind to garbage).
+        "kernels: weight 1 lerps",
+        "kernels.py",
+        "    elif weight == 1.0:\n        torch._foreach_copy_(targets, sources)\n",
         "",
     ),
+    # Time since the start and the skip counter now live in the front ends' shared base.
     (
-        "ema: time counts from 0",
-        "ema.py",
-        """        t = self.step + 1 - self.start_step
-        if self.target""",
-        """        t = self.step - self.start_step
-        if self.target""",
+        "front_end: time counts from 0",
+        "front_end.py",
+        "t = self.step + 1 - self._begin",
+        "t = self.step - self._begin",
     ),
     (
         "ema: one step per update",  # (delta = update_every would be equivalent: updates are on a grid)
         "ema.py",
-        "delta = t - self.last_update_step",
-        "delta = 1",
+        "weight_of(self.rule, t, t - self.last_update_step,",
+        "weight_of(self.rule, t, 1,",
     ),
-    ("ema: skip counter counts applied", "ema.py", "self._skipped + ~applied", "self._skipped + applied"),
+    ("front_end: skip counter counts applied", "front_end.py", "self._skipped + ~applied", "self._skipped + applied"),
     (
         "bema: gamma and rho swapped",
         "bema.py",
@@ -201,7 +210,12 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         '"optimizer_step": str(self.start_step + self.last_update_step)',
         '"optimizer_step": str(self.last_update_step)',
     ),
-    ("posthoc: start step ignored", "posthoc/tracker.py", "t = self.step + 1 - self.start_step", "t = self.step + 1"),
+    (
+        "front_end: start step ignored",  # was posthoc/tracker.py's own clock; every front end's start is here now
+        "front_end.py",
+        "self._begin = int(getattr(self, self.SPEC.start))",
+        "self._begin = 0",
+    ),
     (
         "io: tensors in the given order",
         "io/safetensors.py",
@@ -215,9 +229,9 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         'return blob + b" " * (len(blob) % 8)',
     ),
     (
-        "front_end: start ignored in the counter check",
-        "front_end.py",
-        "updates = max(0, step - start) // every",
-        "updates = max(0, step) // every",
+        "state: start ignored in the counter check",  # was front_end.py's
+        "state.py",
+        'updates = max(0, counters["step"] - start_value) // every',
+        'updates = max(0, counters["step"]) // every',
     ),
 ]
