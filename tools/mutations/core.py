@@ -475,10 +475,12 @@ MUTATIONS += [
         "",
     ),
     (
-        "allocation: target adopted on another device",
+        # (Adopting a target on another device than options.device is unobservable on a CPU-only machine, where
+        # every tensor is on the CPU: the slip planted is the dtype test's, against the model's dtype instead.)
+        "allocation: target adopted in the model's dtype",
         "allocation.py",
-        "and (options.device is None or theirs[f.name].device == options.device)",
-        "",
+        "and theirs[f.name].dtype == options.storage_dtype(f.tensor, mode)",
+        "and theirs[f.name].dtype == f.tensor.dtype",
     ),
     (
         "watch: a new .data is not noticed",
