@@ -293,3 +293,14 @@ def test_tied_names_are_saved_as_aliases_and_load_strictly():
     fresh.load_state_dict(state)  # strict: every name of the model is there
     assert torch.equal(fresh.lm_head.weight, state["embed.weight"])
     Shadow(TinyTransformer()).load_state_dict(state)  # the alias is accepted, not reported as unexpected
+
+
+def test_an_fsdp1_flat_parameter_is_refused_naming_fsdp2():
+    """FSDP1 marks its flat parameters (fragments of several parameters) with torch's ``_set_fsdp_flattened``;
+    paired by name they would be averaged as the wrong tensors, so the averager refuses them, pointing at FSDP2."""
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    model = nn.Linear(3, 2)
+    _set_fsdp_flattened(model.weight)
+    with pytest.raises(RuntimeError, match=r"FSDP1 .*fully_shard"):
+        EMA(model, decay=0.9)

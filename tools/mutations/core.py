@@ -48,6 +48,7 @@ TESTS = {
     "watch.py": ["tests/test_one_path.py", "tests/test_plan.py", "tests/test_reliability.py"],
     "swap.py": ["tests/test_swap.py", "tests/test_shadow.py"],
     "allocation.py": ["tests/test_kernels_cast.py", "tests/test_shadow.py", "tests/test_live.py"],
+    "storage/__init__.py": ["tests/test_zero_adapter.py", "tests/test_shadow.py"],
     "posthoc/fit.py": ["tests/test_posthoc.py"],
     "posthoc/synthesis.py": ["tests/test_posthoc.py"],
     "posthoc/snapshots.py": ["tests/test_posthoc.py"],
@@ -481,6 +482,18 @@ MUTATIONS += [
         "allocation.py",
         "and theirs[f.name].dtype == options.storage_dtype(f.tensor, mode)",
         "and theirs[f.name].dtype == f.tensor.dtype",
+    ),
+    (
+        "storage: the plain engine claims first",
+        "storage/__init__.py",
+        "return [DTensorEngine(), ZeroEngine(), PLAIN]",
+        "return [PLAIN, DTensorEngine(), ZeroEngine()]",
+    ),
+    (
+        "storage: FSDP1's mark misspelt",
+        "storage/__init__.py",
+        'if getattr(tensor, "_fsdp_flattened", False):',
+        'if getattr(tensor, "_fsdp_flat", False):',
     ),
     (
         "watch: a new .data is not noticed",
