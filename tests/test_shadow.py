@@ -197,6 +197,10 @@ def test_state_dict_round_trip_and_mismatch():
     with pytest.raises(ValueError, match=r"'head.weight' has shape"):
         other.load_state_dict(broken)
     assert all(torch.equal(before[k], v) for k, v in other.tensors().items())  # nothing changed
+    broken["head.weight"] = shadow.state_dict()["head.weight"].double()  # right shape, another precision
+    with pytest.raises(ValueError, match=r"'head.weight' has shape \(\d+, \d+\) and dtype torch.float64"):
+        other.load_state_dict(broken)
+    assert all(torch.equal(before[k], v) for k, v in other.tensors().items())
     del broken["head.weight"]
     with pytest.raises(ValueError, match="missing"):
         other.load_state_dict(broken)

@@ -357,10 +357,13 @@ MUTATIONS += [
         "same = first.device == model.device",
     ),
     (
-        "kernels: K guarded averages share the staged chunk",
+        # (Sharing the staged chunk among K guarded averages, a spare only for K > 2, is equivalent: the flag is
+        # one for the whole update, so a False flag writes each average's own values over the chunk in turn.
+        # Planted instead: the bug the spare's pieces had, every piece at the chunk's start.)
+        "kernels: spare pieces all at the chunk's start",
         "kernels.py",
-        "if guard and len(averages) > 1 else None",
-        "if guard and len(averages) > 2 else None",
+        "views = [out[end - v.numel() : end].view_as(v) for v, end in zip(batch.views, ends, strict=True)]",
+        "views = [out[: v.numel()].view_as(v) for v in batch.views]",
     ),
     (
         "kernels: pieces keep flag inverted",
