@@ -25,10 +25,12 @@ TESTS = {
         "tests/test_combinations.py",
     ],
     "ema.py": [
-        "tests/test_ema.py::test_front_end_matches_float64_loop",
+        "tests/test_ema.py",
         "tests/test_resume.py",
         "tests/test_nonfinite.py",
         "tests/test_swap.py",
+        "tests/test_live.py",
+        "tests/test_live_multi.py::test_switch_ema_writes_the_average_back",
     ],
     "bema.py": ["tests/test_bema.py"],
     "bn.py": ["tests/test_bn.py", "tests/distributed/test_update_bn_ranks.py"],
