@@ -1,4 +1,5 @@
-"""Mutations of the core modules: rules, kernels, the shadow, the front ends, BatchNorm, swa_utils, post-hoc, io."""
+"""Mutations of the core modules: rules, options, watch, state, swap, allocation, the kernels, the shadow, the plain
+storage engine, the front ends, BatchNorm, swa_utils, post-hoc, io."""
 
 from __future__ import annotations
 
