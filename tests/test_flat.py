@@ -105,9 +105,9 @@ def test_flat_model_staged_in_chunks_that_start_inside_a_tensor_matches_float64(
     """A flat model staged in chunks of 16 elements (a bf16 model cast, or a guarded float32 one): chunks that
     start inside a tensor and run on over the next ones are read as one range from that point. Every element
     differs, so a range read from the wrong place shows; the average follows a float64 EMA of the model."""
-    monkeypatch.setattr("polyak.kernels.CHUNK", 16)
+    monkeypatch.setattr("polyak.kernels.CHUNK", 16)  # the second chunk: the first weight's last 4, the bias
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)).to(dtype)  # 15, 5, 10, 2 elements
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2)).to(dtype)  # 20 (16 + 4), 5, 10, 2 elements
     flatten_parameters(model)
     shadow = Shadow(model, nonfinite=nonfinite)
     reference = {n: p.detach().double().clone() for n, p in model.named_parameters()}
