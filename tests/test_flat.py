@@ -100,6 +100,29 @@ def test_broken_layout_falls_back_correctly(breaks, dtype, monkeypatch):
         torch.testing.assert_close(value, (before[name] + 2.0) / 2, msg=name)
 
 
+@pytest.mark.parametrize(("dtype", "nonfinite"), [(torch.bfloat16, "propagate"), (torch.float32, "skip")])
+def test_flat_model_staged_in_chunks_that_start_inside_a_tensor_matches_float64(dtype, nonfinite, monkeypatch):
+    """A flat model staged in chunks of 16 elements (a bf16 model cast, or a guarded float32 one): chunks that
+    start inside a tensor and run on over the next ones are read as one range from that point. Every element
+    differs, so a range read from the wrong place shows; the average follows a float64 EMA of the model."""
+    monkeypatch.setattr("polyak.kernels.CHUNK", 16)  # the second chunk: the first weight's last 4, the bias
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2)).to(dtype)  # 20 (16 + 4), 5, 10, 2 elements
+    flatten_parameters(model)
+    shadow = Shadow(model, nonfinite=nonfinite)
+    reference = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).to(dtype))
+        shadow.update(model, 0.25)
+        for n, p in model.named_parameters():
+            reference[n] += 0.25 * (p.detach().double() - reference[n])
+    for name, value in shadow.tensors().items():
+        torch.testing.assert_close(value.double(), reference[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_bad_input_is_named():
     with pytest.raises(TypeError, match="model must be a torch"):
         flatten_parameters([torch.zeros(2)])  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ every N steps), not polyak's own output.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -186,6 +187,27 @@ def test_a_bf16_target_keeps_a_float32_master_and_runs_in_bf16(dtype):
         assert master[name].dtype == torch.float32
         torch.testing.assert_close(master[name].double(), reference[name], rtol=1e-6, atol=1e-6)
         assert torch.equal(p, master[name].to(torch.bfloat16))  # the target holds the master, rounded once
+
+
+def test_a_stochastically_rounded_bf16_average_of_a_bf16_target_is_kept_apart():
+    """A bf16 target and a bf16 average rounded stochastically: the average needs storage of its own (its random
+    bits walk one flat buffer), so the target receives a copy after every update instead of being the storage;
+    the average follows the float64 soft update to within a few bf16 spacings (one rounding per update,
+    each under a spacing, decaying by 1 - tau)."""
+    torch.manual_seed(0)
+    online = qnet(torch.bfloat16)
+    ema = polyak.EMA(online, tau=0.1, target="copy", dtype=torch.bfloat16, rounding="stochastic")
+    reference = {k: v.double() for k, v in online.state_dict().items()}
+    for _ in train_steps(online, 10):
+        ema.update()
+        for name, p in online.named_parameters():
+            reference[name].mul_(0.9).add_(p.double(), alpha=0.1)
+    master = ema.state_dict()["shadow"]
+    for name, p in ema.target.named_parameters():
+        assert master[name].dtype == torch.bfloat16 and torch.equal(p, master[name])
+        assert p.data_ptr() != master[name].data_ptr()  # a copy, not the storage
+        spacing = 2.0 ** (math.floor(math.log2(reference[name].abs().max())) - 7)  # bf16's at the tensor's largest
+        torch.testing.assert_close(master[name].double(), reference[name], rtol=0, atol=4 * spacing)
 
 
 def test_compiled_target_does_not_recompile():

@@ -162,7 +162,7 @@ def test_lazy_start_allocates_nothing_before_start_and_resumes_on_both_sides():
         polyak.EMA(net(), decay=0.8, start_step=5, lazy=True).load_state_dict(damaged)
 
 
-@pytest.mark.parametrize("blend", [1.0, 0.5])
+@pytest.mark.parametrize("blend", [1.0, 0.5, 0.25])  # 0.25: a blend that is not its own complement
 def test_switch_ema_writes_the_average_back(blend):
     """Every N steps the online model moves to the average: theta <- theta + blend (ema - theta)."""
     model = net()

@@ -307,3 +307,68 @@ def test_skip_with_huge_values_keeps_zero_host_syncs():
         ema.update()
     assert ema.skipped_updates == 0
     assert not any("_local_scalar_dense" in op or "item" in op for op in counter.ops), counter.ops
+
+
+@pytest.mark.parametrize("decays", [(0.5, 0.75), (0.5, 0.75, 0.9)])
+def test_skip_with_several_averages_over_an_unfrozen_parameter_tracks_float64(decays):
+    """K guarded averages whose tensors do not lie in one buffer (a parameter copied while frozen, then unfrozen:
+    its average continues in the copy's storage) are folded piece by piece through a spare chunk: each average
+    follows its own float64 EMA, and a NaN step leaves all of them bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].requires_grad_(False)
+    multi = polyak.MultiEMA(model, decays, nonfinite="skip")
+    model[0].requires_grad_(True)  # averaged from now on, starting from its copy
+    references = [{n: p.detach().double().clone() for n, p in model.named_parameters()} for _ in decays]
+    for i in range(4):
+        perturb(model, i)
+        multi.update()
+        for reference, decay in zip(references, decays, strict=True):
+            weight = 1.0 if i == 0 else 1.0 - decay  # the first update copies
+            for n, p in model.named_parameters():
+                reference[n] += weight * (p.detach().double() - reference[n])
+    held = [{n: t.clone() for n, t in multi.shadow.tensors(k).items()} for k in range(len(decays))]
+    poison(model, float("nan"))
+    multi.update()
+    assert multi.skipped_updates == 1
+    for k, reference in enumerate(references):
+        for n, expected in reference.items():
+            assert torch.equal(multi.shadow.tensors(k)[n], held[k][n]), (k, n)
+            torch.testing.assert_close(held[k][n].double(), expected, rtol=0, atol=1e-6, msg=f"{k} {n}")
+
+
+def test_a_refused_lazy_first_update_leaves_the_averager_as_built():
+    """nonfinite="raise" refuses a lazy averager's first update before anything changes: no step, no storage;
+    the next, finite update is then its first and copies the model."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    ema = polyak.EMA(model, decay=0.5, lazy=True, nonfinite="raise")
+    name = poison(model, float("nan"))
+    with pytest.raises(RuntimeError, match="inf or NaN"):
+        ema.update()
+    assert (ema.step, ema.num_updates) == (0, 0)
+    with pytest.raises(RuntimeError, match="no average yet"):
+        ema.shadow  # noqa: B018
+    assert ema.state_dict()["shadow"] is None
+    poison(model, 0.5)
+    ema.update()
+    assert dict(model.named_parameters())[name].isfinite().all()
+    for n, p in model.named_parameters():
+        assert torch.equal(ema.shadow.tensors()[n], p.detach()), n
+
+
+def test_a_loaded_state_whose_first_copy_was_skipped_copies_at_the_next_update():
+    """A lazy averager whose first update was skipped holds no copy of the model yet (``started`` False in its
+    state); loaded elsewhere, its next finite update copies the model, whatever the saved tensors hold."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    ema = polyak.EMA(model, decay=0.5, lazy=True, nonfinite="skip")
+    poison(model, float("nan"))
+    ema.update()
+    state = ema.state_dict()
+    assert state["started"] is False and state["skipped_updates"] == 1
+    state["shadow"] = {n: torch.full_like(v, 7.0) for n, v in state["shadow"].items()}  # defined, not garbage
+    poison(model, 0.5)
+    resumed = polyak.EMA(model, decay=0.5, lazy=True, nonfinite="skip")
+    resumed.load_state_dict(state)
+    resumed.update()
+    for n, p in model.named_parameters():
+        assert torch.equal(resumed.shadow.tensors()[n], p.detach()), n

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -137,6 +139,27 @@ def test_what_polyak_installs_goes_with_the_last_averager() -> None:
     unwatched = polyak.EMA(nn.Linear(2, 2), decay=0.9, watch=False)
     unwatched.update()
     assert unwatched.shadow.rechecks == 0
+
+
+def test_a_fresh_process_gets_torchs_own_functions_back_after_its_last_averager() -> None:
+    """In a process of its own (no averager of another test alive): the hooks stay while any averager lives and
+    go with the last one, leaving torch's own ``Tensor.data`` and ``Module._apply``."""
+    code = """
+import gc, torch, polyak
+from torch import nn
+data, apply = torch.Tensor.__dict__.get("data"), nn.Module.__dict__["_apply"]
+first = polyak.EMA(nn.Linear(2, 2), decay=0.9)
+second = polyak.EMA(nn.Linear(2, 2), decay=0.9)
+del first
+gc.collect()
+assert polyak.watch.installed(), "the second averager still watches"
+del second
+gc.collect()
+assert not polyak.watch.installed(), "installed after the last averager went"
+assert torch.Tensor.__dict__.get("data") is data and nn.Module.__dict__["_apply"] is apply
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_an_unwatched_averager_follows_a_change_after_check() -> None:

@@ -379,3 +379,40 @@ def test_averaged_model_and_widths_as_given():
                 assert torch.equal(value, expected[name].to(value.dtype)), name
     with pytest.raises(ValueError, match=r"profile must be in 0\.\.1"):
         tracker.averaged_model(2)
+
+
+def test_a_step_that_is_no_snapshots_is_refused_unless_forced(tmp_path):
+    """Between two snapshots the training since the earlier one is missing, after the last nothing was seen: both
+    are refused naming why, unless forced."""
+    train_with_snapshots(tmp_path / "snaps", steps=12, direct=())  # snapshots at steps 6 and 12
+    out = tmp_path / "ema.safetensors"
+    for step, where in ((9, "between snapshots"), (15, "after the last snapshot")):
+        with pytest.raises(ValueError, match=where):
+            reconstruct(tmp_path / "snaps", [0.1], [out], step=step)
+    assert not out.exists()
+    assert reconstruct(tmp_path / "snaps", [0.1], [out], step=9, force=True).step == 9
+
+
+def test_a_snapshot_at_step_0_or_without_a_profiles_tensor_is_refused(tmp_path):
+    """A snapshot is written after an update (step >= 1) and holds every profile's tensors: a file at step 0, or
+    lacking the second profile's tensor, is refused naming the file; the same file rewritten intact is read."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tracker = polyak.PostHocEMA(nn.Linear(2, 2), sigma_rels=(0.05, 0.1))
+    tracker.update()
+    written = tracker.snapshot(tmp_path / "written")
+    tensors = safetensors_torch.load_file(str(written))
+    metadata = dict(open_safetensors(written).metadata)
+    metadata.pop("polyak.crc32", None)  # rewritten below: as a file written by another tool, without checksums
+
+    def folder(name: str, tensors: dict[str, torch.Tensor], step: str) -> object:
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / f"phema-{int(step):012d}.safetensors"
+        safetensors_torch.save_file(tensors, str(path), metadata=metadata | {"step": step})
+        return tmp_path / name
+
+    assert [s.step for s in find_snapshots(folder("intact", tensors, "1"))] == [1]
+    with pytest.raises(ValueError, match="step 0 is not a positive int64"):
+        find_snapshots(folder("zero", tensors, "0"))
+    partial = {k: v for k, v in tensors.items() if k != "1/bias"}
+    with pytest.raises(ValueError, match=r"lacks tensor '1/bias' \(1 missing\)"):
+        find_snapshots(folder("partial", partial, "1"))

@@ -197,6 +197,10 @@ def test_state_dict_round_trip_and_mismatch():
     with pytest.raises(ValueError, match=r"'head.weight' has shape"):
         other.load_state_dict(broken)
     assert all(torch.equal(before[k], v) for k, v in other.tensors().items())  # nothing changed
+    broken["head.weight"] = shadow.state_dict()["head.weight"].double()  # right shape, another precision
+    with pytest.raises(ValueError, match=r"'head.weight' has shape \(\d+, \d+\) and dtype torch.float64"):
+        other.load_state_dict(broken)
+    assert all(torch.equal(before[k], v) for k, v in other.tensors().items())
     del broken["head.weight"]
     with pytest.raises(ValueError, match="missing"):
         other.load_state_dict(broken)
@@ -207,6 +211,37 @@ def test_bad_options_are_named():
         Shadow(SmallCNN(), buffers="mean")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="dtype"):
         Shadow(SmallCNN(), dtype=torch.int32)
+    with pytest.raises(TypeError, match="exclude: expected a sequence of glob patterns"):
+        Shadow(SmallCNN(), exclude="*.bias")  # one pattern, not the patterns "*", ".", "b", ...
+
+
+class ComplexFilter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.taps = nn.Parameter(torch.randn(6, dtype=torch.complex64))
+        self.scale = nn.Parameter(torch.randn(3))
+
+
+def test_a_complex_parameter_keeps_its_imaginary_part_in_a_wider_average():
+    """``dtype=torch.float64`` stores a complex64 parameter's average as complex128, tracking a complex128
+    reference of ``a <- a + w (p - a)`` in both parts."""
+    torch.manual_seed(0)
+    model = ComplexFilter()
+    shadow = Shadow(model, dtype=torch.float64)
+    wide = {True: torch.complex128, False: torch.float64}
+    ref = {n: p.detach().to(wide[p.is_complex()]) for n, p in model.named_parameters()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        shadow.update(model, 0.3)
+        for n, p in model.named_parameters():
+            ref[n] = ref[n] + 0.3 * (p.detach().to(ref[n].dtype) - ref[n])
+    held = shadow.tensors()
+    assert held["taps"].dtype == torch.complex128 and held["scale"].dtype == torch.float64
+    assert ref["taps"].imag.abs().min() > 0
+    for n, expected in ref.items():
+        torch.testing.assert_close(held[n], expected, rtol=0, atol=1e-12)
 
 
 def test_adopted_storage_is_the_module_and_one_kernel_per_group():
@@ -262,3 +297,14 @@ def test_tied_names_are_saved_as_aliases_and_load_strictly():
     fresh.load_state_dict(state)  # strict: every name of the model is there
     assert torch.equal(fresh.lm_head.weight, state["embed.weight"])
     Shadow(TinyTransformer()).load_state_dict(state)  # the alias is accepted, not reported as unexpected
+
+
+def test_an_fsdp1_flat_parameter_is_refused_naming_fsdp2():
+    """FSDP1 marks its flat parameters (fragments of several parameters) with torch's ``_set_fsdp_flattened``;
+    paired by name they would be averaged as the wrong tensors, so the averager refuses them, pointing at FSDP2."""
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    model = nn.Linear(3, 2)
+    _set_fsdp_flattened(model.weight)
+    with pytest.raises(RuntimeError, match=r"FSDP1 .*fully_shard"):
+        EMA(model, decay=0.9)

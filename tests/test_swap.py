@@ -87,6 +87,27 @@ def test_nested_and_cross_averager_swaps_and_updates_are_refused():
     swa.update()
 
 
+def test_a_closed_swap_leaves_its_model_free_while_another_model_is_swapped():
+    """Only a module whose block is still open is refused: after its swap closed, model A updates (by the EMA
+    formula) and swaps again while model B's block is open."""
+    model_a, ema_a = trained(SmallCNN)
+    _, ema_b = trained(TinyTransformer)
+    with ema_a.swapped():
+        pass
+    modes = ema_a.shadow.modes()
+    expected = {n: v.double() for n, v in ema_a.shadow.tensors().items()}
+    live = dict(model_a.state_dict(keep_vars=True))
+    for name, mode in modes.items():  # decay 0.5: a <- a + 0.5 (model - a); copied tensors take the model's
+        value = live[name].detach()
+        expected[name] = expected[name] + 0.5 * (value.double() - expected[name]) if mode == "average" else value
+    with ema_b.swapped():
+        ema_a.update()
+        with ema_a.swapped():
+            pass
+    for name, value in ema_a.shadow.tensors().items():
+        torch.testing.assert_close(value.double(), expected[name].double(), rtol=0, atol=1e-6)
+
+
 def test_before_the_first_update_the_average_is_the_model_as_built_with_one_warning():
     """As diffusers' copy_to and timm give it: a trainer's sanity-check evaluation runs before any update."""
     torch.manual_seed(0)

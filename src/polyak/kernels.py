@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 import torch
 from torch import Tensor
@@ -327,7 +327,10 @@ class Fold:
         if isinstance(target, Tensor):
             torch.where(keep, batch.staged, target, out=out)
             return out, batch.views
-        views = batch.views if self.spare is None else [out[: v.numel()].view_as(v) for v in batch.views]
+        views = batch.views
+        if self.spare is not None:  # each piece at its own place in the spare chunk, as in the staged one
+            ends = list(accumulate(v.numel() for v in batch.views))
+            views = [out[end - v.numel() : end].view_as(v) for v, end in zip(batch.views, ends, strict=True)]
         for view, staged, piece in zip(views, batch.views, target, strict=True):
             torch.where(keep, staged, piece, out=view)
         return out, views

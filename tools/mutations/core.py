@@ -1,24 +1,60 @@
-"""Mutations of the core modules: rules, kernels, the shadow, the front ends, BatchNorm, swa_utils, post-hoc, io."""
+"""Mutations of the core modules: rules, options, watch, state, swap, allocation, the kernels, the shadow, the plain
+storage engine, the front ends, BatchNorm, swa_utils, post-hoc, io."""
 
 from __future__ import annotations
 
 # The fast tests that cover each module (full files of the slowest modules would take minutes per mutant).
 TESTS = {
     "rules.py": ["tests/test_rules.py"],
-    "kernels.py": ["tests/test_nonfinite.py", "tests/test_missing_cases.py", "tests/test_flat.py"],
-    "shadow.py": ["tests/test_nonfinite.py", "tests/test_missing_cases.py", "tests/test_shadow.py"],
+    "kernels.py": [
+        "tests/test_nonfinite.py",
+        "tests/test_missing_cases.py",
+        "tests/test_flat.py",
+        "tests/test_shadow.py",
+        "tests/test_kernels_cast.py",
+        "tests/test_kernels_rounding.py",
+        "tests/test_bema.py",
+        "tests/test_combinations.py",
+    ],
+    "shadow.py": [
+        "tests/test_nonfinite.py",
+        "tests/test_missing_cases.py",
+        "tests/test_shadow.py",
+        "tests/test_swap.py",
+        "tests/test_bema.py",
+        "tests/test_live.py",
+        "tests/test_combinations.py",
+    ],
     "ema.py": [
-        "tests/test_ema.py::test_front_end_matches_float64_loop",
+        "tests/test_ema.py",
         "tests/test_resume.py",
         "tests/test_nonfinite.py",
         "tests/test_swap.py",
+        "tests/test_live.py",
+        "tests/test_live_multi.py::test_switch_ema_writes_the_average_back",
     ],
     "bema.py": ["tests/test_bema.py"],
     "bn.py": ["tests/test_bn.py", "tests/distributed/test_update_bn_ranks.py"],
     "swa_utils.py": ["tests/test_missing_cases.py", "tests/test_swa_utils.py"],
     "posthoc/tracker.py": ["tests/test_missing_cases.py", "tests/test_posthoc.py"],
     "io/safetensors.py": ["tests/test_missing_cases.py", "tests/test_io.py"],
-    "front_end.py": ["tests/test_arguments.py", "tests/test_resume.py"],
+    "front_end.py": [
+        "tests/test_ema.py",
+        "tests/test_missing_cases.py",
+        "tests/test_nonfinite.py",
+        "tests/test_arguments.py",
+        "tests/test_resume.py",
+        "tests/test_swap.py",
+    ],
+    "state.py": ["tests/test_resume.py", "tests/test_arguments.py", "tests/test_state_compat.py"],
+    "options.py": ["tests/test_shadow.py", "tests/test_arguments.py", "tests/test_combinations.py"],
+    "watch.py": ["tests/test_one_path.py", "tests/test_plan.py", "tests/test_reliability.py"],
+    "swap.py": ["tests/test_swap.py", "tests/test_shadow.py"],
+    "allocation.py": ["tests/test_kernels_cast.py", "tests/test_shadow.py", "tests/test_live.py"],
+    "storage/__init__.py": ["tests/test_zero_adapter.py", "tests/test_shadow.py"],
+    "posthoc/fit.py": ["tests/test_posthoc.py"],
+    "posthoc/synthesis.py": ["tests/test_posthoc.py"],
+    "posthoc/snapshots.py": ["tests/test_posthoc.py"],
 }
 
 # (name, module, snippet, replacement): plausible slips, each a one-line change.
@@ -43,7 +79,12 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         "min(max(value, self.min_decay), self.decay)",
         "min(value, self.decay)",
     ),
-    ("rules: power warm-up n = j", "rules.py", "n = j - 1\n        value", "n = j\n        value"),
+    (
+        "rules: power warm-up n = j",
+        "rules.py",
+        "n = max(0, j - 1 + self.offset)",
+        "n = max(0, j + self.offset)",
+    ),
     (
         "rules: power function exponent gamma",
         "rules.py",
@@ -86,26 +127,26 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         "kernels: staged lerp by 1 - w",
         "kernels.py",
-        "target.copy_(staged) if copy else target.lerp_(staged, weight)",
-        "target.copy_(staged) if copy else target.lerp_(staged, 1 - weight)",
+        "target.lerp_(staged, weight)",
+        "target.lerp_(staged, 1 - weight)",
     ),
     (
         "kernels: staged pieces lerp by 1 - w",
         "kernels.py",
-        "        foreach_lerp(target, views, weight)",
-        "        foreach_lerp(target, views, 1 - weight)",
+        "_lerp(target, views, weight)",
+        "_lerp(target, views, 1 - weight)",
     ),
     (
         "kernels: keep flag inverted",
         "kernels.py",
-        "torch.where(keep, staged, target, out=staged)",
-        "torch.where(keep, target, staged, out=staged)",
+        "torch.where(keep, batch.staged, target, out=out)",
+        "torch.where(keep, target, batch.staged, out=out)",
     ),
     (
         "kernels: overlap folds the batch in flight",
         "kernels.py",
-        "self._fold(number - 1, weight, keep)",
-        "self._fold(number, weight, keep)",
+        "self._fold(number - 1, weights, keep)",
+        "self._fold(number, weights, keep)",
     ),
     (
         "kernels: merge ignores the model layout",
@@ -116,8 +157,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         "kernels: copy when the weight is large",
         "kernels.py",
-        "copy = isinstance(weight, float) and weight == 1.0",
-        "copy = isinstance(weight, float) and weight >= 0.5",
+        "copy = not isinstance(weight, Tensor) and weight == 1.0",
+        "copy = not isinstance(weight, Tensor) and weight >= 0.5",
     ),
     (
         "shadow: raise checks copied tensors",
@@ -128,34 +169,30 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         "shadow: skip leaves copies stale",
         "shadow.py",
-        "                    staged.run(weight, keep)\n"
-        "                if plan.copies[0]:\n"
-        "                    torch._foreach_copy_(*plan.copies)\n",
-        "                    staged.run(weight, keep)\n",
+        "            fold.run(weights, keep)\n        plan.copy()\n",
+        "            fold.run(weights, keep)\n",
     ),
     (
-        "shadow: weight 1 lerps",
-        "shadow.py",
-        "        if isinstance(weight, float) and weight == 1.0:\n"
-        "            self._copy_all(plan)\n"
-        "            return None\n",
+        # The shadow's own copy path for a weight of 1.0 is gone: the kernels copy (exact, blind to garbage).
+        "kernels: weight 1 lerps",
+        "kernels.py",
+        "    elif weight == 1.0:\n        torch._foreach_copy_(targets, sources)\n",
         "",
     ),
+    # Time since the start and the skip counter now live in the front ends' shared base.
     (
-        "ema: time counts from 0",
-        "ema.py",
-        """        t = self.step + 1 - self.start_step
-        if self.target""",
-        """        t = self.step - self.start_step
-        if self.target""",
+        "front_end: time counts from 0",
+        "front_end.py",
+        "t = self.step + 1 - self._begin",
+        "t = self.step - self._begin",
     ),
     (
         "ema: one step per update",  # (delta = update_every would be equivalent: updates are on a grid)
         "ema.py",
-        "delta = t - self.last_update_step",
-        "delta = 1",
+        "weight_of(self.rule, t, t - self.last_update_step,",
+        "weight_of(self.rule, t, 1,",
     ),
-    ("ema: skip counter counts applied", "ema.py", "self._skipped + ~applied", "self._skipped + applied"),
+    ("front_end: skip counter counts applied", "front_end.py", "self._skipped + ~applied", "self._skipped + applied"),
     (
         "bema: gamma and rho swapped",
         "bema.py",
@@ -201,7 +238,12 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         '"optimizer_step": str(self.start_step + self.last_update_step)',
         '"optimizer_step": str(self.last_update_step)',
     ),
-    ("posthoc: start step ignored", "posthoc/tracker.py", "t = self.step + 1 - self.start_step", "t = self.step + 1"),
+    (
+        "front_end: start step ignored",  # was posthoc/tracker.py's own clock; every front end's start is here now
+        "front_end.py",
+        "self._begin = int(getattr(self, self.SPEC.start))",
+        "self._begin = 0",
+    ),
     (
         "io: tensors in the given order",
         "io/safetensors.py",
@@ -215,9 +257,355 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         'return blob + b" " * (len(blob) % 8)',
     ),
     (
-        "front_end: start ignored in the counter check",
+        "state: start ignored in the counter check",  # was front_end.py's
+        "state.py",
+        'updates = max(0, counters["step"] - start_value) // every',
+        'updates = max(0, counters["step"]) // every',
+    ),
+]
+
+# The redesign's modules: options, watch, state, swap, allocation, and more of kernels, shadow, front_end, the front
+# ends and post-hoc.
+MUTATIONS += [
+    (
+        "options: buffers value unchecked",
+        "options.py",
+        '        _choice("buffers", self.buffers, POLICIES, hint)\n',
+        "",
+    ),
+    ("options: frozen value unchecked", "options.py", '        _choice("frozen", self.frozen, POLICIES, hint)\n', ""),
+    (
+        "options: lazy flag unchecked",
+        "options.py",
+        'for name in ("include_nonpersistent", "lazy", "watch"):',
+        'for name in ("include_nonpersistent", "watch"):',
+    ),
+    (
+        "options: a string taken as patterns",
+        "options.py",
+        "if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):",
+        "if not isinstance(exclude, Iterable):",
+    ),
+    (
+        "options: integer storage dtype accepted",
+        "options.py",
+        "not (isinstance(dtype, torch.dtype) and dtype.is_floating_point)",
+        "not isinstance(dtype, torch.dtype)",
+    ),
+    (
+        "options: stochastic rounding into the default dtype",
+        "options.py",
+        'if self.rounding == "stochastic" and dtype != torch.bfloat16:',
+        'if self.rounding == "stochastic" and dtype is not None and dtype != torch.bfloat16:',
+    ),
+    (
+        "options: frozen policy applied to trainable parameters",
+        "options.py",
+        'return "average" if found.tensor.requires_grad else self.frozen',
+        'return self.frozen if found.tensor.requires_grad else "average"',
+    ),
+    (
+        "options: non-persistent buffers kept by default",
+        "options.py",
+        "if not found.persistent and not self.include_nonpersistent:",
+        "if not found.persistent and self.include_nonpersistent:",
+    ),
+    (
+        "options: integer buffers averaged",
+        "options.py",
+        'if self.buffers == "skip" or not averageable:',
+        'if self.buffers == "skip":',
+    ),
+    (
+        "options: average kept in the model's dtype",
+        "options.py",
+        "return torch.promote_types(tensor.dtype, torch.float32)",
+        "return tensor.dtype",
+    ),
+    (
+        "options: complex average in a real dtype",
+        "options.py",
+        "return self.dtype.to_complex() if tensor.is_complex() else self.dtype",
+        "return self.dtype",
+    ),
+    (
+        "kernels: chunk pieces leave a gap",
+        "kernels.py",
+        "b = min(n, a + capacity)",
+        "b = min(n, a + capacity - 1)",
+    ),
+    ("kernels: batch fill not counted", "kernels.py", "            used += b - a\n", ""),
+    (
+        "kernels: tiled source from the tensor's start",
+        "kernels.py",
+        "source = _flat(self.models[batch[0][0]], offset, batch[0][1])",
+        "source = _flat(self.models[batch[0][0]], offset)",
+    ),
+    (
+        "kernels: piece read from the tensor's start",
+        "kernels.py",
+        "models[i].reshape(-1)[a:b] for i, a, b, whole in batch.pieces",
+        "models[i].reshape(-1)[: b - a] for i, a, b, whole in batch.pieces",
+    ),
+    (
+        "kernels: direct path for K averages",
+        "kernels.py",
+        "self.direct = len(self.averages) == 1 and same",
+        "self.direct = len(self.averages) >= 1 and same",
+    ),
+    (
+        "kernels: direct path across dtypes",
+        "kernels.py",
+        "same = first.dtype == model.dtype and first.device == model.device",
+        "same = first.device == model.device",
+    ),
+    (
+        # (Sharing the staged chunk among K guarded averages, a spare only for K > 2, is equivalent: the flag is
+        # one for the whole update, so a False flag writes each average's own values over the chunk in turn.
+        # Planted instead: the bug the spare's pieces had, every piece at the chunk's start.)
+        "kernels: spare pieces all at the chunk's start",
+        "kernels.py",
+        "views = [out[end - v.numel() : end].view_as(v) for v, end in zip(batch.views, ends, strict=True)]",
+        "views = [out[: v.numel()].view_as(v) for v in batch.views]",
+    ),
+    (
+        "kernels: pieces keep flag inverted",
+        "kernels.py",
+        "torch.where(keep, staged, piece, out=view)",
+        "torch.where(keep, piece, staged, out=view)",
+    ),
+    (
+        "kernels: stochastic keep flag inverted",
+        "kernels.py",
+        "torch.where(keep, batch.staged, wide, out=staged)",
+        "torch.where(keep, wide, batch.staged, out=staged)",
+    ),
+    (
+        "kernels: random bits one short",
+        "kernels.py",
+        "return bits.bitwise_and_(0xFFFF)",
+        "return bits.bitwise_and_(0x7FFF)",
+    ),
+    ("kernels: mix drops the model's share", "kernels.py", "        torch._foreach_mul_(result, mix.model)\n", ""),
+    (
+        "shadow: lazy start blends into garbage",
+        "shadow.py",
+        "            weights = (1.0,) * self.count\n        for fold",
+        "        for fold",
+    ),
+    (
+        "shadow: a skipped first copy counts as started",
+        "shadow.py",
+        "self.started = keep is None or bool(keep)",
+        "self.started = True",
+    ),
+    (
+        "shadow: swap leaves the average in",
+        "shadow.py",
+        "                copy_all(live, backup)\n",
+        "                pass\n",
+    ),
+    (
+        "shadow: load into the first average",
+        "shadow.py",
+        "value, held = state[name], slot.values[index]",
+        "value, held = state[name], slot.values[0]",
+    ),
+    (
+        "shadow: saved dtype unchecked",
+        "shadow.py",
+        "if value.shape != slot.values[0].shape or value.dtype != slot.stored[0].dtype:",
+        "if value.shape != slot.values[0].shape:",
+    ),
+    (
+        "shadow: buffers get the parameters' mix",
+        "shadow.py",
+        "chosen[slot.name in parameters or buffers is None]",
+        "chosen[slot.name in parameters or buffers is not None]",
+    ),
+    (
+        "shadow: copied tensors follow the parameters' mix",
+        "shadow.py",
+        "if (buffers if buffers is not None else mix).model == 0.0:",
+        "if mix.model == 0.0:",
+    ),
+    (
+        "front_end: a refused lazy start keeps its storage",
         "front_end.py",
-        "updates = max(0, step - start) // every",
-        "updates = max(0, step) // every",
+        '                if fresh:  # a refused first update (nonfinite="raise") leaves a lazy averager as it was\n'
+        "                    self._shadow = None\n",
+        "",
+    ),
+    ("front_end: averaged model trainable", "front_end.py", "        duplicate.requires_grad_(False)\n", ""),
+    (
+        "front_end: a loaded state is always started",
+        "front_end.py",
+        'shadow.started = state.get("started", True) is not False',
+        "shadow.started = True",
+    ),
+    (
+        "state: last update counted in updates",
+        "state.py",
+        '"last_update_step": updates * every',
+        '"last_update_step": updates',
+    ),
+    (
+        "state: skipped may exceed updates",
+        "state.py",
+        'if counters["skipped_updates"] > updates:',
+        'if counters["skipped_updates"] > updates + 1:',
+    ),
+    ("state: averages' count unchecked", "state.py", "if len(saved) != count:", "if len(saved) > count:"),
+    ("swap: module stays marked", "swap.py", "        _SWAPPED.discard(target)\n", ""),
+    (
+        "swap: a deliberate export warns",
+        "swap.py",
+        "    if _EXPORTS[0]:\n        return\n",
+        "    if not _EXPORTS[0]:\n        return\n",
+    ),
+    (
+        "allocation: views overlap",
+        "allocation.py",
+        "            offset += n\n",
+        "",
+    ),
+    (
+        "allocation: channels_last average contiguous",
+        "allocation.py",
+        "return piece.as_strided(tensor.shape, tensor.stride()) if dense else piece.view(tensor.shape)",
+        "return piece.view(tensor.shape)",
+    ),
+    (
+        "allocation: target adopted for stochastic rounding",
+        "allocation.py",
+        '        and options.rounding == "nearest"\n',
+        "",
+    ),
+    (
+        # (Adopting a target on another device than options.device is unobservable on a CPU-only machine, where
+        # every tensor is on the CPU: the slip planted is the dtype test's, against the model's dtype instead.)
+        "allocation: target adopted in the model's dtype",
+        "allocation.py",
+        "and theirs[f.name].dtype == options.storage_dtype(f.tensor, mode)",
+        "and theirs[f.name].dtype == f.tensor.dtype",
+    ),
+    (
+        "storage: the plain engine claims first",
+        "storage/__init__.py",
+        "return [DTensorEngine(), ZeroEngine(), PLAIN]",
+        "return [PLAIN, DTensorEngine(), ZeroEngine()]",
+    ),
+    (
+        "storage: FSDP1's mark misspelt",
+        "storage/__init__.py",
+        'if getattr(tensor, "_fsdp_flattened", False):',
+        'if getattr(tensor, "_fsdp_flat", False):',
+    ),
+    (
+        "watch: a new .data is not noticed",
+        "watch.py",
+        "if before is None or _layout(tensor) != before:",
+        "if before is None:",
+    ),
+    (
+        "watch: requires_grad_ not noticed",
+        "watch.py",
+        "        result = requires_grad_(tensor, requires_grad)\n"
+        "        if grad_flag.__get__(tensor) != before:\n"
+        "            _tensor_changed(tensor)\n",
+        "        result = requires_grad_(tensor, requires_grad)\n",
+    ),
+    (
+        "watch: del not noticed",
+        "watch.py",
+        "        delattr_(self, name)\n        _module_changed(self)\n",
+        "        delattr_(self, name)\n",
+    ),
+    (
+        "watch: a None parameter not noticed",
+        "watch.py",
+        "        register_parameter(self, name, param)\n        if param is None:",
+        "        register_parameter(self, name, param)\n        if param is not None:",
+    ),
+    ("watch: the mark never clears", "watch.py", "            self.dirty = False\n", ""),
+    (
+        "watch: hooks outlive the last watcher",
+        "watch.py",
+        "        _USERS[0] -= 1\n        if not _USERS[0]:",
+        "        _USERS[0] -= 1\n        if _USERS[0] < 0:",
+    ),
+    (
+        "ema: uncompensated weight compounded",
+        "ema.py",
+        "return 1.0 - rule.decay_at(t)\n",
+        "return 1.0 - rule.decay_at(t) ** delta\n",
+    ),
+    (
+        "ema: tau taken as the decay",
+        "ema.py",
+        "rule = ConstantDecay(1.0 - _check_tau(tau))",
+        "rule = ConstantDecay(_check_tau(tau))",
+    ),
+    ("ema: switch blend reversed", "ema.py", "Mix(1.0 - blend, (blend,))", "Mix(blend, (1.0 - blend,))"),
+    (
+        "ema: live target starts one step late",
+        "ema.py",
+        "if t == 0 and self.target is not None:",
+        "if t == 1 and self.target is not None:",
+    ),
+    (
+        "bema: alpha at the current step",
+        "bema.py",
+        "alpha = self.alpha(self.last_update_step)",
+        "alpha = self.alpha(self.step)",
+    ),
+    (
+        "bema: buffers extrapolated",
+        "bema.py",
+        "return Mix(alpha, (1.0, -alpha)), Mix.copy(0, 2)",
+        "return Mix(alpha, (1.0, -alpha)), None",
+    ),
+    ("fit: columns not normalised", "posthoc/fit.py", "    x /= x.sum(axis=0, keepdims=True)\n", ""),
+    (
+        "fit: inner product with the earlier profile's exponent",
+        "posthoc/fit.py",
+        "g = np.where(ta <= tb, gb, ga)",
+        "g = np.where(ta <= tb, ga, gb)",
+    ),
+    (
+        "fit: snapshot at the target step left out",
+        "posthoc/fit.py",
+        "used = t <= target_step",
+        "used = t < target_step",
+    ),
+    (
+        "synthesis: copied tensors from the first snapshot",
+        "posthoc/synthesis.py",
+        "last = snapshots[used[-1]]",
+        "last = snapshots[used[0]]",
+    ),
+    (
+        "synthesis: a step between snapshots accepted",
+        "posthoc/synthesis.py",
+        "if not force and step not in steps:",
+        "if not force and step > steps[-1]:",
+    ),
+    (
+        "synthesis: sums carried over",
+        "posthoc/synthesis.py",
+        "totals = sums[:, : stop - start].zero_()",
+        "totals = sums[:, : stop - start]",
+    ),
+    (
+        "snapshots: step 0 accepted",
+        "posthoc/snapshots.py",
+        "if not 0 < snapshot.step < 2**63:",
+        "if not 0 <= snapshot.step < 2**63:",
+    ),
+    (
+        "snapshots: only the first profile's tensors checked",
+        "posthoc/snapshots.py",
+        'keys = [f"{k}/{name}" for k in range(len(snapshot.sigma_rels)) for name in snapshot.names]',
+        'keys = [f"0/{name}" for name in snapshot.names]',
     ),
 ]
