@@ -344,8 +344,8 @@ MUTATIONS += [
     (
         "kernels: piece read from the tensor's start",
         "kernels.py",
-        "models[i].reshape(-1)[a:b] for i, a, b, whole in batch.pieces",
-        "models[i].reshape(-1)[: b - a] for i, a, b, whole in batch.pieces",
+        "self.models[i].reshape(-1)[a:b] for i, a, b, whole in pieces]",
+        "self.models[i].reshape(-1)[: b - a] for i, a, b, whole in pieces]",
     ),
     (
         "kernels: direct path for K averages",
