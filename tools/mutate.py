@@ -49,15 +49,15 @@ def gather() -> tuple[dict[str, list[str]], list[tuple[str, str, str, str]]]:
 TESTS, MUTATIONS = gather()
 
 
-def run_one(name: str, module: str, snippet: str, replacement: str, timeout: float) -> tuple[str, float]:
-    """'killed', 'SURVIVED', 'timeout' or 'not found', and the seconds the tests ran."""
+def run_one(name: str, module: str, snippet: str, replacement: str, timeout: float) -> tuple[str, float, str]:
+    """'killed', 'SURVIVED', 'timeout' or 'not found', the seconds the tests ran and the end of their output."""
     with tempfile.TemporaryDirectory(prefix="polyak-mutant-") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", src)
         path = src / "polyak" / module
         text = path.read_text()
         if snippet and text.count(snippet) != 1:
-            return "not found", 0.0
+            return "not found", 0.0, ""
         path.write_text(text.replace(snippet, replacement))
         env = {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:warnings"]
@@ -67,8 +67,9 @@ def run_one(name: str, module: str, snippet: str, replacement: str, timeout: flo
                 [*command, *TESTS[module]], cwd=ROOT, env=env, capture_output=True, timeout=timeout, check=False
             )
         except subprocess.TimeoutExpired:
-            return "timeout", time.monotonic() - start
-        return ("killed" if done.returncode else "SURVIVED"), time.monotonic() - start
+            return "timeout", time.monotonic() - start, ""
+        tail = "\n".join(done.stdout.decode(errors="replace").splitlines()[-15:])
+        return ("killed" if done.returncode else "SURVIVED"), time.monotonic() - start, tail
 
 
 def main() -> int:
@@ -83,13 +84,13 @@ def main() -> int:
             print(f"{module:14s} {name}")
         return 0
     for module in sorted({m[1] for m in chosen}):  # a mutant only counts as killed if the tests pass without it
-        outcome, _ = run_one("baseline", module, "", "", args.timeout)
+        outcome, _, tail = run_one("baseline", module, "", "", args.timeout)
         if outcome != "SURVIVED":
-            print(f"the tests of {module} fail without any mutation ({outcome}); fix them first")
+            print(f"the tests of {module} fail without any mutation ({outcome}); fix them first:\n{tail}")
             return 2
     survivors = []
     for name, module, snippet, replacement in chosen:
-        outcome, seconds = run_one(name, module, snippet, replacement, args.timeout)
+        outcome, seconds, _ = run_one(name, module, snippet, replacement, args.timeout)
         print(f"{outcome:10s} {seconds:6.1f} s  {name}", flush=True)
         if outcome != "killed":
             survivors.append((name, outcome))
