@@ -301,8 +301,7 @@ class FrontEnd:
             _check_shard(state.get("shard"), shadow.identity(), what)  # first: another rank's shapes may differ
             for saved in averages:
                 shadow.check_state_dict(saved)
-        streams = shadow.streams.state() if shadow is not None and shadow.options.rounding != "nearest" else None
-        if shadow is not None and streams is not None:
+        if shadow is not None and shadow.options.rounding != "nearest":
             shadow.streams.load(state.get("rounding_state"))  # checked there: all or nothing
         if shadow is not None and averages[0] is not None:
             for k, saved in enumerate(averages):

@@ -150,9 +150,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         "streams: (front_end) a lazy resume keeps its fresh streams",
         "front_end.py",
-        'streams = shadow.streams.state() if shadow is not None and shadow.options.rounding != "nearest" else None',
-        'streams = shadow.streams.state() if self._shadow is not None and shadow.options.rounding != "nearest" '
-        "else None",
+        'if shadow is not None and shadow.options.rounding != "nearest":',
+        'if self._shadow is not None and shadow.options.rounding != "nearest":',
     ),
     (
         "streams: a checked state not set",
