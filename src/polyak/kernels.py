@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, pairwise
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -183,9 +183,9 @@ class Fold:
         guard: the update may be skipped on the device (``keep`` in :meth:`run`).
 
     Staged (see the module docstring), scratch is one chunk in the staging dtype (the averages', float32 when
-    rounding stochastically), plus one chunk to guard K > 1 averages, plus, for stochastic rounding, a float32
-    chunk and :class:`RandomBits` (two to three chunks of int32; 16-20 MiB in all). For an average offloaded to
-    host memory, two pinned chunks alternate: chunk b+1 is copied from the GPU while the CPU folds chunk b.
+    rounding stochastically), plus, for stochastic rounding, a float32 chunk and :class:`RandomBits` (two to three
+    chunks of int32; 16-20 MiB in all). For an average offloaded to host memory, two pinned chunks alternate:
+    chunk b+1 is copied from the GPU while the CPU folds chunk b.
     """
 
     def __init__(
@@ -228,7 +228,6 @@ class Fold:
             torch.empty(capacity if self.staging else 0, dtype=staging, device=first.device, pin_memory=pinned)
             for _ in range(2 if self.overlap else 1)
         ]
-        self.spare = torch.empty(capacity, dtype=staging, device=first.device) if guard and len(averages) > 1 else None
         self.batches = [self._batch(number, batch, sizes) for number, batch in enumerate(batches(sizes, capacity))]
         if generator is not None:
             self.wide = torch.empty(capacity, device=first.device)
@@ -322,18 +321,15 @@ class Fold:
                 target.lerp_(staged, weight)
 
     def _guarded(self, batch: _Batch, target: Tensor | list[Tensor], keep: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The staged batch with ``target``'s values where ``keep`` is False (in place for a single average)."""
-        out = batch.staged if self.spare is None else self.spare[: batch.staged.numel()]
+        """The staged batch with ``target``'s values where ``keep`` is False, in place. One flag serves the whole
+        update, so a False flag writes each average's own values over the chunk in turn, and a True one leaves the
+        model's there for every average."""
         if isinstance(target, Tensor):
-            torch.where(keep, batch.staged, target, out=out)
-            return out, batch.views
-        views = batch.views
-        if self.spare is not None:  # each piece at its own place in the spare chunk, as in the staged one
-            ends = list(accumulate(v.numel() for v in batch.views))
-            views = [out[end - v.numel() : end].view_as(v) for v, end in zip(batch.views, ends, strict=True)]
-        for view, staged, piece in zip(views, batch.views, target, strict=True):
-            torch.where(keep, staged, piece, out=view)
-        return out, views
+            torch.where(keep, batch.staged, target, out=batch.staged)
+        else:
+            for view, piece in zip(batch.views, target, strict=True):
+                torch.where(keep, view, piece, out=view)
+        return batch.staged, batch.views
 
     def _round(self, batch: _Batch, bits: Tensor, target: Tensor, weight: Weight, keep: Tensor | None) -> None:
         """Fold in float32 and write back into the bfloat16 average with stochastic rounding by ``bits``."""
@@ -341,8 +337,7 @@ class Fold:
         wide, staged = self.wide[:n], batch.staged
         wide.copy_(target)
         if keep is not None:  # a lerp toward the average's own value is exact, and exact values round to themselves
-            staged = self.spare[:n] if self.spare is not None else staged
-            torch.where(keep, batch.staged, wide, out=staged)
+            torch.where(keep, staged, wide, out=staged)  # in place, as in _guarded
         wide.lerp_(staged, weight)
         round_stochastically_(target, wide, bits)
 

@@ -115,8 +115,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         "kernels: keep flag inverted",
         "kernels.py",
-        "torch.where(keep, batch.staged, target, out=out)",
-        "torch.where(keep, target, batch.staged, out=out)",
+        "torch.where(keep, batch.staged, target, out=batch.staged)",
+        "torch.where(keep, target, batch.staged, out=batch.staged)",
     ),
     (
         "kernels: overlap folds the batch in flight",
@@ -254,25 +254,22 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         "same = first.device == model.device",
     ),
     (
-        # (Sharing the staged chunk among K guarded averages, a spare only for K > 2, is equivalent: the flag is
-        # one for the whole update, so a False flag writes each average's own values over the chunk in turn.
-        # Planted instead: the bug the spare's pieces had, every piece at the chunk's start.)
-        "kernels: spare pieces all at the chunk's start",
+        "kernels: stochastic rounding ignores the guard",
         "kernels.py",
-        "views = [out[end - v.numel() : end].view_as(v) for v, end in zip(batch.views, ends, strict=True)]",
-        "views = [out[: v.numel()].view_as(v) for v in batch.views]",
+        "            torch.where(keep, staged, wide, out=staged)  # in place, as in _guarded\n",
+        "",
     ),
     (
         "kernels: pieces keep flag inverted",
         "kernels.py",
-        "torch.where(keep, staged, piece, out=view)",
-        "torch.where(keep, piece, staged, out=view)",
+        "torch.where(keep, view, piece, out=view)",
+        "torch.where(keep, piece, view, out=view)",
     ),
     (
         "kernels: stochastic keep flag inverted",
         "kernels.py",
-        "torch.where(keep, batch.staged, wide, out=staged)",
-        "torch.where(keep, wide, batch.staged, out=staged)",
+        "torch.where(keep, staged, wide, out=staged)  # in place",
+        "torch.where(keep, wide, staged, out=staged)  # in place",
     ),
     (
         "kernels: random bits one short",
