@@ -14,7 +14,7 @@ TESTS = {
     "plan.py": ["tests/test_weak_spots_changes.py", "tests/test_live.py"],
     "live.py": ["tests/test_weak_spots_live.py", "tests/test_live.py"],
     "ema.py": ["tests/test_weak_spots_live.py::test_switch_blend_moves_the_model_toward_the_average"],
-    "durations.py": ["tests/test_durations.py", "tests/test_weak_spots_durations.py"],
+    "durations.py": ["tests/test_durations.py"],
     "multi.py": ["tests/test_live_multi.py", "tests/test_weak_spots_multi.py"],
     "front_end.py": ["tests/test_weak_spots_multi.py", "tests/test_weak_spots_streams.py"],
     "streams.py": ["tests/test_kernels_rounding.py", "tests/test_weak_spots_streams.py"],
